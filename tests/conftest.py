@@ -32,3 +32,14 @@ def intrinsic_h5() -> Path:
 @pytest.fixture
 def rotin_h5() -> Path:
     return shared_file("rotin_reference_v1.h5")
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """A small decoder with random weights on the full 19000-pixel grid, written in the model format."""
+    from fastspec.model_format import random_decoder, write_model
+
+    path = tmp_path_factory.mktemp("models") / "small.fsm"
+    write_model(path, random_decoder([32, 64], latent_dim=4, seed=1), latent_dim=4,
+                provenance={"purpose": "tests", "seed": 1})
+    return path

@@ -1,0 +1,201 @@
+"""`fastspec.Decoder`: stellar labels in physical units -> continuum-normalised SYNSPEC-like spectra.
+
+This is the user-facing layer over the C++ core (`fastspec._core`): it turns whatever the user hands
+in (lists, scalars, keywords, any float dtype) into the strict C-contiguous arrays the core takes, and
+keeps the model's metadata at hand. All numerical work and all label/model-file validation happen in
+the core, so the errors a C++ caller sees and a Python caller sees are the same.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+
+LABEL_ORDER = ("teff", "logg", "vsini", "mh", "vmic", "resolution")
+
+
+def default_model_path() -> Path:
+    """The model file shipped inside the package (trained on SYNSPEC spectra, see training/README.md)."""
+    path = Path(str(resources.files("fastspec") / "data" / "default.fsm"))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the embedded default model {path} is missing from this installation; "
+            "reinstall fastspec or pass a model file: Decoder.load('model.fsm')"
+        )
+    return path
+
+
+def _is_gpu_array(a) -> bool:
+    return hasattr(a, "__cuda_array_interface__")
+
+
+class Decoder:
+    """The decoder half of the CVAE: ``flux = decoder(params)``.
+
+    ``params`` holds the six labels in physical units and in this order: Teff [K], log g [dex],
+    v sin i [km/s], [M/H] [dex], v_mic [km/s], resolving power R. Shape (6,) gives one spectrum of
+    shape (n_pixels,); shape (N, 6) gives (N, n_pixels). Keywords work too:
+    ``decoder(teff=5777, logg=4.44, vsini=2, mh=0, vmic=1, resolution=50000)`` (scalars or arrays that
+    broadcast). The result is float32 continuum-normalised flux on ``decoder.wavelength``.
+
+    Latent vector: z = 0 (the prior mean, the most likely spectrum) unless ``z=`` is given, or
+    ``sample=True`` draws z ~ N(0, I) (reproducibly with ``seed=``), as the paper does to show the
+    spread the model allows.
+
+    Labels outside the training ranges (``decoder.label_ranges``) raise ValueError, because a neural
+    network extrapolates badly and silently; ``clip=True`` clamps them to the range instead. NaN or
+    infinite labels always raise ValueError naming the label.
+    """
+
+    def __init__(self, model: _core.Model, path: Path, *, threads: int = 1):
+        self._model = model
+        self._path = Path(path)
+        self._core = _core.Decoder(model, threads=threads)
+        self.device = "cpu"
+        self.label_names = tuple(lab["name"] for lab in model.labels)
+        self.label_units = tuple(lab["unit"] for lab in model.labels)
+        self.label_ranges = {lab["name"]: (lab["min"], lab["max"]) for lab in model.labels}
+        self.latent_dim = model.latent_dim
+        self.n_pixels = model.n_pixels
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto", *, threads: int = 1) -> "Decoder":
+        """Load a model file; with no path, the default model shipped in the package.
+
+        ``device``: "cpu", "cuda" or "auto" (the GPU when one is usable, else the CPU). ``threads``: BLAS
+        threads for the CPU backend (one is fastest for small batches on a busy machine).
+        """
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+        if device == "cuda":
+            # The CUDA backend is a separate piece of work; until it is built in, say so plainly.
+            if not _core.build_info().get("cuda", False):
+                raise RuntimeError(
+                    "device='cuda' was requested but this fastspec was built without the CUDA backend; "
+                    "use device='cpu' (or 'auto')"
+                )
+            if not _core.cuda_available():
+                raise RuntimeError("device='cuda' was requested but no usable CUDA GPU/driver was found")
+        path = default_model_path() if path is None else Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model file not found: {path}")
+        return cls(_core.Model.load(str(path)), path, threads=threads)
+
+    # ----------------------------------------------------------------------------------- metadata
+    @cached_property
+    def wavelength(self) -> np.ndarray:
+        """Pixel wavelengths in Å (air or vacuum: see ``info['medium']``)."""
+        return self._model.wavelength()
+
+    @cached_property
+    def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(W (out, in), b (out,)), ...] as float32 copies, layer by layer, for inspection and interop.
+
+        The first layer's input is [z, normalised labels]; see docs/model-format.md for the normalisation.
+        """
+        return self._model.weights()
+
+    @cached_property
+    def info(self) -> dict:
+        """What the model is and where it came from (the provenance written at export)."""
+        m = self._model
+        try:
+            provenance = json.loads(m.provenance) if m.provenance else {}
+        except json.JSONDecodeError:
+            provenance = {"raw": m.provenance}
+        return {
+            "path": str(self._path),
+            "labels": [dict(lab) for lab in m.labels],
+            "layers": [dict(layer) for layer in m.layers],
+            "latent_dim": m.latent_dim,
+            "n_pixels": m.n_pixels,
+            "wavelength_start": m.wavelength_start,
+            "wavelength_step": m.wavelength_step,
+            "medium": m.medium,
+            "weight_dtype": m.weight_dtype,
+            "output_transform": {"scale": m.output_scale, "offset": m.output_offset},
+            "provenance": provenance,
+        }
+
+    def __repr__(self) -> str:
+        widths = "-".join(str(layer["out"]) for layer in self._model.layers)
+        return (f"Decoder({self._path.name!r}: {self.latent_dim}+{len(self.label_names)} -> {widths}, "
+                f"{self._model.weight_dtype}, device={self.device!r})")
+
+    # ------------------------------------------------------------------------------------ compute
+    def __call__(self, params=None, *, z=None, sample: bool = False, seed=None, clip: bool = False,
+                 out: np.ndarray | None = None, **labels) -> np.ndarray:
+        labels_2d, single = self._labels_array(params, labels)
+        n = labels_2d.shape[0]
+        z_2d = self._latent_array(z, sample, seed, n)
+        if out is not None:
+            out_2d = out.reshape(1, -1) if (single and out.ndim == 1) else out
+            if out_2d.shape != (n, self.n_pixels) or out_2d.dtype != np.float32 or not out_2d.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, self.n_pixels)}")
+        else:
+            out_2d = None
+        flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d)
+        return flux[0] if single else flux
+
+    def _labels_array(self, params, keywords: dict) -> tuple[np.ndarray, bool]:
+        if _is_gpu_array(params):
+            raise TypeError("a GPU (CuPy) array was given but this decoder runs on the CPU; "
+                            "pass a NumPy array, or load with device='cuda' on a CUDA build")
+        if params is not None and keywords:
+            raise TypeError("give the labels either as an array or as keywords, not both")
+        if params is None:
+            if not keywords:
+                raise TypeError(f"no labels given: pass an array of {len(self.label_names)} labels "
+                                f"({', '.join(self.label_names)}) or keywords")
+            unknown = sorted(set(keywords) - set(self.label_names))
+            missing = [name for name in self.label_names if name not in keywords]
+            if unknown or missing:
+                raise TypeError(f"labels must be exactly {', '.join(self.label_names)}"
+                                + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                                + (f"; missing: {', '.join(missing)}" if missing else ""))
+            columns = np.broadcast_arrays(*(_as_float(keywords[name], name) for name in self.label_names))
+            params = np.stack(columns, axis=-1)
+        else:
+            params = _as_float(params, "params")
+        if params.ndim not in (1, 2) or params.shape[-1] != len(self.label_names):
+            raise ValueError(f"params must have shape ({len(self.label_names)},) or (N, {len(self.label_names)}) "
+                             f"with columns {', '.join(self.label_names)}; got shape {params.shape}")
+        single = params.ndim == 1
+        return np.ascontiguousarray(params.reshape(-1, len(self.label_names)), dtype=np.float64), single
+
+    def _latent_array(self, z, sample: bool, seed, n: int) -> np.ndarray | None:
+        if z is not None and sample:
+            raise TypeError("give either z= or sample=True, not both")
+        if sample:
+            return np.random.default_rng(seed).standard_normal((n, self.latent_dim), dtype=np.float32)
+        if seed is not None:
+            raise TypeError("seed= only applies with sample=True")
+        if z is None:
+            return None  # the core uses z = 0 without materialising it
+        if _is_gpu_array(z):
+            raise TypeError("z is a GPU (CuPy) array but this decoder runs on the CPU")
+        z = _as_float(z, "z")
+        if z.shape == (self.latent_dim,):
+            z = np.broadcast_to(z, (n, self.latent_dim))
+        if z.shape != (n, self.latent_dim):
+            raise ValueError(f"z must have shape ({self.latent_dim},) or ({n}, {self.latent_dim}); got {z.shape}")
+        if not np.all(np.isfinite(z)):
+            raise ValueError("z contains NaN or infinite values")
+        return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _as_float(value, name: str) -> np.ndarray:
+    """Any real numeric input as a float64 array; a clear TypeError for strings, objects, complex."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to a numeric array: {exc}") from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real numbers, not dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
