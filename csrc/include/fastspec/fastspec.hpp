@@ -1,0 +1,156 @@
+// fastspec: the public C++ API of the inference core.
+//
+// One header, no Python or CUDA types. Load a model file (docs/model-format.md) into an immutable
+// Model, build a Decoder on it, and call forward() with physical labels to get flux spectra:
+//
+//     auto model = fastspec::Model::load("model.fsm");
+//     fastspec::Decoder decoder(model);
+//     std::vector<double> labels = {5777, 4.44, 2.0, 0.0, 1.0, 50000};
+//     std::vector<float> flux(model.n_pixels());
+//     decoder.forward(labels.data(), 1, flux.data());
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace fastspec {
+
+// Every error this library throws derives from Error.
+class Error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+// A model file that cannot be used; the message names the file and the problem.
+class ModelFileError : public Error {
+public:
+    using Error::Error;
+};
+
+// A model file that cannot be opened or read (missing, permissions, I/O error).
+// errno_value() is the errno of the failed call (ENOENT for a missing file).
+class FileAccessError : public Error {
+public:
+    FileAccessError(const std::string& message, int errno_value) : Error(message), errno_(errno_value) {}
+    int errno_value() const noexcept { return errno_; }
+
+private:
+    int errno_;
+};
+
+// Bad input to Decoder::forward; the message names the label (or z entry) and the row.
+class InputError : public Error {
+public:
+    using Error::Error;
+};
+
+enum class Scaling : std::uint32_t { linear = 1, log10 = 2 };
+enum class Activation : std::uint32_t { relu = 1, sigmoid = 2 };
+enum class WeightDtype : std::uint32_t { f32 = 1, f16 = 2, bf16 = 3 };
+enum class Medium : std::uint32_t { air = 1, vacuum = 2 };
+
+// "linear"/"log10", "relu"/"sigmoid", "f32"/"f16"/"bf16", "air"/"vacuum".
+const char* to_string(Scaling s) noexcept;
+const char* to_string(Activation a) noexcept;
+const char* to_string(WeightDtype d) noexcept;
+const char* to_string(Medium m) noexcept;
+
+struct LabelInfo {
+    std::string name, unit;
+    double min = 0, max = 0;      // trained range, physical units
+    Scaling scaling = Scaling::linear;
+    double norm_offset = 0, norm_scale = 1;  // input = (s(x) - norm_offset) / norm_scale
+};
+
+struct LayerInfo {
+    int in = 0, out = 0;
+    Activation activation = Activation::relu;
+};
+
+// An immutable, validated decoder model. Copies share the same data (cheap).
+class Model {
+public:
+    // Reads and validates the whole file. Throws FileAccessError if it cannot be read and
+    // ModelFileError (message: "<path>: <problem>") if it is not a valid version-1 model file.
+    static Model load(const std::string& path);
+
+    std::size_t n_labels() const;
+    std::size_t latent_dim() const;
+    std::size_t n_pixels() const;
+    std::size_t input_dim() const { return latent_dim() + n_labels(); }
+    const std::vector<LabelInfo>& labels() const;
+    const std::vector<LayerInfo>& layers() const;
+    double wavelength_start() const;  // Å
+    double wavelength_step() const;   // Å
+    std::vector<double> wavelength() const;  // start + step * i, i < n_pixels
+    Medium medium() const;
+    WeightDtype weight_dtype() const;  // as stored; weights() are always float32
+    double output_scale() const;
+    double output_offset() const;
+    const std::string& provenance_json() const;
+    const std::string& path() const;  // the file it was loaded from
+
+    // Layer k's weights, row-major (out, in) like torch.nn.Linear.weight, and its biases (out).
+    // 16-bit weights are widened to float32 at load (exact).
+    const float* weights(std::size_t k) const;
+    const float* biases(std::size_t k) const;
+    std::size_t parameter_count() const;
+
+    struct Impl;
+
+private:
+    explicit Model(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+    std::shared_ptr<const Impl> impl_;
+};
+
+struct DecoderOptions {
+    // OpenBLAS threads used by this decoder's GEMMs. OpenBLAS keeps ONE thread count per process:
+    // forward() sets it to this value when it differs, so decoders with different values in one
+    // process switch it back and forth. 1 is the right choice on small or shared machines; for
+    // parallelism over many spectra, call forward() from several threads instead (it is thread-safe).
+    int threads = 1;
+    // Rows processed per pass; bounds the workspace to max_chunk * widest hidden layer floats.
+    std::size_t max_chunk = 1024;
+};
+
+class Decoder {
+public:
+    explicit Decoder(Model model, DecoderOptions options = {});
+    ~Decoder();
+    Decoder(const Decoder&) = delete;
+    Decoder& operator=(const Decoder&) = delete;
+    Decoder(Decoder&&) noexcept;
+    Decoder& operator=(Decoder&&) noexcept;
+
+    // labels: row-major (n, n_labels) in physical units; z: row-major (n, latent_dim) or nullptr
+    // for z = 0; out: row-major (n, n_pixels). Every label (and z entry) is validated before anything
+    // is written: a non-finite value, or one outside the model's range unless clip is true (then it
+    // is clamped to the range), throws InputError. Const and thread-safe: concurrent calls on one
+    // Decoder are fine (workspaces are pooled, not allocated per call once warm).
+    void forward(const double* labels, std::size_t n, float* out, const float* z = nullptr,
+                 bool clip = false) const;
+
+    const Model& model() const;
+    const DecoderOptions& options() const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// How this library was built: BLAS (name and config string), compiler, flags, CUDA.
+struct BuildInfo {
+    std::string blas, blas_config, compiler, cxx_flags, version;
+    bool cuda_compiled = false;
+};
+BuildInfo build_info();
+
+// False until the CUDA backend exists.
+bool cuda_available() noexcept;
+
+}  // namespace fastspec

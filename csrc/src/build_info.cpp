@@ -1,0 +1,29 @@
+// What this build is: reported by fastspec::build_info() and the Python module.
+#include "internal.hpp"
+
+#ifndef FASTSPEC_COMPILER
+#define FASTSPEC_COMPILER "unknown"
+#endif
+#ifndef FASTSPEC_CXX_FLAGS
+#define FASTSPEC_CXX_FLAGS ""
+#endif
+#ifndef FASTSPEC_VERSION
+#define FASTSPEC_VERSION "unknown"
+#endif
+
+namespace fastspec {
+
+BuildInfo build_info() {
+    BuildInfo info;
+    info.blas = "OpenBLAS (scipy-openblas32)";
+    info.blas_config = detail::cpu::blas_config();
+    info.compiler = FASTSPEC_COMPILER;
+    info.cxx_flags = FASTSPEC_CXX_FLAGS;
+    info.version = FASTSPEC_VERSION;
+    info.cuda_compiled = false;  // the CUDA backend is a later issue
+    return info;
+}
+
+bool cuda_available() noexcept { return false; }
+
+}  // namespace fastspec

@@ -1,0 +1,101 @@
+// Decoder: validates the inputs, then runs the layers chunk by chunk with a pooled workspace.
+#include <algorithm>
+#include <mutex>
+
+#include "internal.hpp"
+
+namespace fastspec {
+
+namespace {
+// Buffers for one forward pass over up to max_chunk rows: the input rows and two ping-pong
+// buffers for the hidden activations. The last layer writes straight into the caller's output.
+struct Workspace {
+    std::vector<float> input, a, b;
+};
+}  // namespace
+
+struct Decoder::Impl {
+    Impl(Model m, DecoderOptions o) : model(std::move(m)), options(o) {}
+    Model model;
+    DecoderOptions options;
+    std::size_t widest_hidden = 0;
+    mutable std::mutex pool_mutex;
+    mutable std::vector<std::unique_ptr<Workspace>> pool;  // idle workspaces, reused across calls
+
+    std::unique_ptr<Workspace> acquire() const {
+        {
+            std::lock_guard<std::mutex> lock(pool_mutex);
+            if (!pool.empty()) {
+                auto ws = std::move(pool.back());
+                pool.pop_back();
+                return ws;
+            }
+        }
+        auto ws = std::make_unique<Workspace>();
+        ws->input.resize(options.max_chunk * model.input_dim());
+        ws->a.resize(options.max_chunk * widest_hidden);
+        ws->b.resize(options.max_chunk * widest_hidden);
+        return ws;
+    }
+    void release(std::unique_ptr<Workspace> ws) const {
+        std::lock_guard<std::mutex> lock(pool_mutex);
+        pool.push_back(std::move(ws));
+    }
+};
+
+Decoder::Decoder(Model model, DecoderOptions options) {
+    if (options.threads < 1) throw Error("DecoderOptions.threads = " + std::to_string(options.threads) + " must be >= 1");
+    if (options.max_chunk < 1) throw Error("DecoderOptions.max_chunk must be >= 1");
+    // blasint is 32-bit: keep every GEMM dimension product within range.
+    const std::size_t widest_out = std::max<std::size_t>(model.n_pixels(), 1);
+    options.max_chunk = std::min<std::size_t>(options.max_chunk, std::size_t(0x7fffffff) / widest_out);
+    impl_ = std::make_unique<Impl>(std::move(model), options);
+    const auto& layers = impl_->model.layers();
+    for (std::size_t k = 0; k + 1 < layers.size(); ++k)
+        impl_->widest_hidden = std::max<std::size_t>(impl_->widest_hidden, layers[k].out);
+}
+
+Decoder::~Decoder() = default;
+Decoder::Decoder(Decoder&&) noexcept = default;
+Decoder& Decoder::operator=(Decoder&&) noexcept = default;
+
+const Model& Decoder::model() const { return impl_->model; }
+const DecoderOptions& Decoder::options() const { return impl_->options; }
+
+void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip) const {
+    if (n == 0) return;
+    if (!labels || !out) throw InputError("forward: labels and out must not be null");
+    const Model& m = impl_->model;
+    detail::validate_inputs(m, labels, n, z, clip);  // everything, before any output is written
+    detail::cpu::ensure_blas_threads(impl_->options.threads);
+
+    const auto& layers = m.layers();
+    const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), chunk = impl_->options.max_chunk;
+    const float scale = float(m.output_scale()), offset = float(m.output_offset());
+    auto ws = impl_->acquire();
+    try {
+        for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
+            const std::size_t rows = std::min(chunk, n - r0);
+            detail::make_input_rows(m, labels + r0 * nl, z ? z + r0 * nz : nullptr, rows, clip, ws->input.data());
+            const float* x = ws->input.data();
+            float* bufs[2] = {ws->a.data(), ws->b.data()};
+            for (std::size_t k = 0; k < layers.size(); ++k) {
+                const LayerInfo& L = layers[k];
+                if (k + 1 == layers.size()) {
+                    detail::cpu::dense_sigmoid_output(x, rows, m.weights(k), m.biases(k), L.in, L.out, scale, offset,
+                                                      out + r0 * np);
+                } else {
+                    float* y = bufs[k % 2];
+                    detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, y);
+                    x = y;
+                }
+            }
+        }
+    } catch (...) {
+        impl_->release(std::move(ws));
+        throw;
+    }
+    impl_->release(std::move(ws));
+}
+
+}  // namespace fastspec

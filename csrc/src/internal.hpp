@@ -1,0 +1,35 @@
+// Internal interfaces between the parts of the core (not installed).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "fastspec/fastspec.hpp"
+
+namespace fastspec::detail {
+
+// CRC-32 (IEEE 802.3, the zlib polynomial) of a byte range.
+std::uint32_t crc32(const std::uint8_t* data, std::size_t n);
+
+// Label handling, the one place that knows the normalisation (labels.cpp).
+// validate_inputs throws InputError for the first bad label (or z entry); it reads everything
+// and writes nothing, so forward() can check all rows before producing any output.
+void validate_inputs(const Model& model, const double* labels, std::size_t n, const float* z, bool clip);
+// Writes rows [z | normalised labels] of the decoder input, row-major with input_dim() columns.
+// Labels are clamped to the range when clip is true (validate_inputs already ran).
+void make_input_rows(const Model& model, const double* labels, const float* z, std::size_t rows, bool clip,
+                     float* dst);
+
+namespace cpu {
+// The dense layers of the CPU backend (cpu/dense.cpp). x is (rows, in), W is (out, in) row-major,
+// y is (rows, out). GEMV at rows == 1, GEMM otherwise, then one fused epilogue pass.
+void dense_relu(const float* x, std::size_t rows, const float* W, const float* b, int in, int out, float* y);
+void dense_sigmoid_output(const float* x, std::size_t rows, const float* W, const float* b, int in, int out,
+                          float scale, float offset, float* y);
+// OpenBLAS's (process-global) thread count: set only when it differs.
+void ensure_blas_threads(int threads);
+std::string blas_config();
+}  // namespace cpu
+
+}  // namespace fastspec::detail

@@ -1,0 +1,375 @@
+// Reader of the version-1 model file (docs/model-format.md).
+//
+// The whole file is read into memory, then every field is checked before any weight is used:
+// nothing is read outside the buffer (all offsets/sizes are range-checked with overflow-free
+// arithmetic), and every failure throws ModelFileError("<path>: <problem>").
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <tuple>
+
+#include "fastspec/fastspec.hpp"
+#include "internal.hpp"
+
+namespace fastspec {
+
+struct Model::Impl {
+    std::string path;
+    std::vector<LabelInfo> labels;
+    std::vector<LayerInfo> layers;
+    std::size_t latent_dim = 0, n_pixels = 0;
+    double wl_start = 0, wl_step = 0, output_scale = 1, output_offset = 0;
+    Medium medium = Medium::air;
+    WeightDtype dtype = WeightDtype::f32;
+    std::string provenance;
+    std::vector<std::vector<float>> weights, biases;
+};
+
+namespace {
+
+constexpr char kMagic[8] = {'F', 'S', 'P', 'E', 'C', 'M', 'D', 'L'};
+constexpr char kTrailer[4] = {'F', 'E', 'N', 'D'};
+constexpr std::uint32_t kVersion = 1;
+constexpr std::uint64_t kHeaderBytes = 128, kLabelBytes = 80, kLayerBytes = 48, kTrailerBytes = 8;
+constexpr std::uint64_t kAlign = 64;
+constexpr std::uint64_t kMaxLabels = 64, kMaxLatent = 4096, kMaxLayers = 64, kMaxDim = 1u << 20;
+constexpr std::uint64_t kMaxProvenance = 16u << 20;
+
+// Little-endian field access into a buffer whose bounds the caller has already checked.
+std::uint32_t u32(const std::uint8_t* p) {
+    return std::uint32_t(p[0]) | std::uint32_t(p[1]) << 8 | std::uint32_t(p[2]) << 16 | std::uint32_t(p[3]) << 24;
+}
+std::uint64_t u64(const std::uint8_t* p) { return std::uint64_t(u32(p)) | std::uint64_t(u32(p + 4)) << 32; }
+double f64(const std::uint8_t* p) {
+    std::uint64_t bits = u64(p);
+    double d;
+    std::memcpy(&d, &bits, sizeof d);
+    return d;
+}
+float f32(const std::uint8_t* p) {
+    std::uint32_t bits = u32(p);
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// IEEE binary16 -> float32, exact for every input (subnormals, inf and NaN included).
+float half_to_float(std::uint16_t h) {
+    std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    } else if (mant == 0) {
+        bits = sign;
+    } else {  // subnormal: mant * 2^-24, exactly representable as a normal float
+        float f = std::ldexp(float(mant), -24);
+        std::memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+float bf16_to_float(std::uint16_t h) {
+    std::uint32_t bits = std::uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+bool all_zero(const std::uint8_t* p, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i)
+        if (p[i]) return false;
+    return true;
+}
+
+// Valid UTF-8 (no overlongs, no surrogates, nothing above U+10FFFF).
+bool valid_utf8(const std::uint8_t* s, std::size_t n) {
+    std::size_t i = 0;
+    while (i < n) {
+        std::uint8_t c = s[i];
+        std::size_t len;
+        std::uint32_t cp;
+        if (c < 0x80) { ++i; continue; }
+        if ((c & 0xe0) == 0xc0) { len = 2; cp = c & 0x1f; }
+        else if ((c & 0xf0) == 0xe0) { len = 3; cp = c & 0x0f; }
+        else if ((c & 0xf8) == 0xf0) { len = 4; cp = c & 0x07; }
+        else return false;
+        if (n - i < len) return false;
+        for (std::size_t k = 1; k < len; ++k) {
+            if ((s[i + k] & 0xc0) != 0x80) return false;
+            cp = cp << 6 | (s[i + k] & 0x3f);
+        }
+        static const std::uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
+        i += len;
+    }
+    return true;
+}
+
+std::string fixed_string(const std::uint8_t* p, std::size_t size) {
+    std::size_t n = 0;
+    while (n < size && p[n]) ++n;
+    return std::string(reinterpret_cast<const char*>(p), n);
+}
+
+class Reader {
+public:
+    Reader(std::string path, std::vector<std::uint8_t> data) : path_(std::move(path)), d_(std::move(data)) {}
+
+    template <class... Args>
+    [[noreturn]] void fail(const Args&... parts) const {
+        std::ostringstream os;
+        os << path_ << ": ";
+        (os << ... << parts);
+        throw ModelFileError(os.str());
+    }
+
+    std::shared_ptr<Model::Impl> parse();
+
+private:
+    void check_fixed_string(const std::uint8_t* p, std::size_t size, const std::string& what, bool name) const;
+    std::string path_;
+    std::vector<std::uint8_t> d_;
+};
+
+void Reader::check_fixed_string(const std::uint8_t* p, std::size_t size, const std::string& what, bool name) const {
+    std::size_t n = 0;
+    while (n < size && p[n]) ++n;
+    if (n == size) fail(what, " is not NUL-terminated within ", size, " bytes");
+    if (!all_zero(p + n, size - n)) fail(what, " has bytes after its NUL terminator");
+    if (name && n == 0) fail(what, " is empty");
+    for (std::size_t i = 0; i < n; ++i) {
+        char c = char(p[i]);
+        bool ok = name ? ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_') : (c >= 0x20 && c < 0x7f);
+        if (!ok) fail(what, " has a character (byte ", int(p[i]), ") outside ", name ? "[a-z0-9_]" : "printable ASCII");
+    }
+}
+
+std::shared_ptr<Model::Impl> Reader::parse() {
+    const std::uint64_t size = d_.size();
+    const std::uint8_t* h = d_.data();
+    if (size < kHeaderBytes + kTrailerBytes)
+        fail("truncated: ", size, " bytes is smaller than a header and a trailer (", kHeaderBytes + kTrailerBytes, ")");
+    if (std::memcmp(h, kMagic, 8) != 0) fail("not a fastspec model file (bad magic; expected \"FSPECMDL\")");
+    const std::uint32_t version = u32(h + 8);
+    if (version != kVersion) fail("format version ", version, " is not supported; this reader knows version ", kVersion);
+    if (u32(h + 12) != kHeaderBytes) fail("header_bytes is ", u32(h + 12), ", expected ", kHeaderBytes);
+    const std::uint64_t file_bytes = u64(h + 16);
+    if (file_bytes > size) fail("truncated: header says ", file_bytes, " bytes, file has ", size);
+    if (file_bytes < size) fail("header says ", file_bytes, " bytes but the file has ", size, " (trailing data)");
+    const std::uint8_t* trailer = h + size - kTrailerBytes;
+    if (std::memcmp(trailer, kTrailer, 4) != 0) fail("bad trailer magic (expected \"FEND\"); file truncated or corrupt");
+    const std::uint32_t crc_stored = u32(trailer + 4), crc = detail::crc32(h, size - kTrailerBytes);
+    if (crc != crc_stored) {
+        std::ostringstream os;
+        os << std::hex << "CRC-32 mismatch: trailer says 0x" << crc_stored << ", contents give 0x" << crc
+           << " (file corrupt)";
+        fail(os.str());
+    }
+
+    auto m = std::make_shared<Model::Impl>();
+    m->path = path_;
+    const std::uint64_t n_labels = u32(h + 24), latent = u32(h + 28), n_layers = u32(h + 32);
+    const std::uint32_t dtype = u32(h + 36);
+    if (n_labels < 1 || n_labels > kMaxLabels) fail("n_labels = ", n_labels, " is outside [1, ", kMaxLabels, "]");
+    if (latent > kMaxLatent) fail("latent_dim = ", latent, " is above the limit ", kMaxLatent);
+    if (n_layers < 1 || n_layers > kMaxLayers) fail("n_layers = ", n_layers, " is outside [1, ", kMaxLayers, "]");
+    if (dtype < 1 || dtype > 3) fail("weight_dtype = ", dtype, " is unknown (1 = f32, 2 = f16, 3 = bf16)");
+    m->dtype = WeightDtype(dtype);
+    m->latent_dim = latent;
+    m->wl_start = f64(h + 40);
+    m->wl_step = f64(h + 48);
+    if (!std::isfinite(m->wl_start)) fail("wavelength_start = ", m->wl_start, " is not finite");
+    if (!std::isfinite(m->wl_step) || !(m->wl_step > 0)) fail("wavelength_step = ", m->wl_step, " must be finite and > 0");
+    m->n_pixels = u32(h + 56);
+    if (m->n_pixels < 1 || m->n_pixels > kMaxDim) fail("n_pixels = ", m->n_pixels, " is outside [1, ", kMaxDim, "]");
+    const std::uint32_t medium = u32(h + 60);
+    if (medium != 1 && medium != 2) fail("wavelength_medium = ", medium, " is unknown (1 = air, 2 = vacuum)");
+    m->medium = Medium(medium);
+    if (u32(h + 64) != 1) fail("output_transform = ", u32(h + 64), " is unknown (1 = scale * sigmoid + offset)");
+    if (u32(h + 68) != 0) fail("reserved header field at offset 68 is not zero");
+    m->output_scale = f64(h + 72);
+    m->output_offset = f64(h + 80);
+    if (!std::isfinite(m->output_scale) || m->output_scale == 0) fail("output_scale = ", m->output_scale, " must be finite and non-zero");
+    if (!std::isfinite(m->output_offset)) fail("output_offset = ", m->output_offset, " is not finite");
+    if (!all_zero(h + 104, 24)) fail("reserved header bytes 104-127 are not zero");
+
+    // Tables: sizes are small (limits above), so this arithmetic cannot overflow.
+    const std::uint64_t labels_at = kHeaderBytes, layers_at = labels_at + kLabelBytes * n_labels;
+    const std::uint64_t tables_end = layers_at + kLayerBytes * n_layers;
+    const std::uint64_t payload_end = size - kTrailerBytes;  // blocks must end before the trailer
+    if (tables_end > payload_end) fail("truncated: the label and layer tables need ", tables_end, " bytes, file has ", size);
+    const std::uint64_t prov_off = u64(h + 88), prov_bytes = u64(h + 96);
+    if (prov_off != tables_end) fail("provenance_offset = ", prov_off, ", expected ", tables_end, " (right after the layer table)");
+    if (prov_bytes > kMaxProvenance) fail("provenance_bytes = ", prov_bytes, " is above the limit ", kMaxProvenance);
+    if (prov_bytes > payload_end - prov_off) fail("provenance (", prov_bytes, " bytes at ", prov_off, ") runs past the end of the data");
+    if (!valid_utf8(h + prov_off, prov_bytes)) fail("provenance is not valid UTF-8");
+    m->provenance.assign(reinterpret_cast<const char*>(h + prov_off), prov_bytes);
+
+    std::set<std::string> names;
+    for (std::uint64_t i = 0; i < n_labels; ++i) {
+        const std::uint8_t* r = h + labels_at + kLabelBytes * i;
+        const std::string what = "label " + std::to_string(i);
+        check_fixed_string(r, 16, what + " name", true);
+        LabelInfo l;
+        l.name = fixed_string(r, 16);
+        check_fixed_string(r + 16, 16, "label '" + l.name + "' unit", false);
+        l.unit = fixed_string(r + 16, 16);
+        if (!names.insert(l.name).second) fail("label name '", l.name, "' appears twice");
+        l.min = f64(r + 32);
+        l.max = f64(r + 40);
+        if (!std::isfinite(l.min) || !std::isfinite(l.max) || !(l.min < l.max))
+            fail("label '", l.name, "': range [", l.min, ", ", l.max, "] must be finite with min < max");
+        const std::uint32_t scaling = u32(r + 48);
+        if (scaling != 1 && scaling != 2) fail("label '", l.name, "': scaling = ", scaling, " is unknown (1 = linear, 2 = log10)");
+        l.scaling = Scaling(scaling);
+        if (l.scaling == Scaling::log10 && !(l.min > 0)) fail("label '", l.name, "': log10 scaling needs min > 0, min is ", l.min);
+        if (u32(r + 52) != 0 || !all_zero(r + 72, 8)) fail("label '", l.name, "': reserved bytes are not zero");
+        l.norm_offset = f64(r + 56);
+        l.norm_scale = f64(r + 64);
+        if (!std::isfinite(l.norm_offset)) fail("label '", l.name, "': norm_offset = ", l.norm_offset, " is not finite");
+        if (!std::isfinite(l.norm_scale) || l.norm_scale == 0) fail("label '", l.name, "': norm_scale = ", l.norm_scale, " must be finite and non-zero");
+        m->labels.push_back(std::move(l));
+    }
+
+    // Layers: dims chain, blocks aligned, inside [end of provenance, trailer), and disjoint.
+    const std::uint64_t elem = m->dtype == WeightDtype::f32 ? 4 : 2;
+    const std::uint64_t blocks_from = prov_off + prov_bytes;
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> extents;  // [begin, end) of every block
+    std::uint64_t expected_in = latent + n_labels;
+    for (std::uint64_t k = 0; k < n_layers; ++k) {
+        const std::uint8_t* r = h + layers_at + kLayerBytes * k;
+        const std::uint64_t in = u32(r), out = u32(r + 4);
+        const std::uint32_t act = u32(r + 8);
+        const bool last = k + 1 == n_layers;
+        if (in < 1 || in > kMaxDim || out < 1 || out > kMaxDim)
+            fail("layer ", k, ": in = ", in, ", out = ", out, " must be in [1, ", kMaxDim, "]");
+        if (in != expected_in)
+            fail("layer ", k, ": in = ", in, " but ", k == 0 ? "latent_dim + n_labels" : "the previous layer's out", " is ", expected_in);
+        if (last && out != m->n_pixels) fail("layer ", k, " (the last): out = ", out, " but n_pixels = ", m->n_pixels);
+        const std::uint32_t want_act = last ? 2 : 1;
+        if (act != want_act)
+            fail("layer ", k, ": activation = ", act, ", expected ", want_act, last ? " (sigmoid on the last layer)" : " (ReLU on hidden layers)");
+        if (u32(r + 12) != 0) fail("layer ", k, ": reserved field is not zero");
+        const std::uint64_t w_off = u64(r + 16), w_bytes = u64(r + 24), b_off = u64(r + 32), b_bytes = u64(r + 40);
+        if (w_bytes != in * out * elem)
+            fail("layer ", k, ": weight_bytes = ", w_bytes, ", expected out * in * ", elem, " = ", in * out * elem);
+        if (b_bytes != out * 4) fail("layer ", k, ": bias_bytes = ", b_bytes, ", expected out * 4 = ", out * 4);
+        for (auto [what, off, bytes] : {std::tuple{"weight", w_off, w_bytes}, std::tuple{"bias", b_off, b_bytes}}) {
+            if (off % kAlign) fail("layer ", k, ": ", what, "_offset = ", off, " is not 64-byte aligned");
+            if (off < blocks_from || off > payload_end || bytes > payload_end - off)
+                fail("layer ", k, ": ", what, " block [", off, ", +", bytes, ") lies outside the data area [", blocks_from, ", ", payload_end, ")");
+            extents.emplace_back(off, off + bytes);
+        }
+        m->layers.push_back(LayerInfo{int(in), int(out), Activation(act)});
+        expected_in = out;
+    }
+    std::sort(extents.begin(), extents.end());
+    for (std::size_t i = 1; i < extents.size(); ++i)
+        if (extents[i].first < extents[i - 1].second) fail("weight/bias blocks overlap at offset ", extents[i].first);
+
+    // All checks passed: decode weights (16-bit widened to float32) and biases.
+    for (std::uint64_t k = 0; k < n_layers; ++k) {
+        const std::uint8_t* r = h + layers_at + kLayerBytes * k;
+        const std::uint64_t count = std::uint64_t(m->layers[k].in) * m->layers[k].out;
+        const std::uint8_t* w = h + u64(r + 16);
+        std::vector<float> wf(count);
+        if (m->dtype == WeightDtype::f32) {
+            for (std::uint64_t i = 0; i < count; ++i) wf[i] = f32(w + 4 * i);
+        } else if (m->dtype == WeightDtype::f16) {
+            for (std::uint64_t i = 0; i < count; ++i) wf[i] = half_to_float(std::uint16_t(w[2 * i] | w[2 * i + 1] << 8));
+        } else {
+            for (std::uint64_t i = 0; i < count; ++i) wf[i] = bf16_to_float(std::uint16_t(w[2 * i] | w[2 * i + 1] << 8));
+        }
+        for (std::uint64_t i = 0; i < count; ++i)
+            if (!std::isfinite(wf[i])) fail("layer ", k, ": weight ", i, " is not finite");
+        const std::uint8_t* b = h + u64(r + 32);
+        std::vector<float> bf(m->layers[k].out);
+        for (std::size_t i = 0; i < bf.size(); ++i) {
+            bf[i] = f32(b + 4 * i);
+            if (!std::isfinite(bf[i])) fail("layer ", k, ": bias ", i, " is not finite");
+        }
+        m->weights.push_back(std::move(wf));
+        m->biases.push_back(std::move(bf));
+    }
+    return m;
+}
+
+}  // namespace
+
+std::uint32_t detail::crc32(const std::uint8_t* data, std::size_t n) {
+    static const auto table = [] {
+        std::array<std::uint32_t, 256> t{};
+        for (std::uint32_t i = 0; i < 256; ++i) {
+            std::uint32_t c = i;
+            for (int k = 0; k < 8; ++k) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+            t[i] = c;
+        }
+        return t;
+    }();
+    std::uint32_t c = 0xffffffffu;
+    for (std::size_t i = 0; i < n; ++i) c = table[(c ^ data[i]) & 0xff] ^ (c >> 8);
+    return c ^ 0xffffffffu;
+}
+
+Model Model::load(const std::string& path) {
+    errno = 0;
+    std::ifstream f(path, std::ios::binary | std::ios::ate);
+    if (!f) {
+        int e = errno ? errno : ENOENT;
+        throw FileAccessError(path + ": cannot open model file: " + std::strerror(e), e);
+    }
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) throw FileAccessError(path + ": is a directory, not a model file", EISDIR);
+    const std::streamoff size = f.tellg();
+    if (size < 0) throw FileAccessError(path + ": cannot determine the file size", EIO);
+    std::vector<std::uint8_t> data(static_cast<std::size_t>(size));
+    f.seekg(0);
+    if (size > 0 && !f.read(reinterpret_cast<char*>(data.data()), size))
+        throw FileAccessError(path + ": read error", errno ? errno : EIO);
+    return Model(Reader(path, std::move(data)).parse());
+}
+
+std::size_t Model::n_labels() const { return impl_->labels.size(); }
+std::size_t Model::latent_dim() const { return impl_->latent_dim; }
+std::size_t Model::n_pixels() const { return impl_->n_pixels; }
+const std::vector<LabelInfo>& Model::labels() const { return impl_->labels; }
+const std::vector<LayerInfo>& Model::layers() const { return impl_->layers; }
+double Model::wavelength_start() const { return impl_->wl_start; }
+double Model::wavelength_step() const { return impl_->wl_step; }
+std::vector<double> Model::wavelength() const {
+    std::vector<double> wl(impl_->n_pixels);
+    for (std::size_t i = 0; i < wl.size(); ++i) wl[i] = impl_->wl_start + impl_->wl_step * double(i);
+    return wl;
+}
+Medium Model::medium() const { return impl_->medium; }
+WeightDtype Model::weight_dtype() const { return impl_->dtype; }
+double Model::output_scale() const { return impl_->output_scale; }
+double Model::output_offset() const { return impl_->output_offset; }
+const std::string& Model::provenance_json() const { return impl_->provenance; }
+const std::string& Model::path() const { return impl_->path; }
+const float* Model::weights(std::size_t k) const { return impl_->weights.at(k).data(); }
+const float* Model::biases(std::size_t k) const { return impl_->biases.at(k).data(); }
+std::size_t Model::parameter_count() const {
+    std::size_t n = 0;
+    for (const auto& l : impl_->layers) n += std::size_t(l.in) * l.out + l.out;
+    return n;
+}
+
+const char* to_string(Scaling s) noexcept { return s == Scaling::log10 ? "log10" : "linear"; }
+const char* to_string(Activation a) noexcept { return a == Activation::sigmoid ? "sigmoid" : "relu"; }
+const char* to_string(WeightDtype d) noexcept {
+    return d == WeightDtype::f16 ? "f16" : d == WeightDtype::bf16 ? "bf16" : "f32";
+}
+const char* to_string(Medium m) noexcept { return m == Medium::vacuum ? "vacuum" : "air"; }
+
+}  // namespace fastspec
