@@ -1,0 +1,125 @@
+"""The markdown report: the key numbers as tables, each figure with a line on how to read it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+
+
+def _f(v, digits=3):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+UNITS = {"teff": "K", "logg": "dex", "vsini": "km/s", "mh": "dex", "vmic": "km/s", "resolution": ""}
+
+
+def _name(n):
+    u = UNITS.get(n, "")
+    return f"{n} [{u}]" if u else n
+
+
+def markdown(m: dict, ctx: dict) -> str:
+    names = list(ctx["names"])
+    px = m["pixels"]
+    figs = set(m.get("figures", []))
+    model = m["model"]
+    info = model.get("info") or {}
+    L = []
+    L.append("# fastspec model evaluation against SYNSPEC\n")
+    L.append(f"- model: `{model.get('path') or 'embedded default'}`"
+             + (f" (created {info.get('created')}, git {info.get('git_revision')})" if info.get("created") else ""))
+    L.append(f"- data: `{m['data']['path']}`: {m['data']['n_spectra_used']} spectra used of {m['data']['n_spectra_in_file']}")
+    L.append(f"- written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; every number is in "
+             "`metrics.json`, the per-pixel curves at full resolution in `per_pixel.npz`")
+    L.append("- ΔF = F_model − F_SYNSPEC, in continuum-normalised flux; ⟨|ΔF|⟩ = mean |ΔF| over the 19000 pixels of one spectrum")
+    if m.get("labels_outside_model_range"):
+        L.append(f"- {m['labels_outside_model_range']} spectra have labels outside the model's trained range (evaluated at clipped labels)")
+    t = m.get("timing", {})
+    if t.get("model_spectra_per_second"):
+        L.append(f"- model generation: {t['model_spectra_per_second']:.0f} spectra/s on this machine (total run {t.get('total_seconds', 0):.0f} s)")
+    L.append("")
+
+    L.append("## 1. Pixel statistics\n")
+    L.append("| statistic | value |\n|---|---|")
+    L.append(f"| pixels (spectra × pixels) | {px['n_pixels_total']:,} ({px['n_spectra']} × {px['n_pixels_total'] // max(px['n_spectra'], 1)}) |")
+    for k, v in px["abs_percentiles"].items():
+        L.append(f"| {k[1:]}th percentile of \\|ΔF\\| | {_f(v)} |")
+    L.append(f"| mean \\|ΔF\\| | {_f(px['abs_mean'])} |")
+    L.append(f"| max \\|ΔF\\| | {_f(px['abs_max'])} |")
+    L.append(f"| mean residual (bias) | {_f(px['residual_mean'])} |")
+    L.append(f"| RMS residual | {_f(px['residual_rms'])} |")
+    L.append(f"\nPercentiles come from a streaming histogram, exact to a relative {px['percentile_relative_resolution']:.1e}.\n")
+    for f, cap in [("pixels_histogram.png", "Distribution of |ΔF| over all pixels, percentiles marked."),
+                   ("pixels_wavelength.png", "Mean |ΔF| and mean residual against wavelength (grey: per pixel; blue: "
+                    "1 Å bins; band: ±1 std over spectra). A wavelength-dependent bias shows as structure in the lower panel.")]:
+        if f in figs:
+            L.append(f"![{f}]({f})\n\n{cap}\n")
+    L.append("### Worst spectra (largest ⟨|ΔF|⟩)\n")
+    L.append("| row | ⟨\\|ΔF\\|⟩ | max \\|ΔF\\| | mean ΔF | " + " | ".join(_name(n) for n in names) + " |")
+    L.append("|---" * (4 + len(names)) + "|")
+    for w in m["worst_spectra"]:
+        L.append(f"| {w['index']} | {_f(w['mean_abs'])} | {_f(w['max_abs'])} | {_f(w['mean_residual'])} | "
+                 + " | ".join(_f(w["labels"][n], 4) for n in names) + " |")
+    L.append("")
+
+    L.append("## 2. Heat maps over the label space\n")
+    for f, cap in [("heatmap_teff_logg.png", "Mean ⟨|ΔF|⟩ per bin of the Teff–log g plane (Kiel diagram orientation)."),
+                   ("heatmaps_all_pairs.png", "The same for every pair of labels, on one colour scale.")]:
+        if f in figs:
+            L.append(f"![{f}]({f})\n\n{cap}\n")
+
+    L.append("## 3. Marginals and variance explained\n")
+    L.append("Fraction of the variance of the per-spectrum ⟨|ΔF|⟩ explained by each label's bins (correlation ratio "
+             "η²; the adjusted ε² removes the part expected from chance with this many bins and spectra):\n")
+    L.append("| label | η² | adjusted | bins used |\n|---|---|---|---|")
+    for n in names:
+        v = m["variance_explained"][n]
+        L.append(f"| {_name(n)} | {_f(v['eta2'])} | {_f(v['eta2_adjusted'])} | {v['bins_used']} |")
+    L.append("")
+    if "marginals.png" in figs:
+        L.append("![marginals.png](marginals.png)\n\nBinned mean of ⟨|ΔF|⟩ against each label; bars are the std over "
+                 "the spectra in the bin, grey points the individual spectra.\n")
+
+    L.append("## 4. Parameter recovery (Table 3 of the paper)\n")
+    rec = m["recovery"]
+    if rec.get("status") != "ok":
+        L.append(f"Parameter recovery was **{rec.get('status')}**.\n")
+    else:
+        o = rec["options"]
+        L.append(f"PCA to {o['n_components']} components (explaining {rec['pca_explained_variance']:.4%} of the variance "
+                 f"of the training spectra) + dense ReLU network {'-'.join(map(str, o['widths']))} → {len(names)}, "
+                 f"{o['optimizer']}, {o['loss']}, batch {o['batch_size']}, up to {o['epochs']} epochs "
+                 f"(best validation at epoch {rec['best_epoch']} of {rec['epochs_run']}, {rec['train_seconds']:.0f} s). "
+                 f"Trained on SYNSPEC spectra with noise: {o['noise']}, SNR {o['snr_range'][0]:g}–{o['snr_range'][1]:g}, "
+                 f"{o['noise_draws_per_epoch']} fresh draws per spectrum per epoch. Split by intrinsic spectrum "
+                 f"(teff, logg, mh, vmic), seed {o['seed']}: {rec['n_groups']} intrinsic spectra, {rec['split_sizes']} rows.\n")
+        L.append("RMSE on noisy spectra (test SYNSPEC and generated spectra share the same noise draws):\n")
+        L.append("| spectra | N | " + " | ".join(_name(n) for n in names) + " |")
+        L.append("|---" * (2 + len(names)) + "|")
+        for title, k in [("train (SYNSPEC)", "train"), ("validation (SYNSPEC)", "val"), ("test (SYNSPEC)", "test"),
+                         ("**generated** at the test labels", "generated")]:
+            s = rec["splits"][k]
+            L.append(f"| {title} | {s['n']} | " + " | ".join(_f(s["rmse"][n]) for n in names) + " |")
+        L.append("| test, always predicting the training mean | — | "
+                 + " | ".join(_f(rec["baseline_test_rmse_predict_mean"][n]) for n in names) + " |")
+        L.append("\nNoise-free spectra:\n")
+        L.append("| spectra | " + " | ".join(_name(n) for n in names) + " |")
+        L.append("|---" * (1 + len(names)) + "|")
+        for title, k in [("test (SYNSPEC)", "test"), ("generated at the test labels", "generated")]:
+            L.append(f"| {title} | " + " | ".join(_f(rec["splits"][k]["rmse_noise_free"][n]) for n in names) + " |")
+        L.append("\nGenerated ≈ test means that, for inference, the surrogate is as good as the radiative transfer.\n")
+        for f in ("recovery_table.png", "recovery_scatter.png"):
+            if f in figs:
+                L.append(f"![{f}]({f})\n")
+
+    L.append("## 5. Spectra compared\n")
+    if "overlays.png" in figs:
+        L.append("![overlays.png](overlays.png)\n\nThe best, median and worst spectra by ⟨|ΔF|⟩: SYNSPEC (black) and "
+                 "model (red), residual below, and a zoom around each one's largest residual.\n")
+    L.append("## Model provenance\n")
+    L.append("```json\n" + json.dumps(info, indent=1, default=str)[:4000] + "\n```\n")
+    return "\n".join(L)
