@@ -37,15 +37,16 @@ def test_matches_core_for_arrays_lists_and_keywords(decoder, small_model):
     np.testing.assert_array_equal(decoder(**{k: labels[:, j] for j, k in enumerate(NAMES)}), expected)
     one = decoder(labels[2])
     assert one.shape == (19000,) and one.dtype == np.float32
-    np.testing.assert_array_equal(one, expected[2])
-    np.testing.assert_array_equal(decoder(**dict(zip(NAMES, labels[2]))), expected[2])
+    # One spectrum takes the core's matrix-vector path, a batch the matrix-matrix one: rounding differs.
+    np.testing.assert_allclose(one, expected[2], rtol=1e-6)
+    np.testing.assert_array_equal(decoder(**dict(zip(NAMES, labels[2]))), one)
 
 
 def test_keywords_broadcast(decoder):
     teff = np.array([5000.0, 6000.0, 7000.0])
     flux = decoder(teff=teff, logg=4.0, vsini=10.0, mh=0.0, vmic=1.0, resolution=20000.0)
     assert flux.shape == (3, 19000)
-    np.testing.assert_array_equal(flux[1], decoder([6000.0, 4.0, 10.0, 0.0, 1.0, 20000.0]))
+    np.testing.assert_allclose(flux[1], decoder([6000.0, 4.0, 10.0, 0.0, 1.0, 20000.0]), rtol=1e-6)
 
 
 def test_latent_options(decoder):
