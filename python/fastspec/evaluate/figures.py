@@ -174,11 +174,15 @@ def fig_marginals(path, marg, varexp, ctx, per_spec_abs, dpi):
         centres = np.sqrt(b["edges"][:-1] * b["edges"][1:]) if ctx["log_flags"][i] else (b["edges"][:-1] + b["edges"][1:]) / 2
         ax.scatter(ctx["labels"][:, i], per_spec_abs, s=3, color="0.7", alpha=0.5, lw=0, label="spectra", rasterized=True)
         ok = b["count"] > 0
-        ax.errorbar(centres[ok], b["mean"][ok], yerr=b["std"][ok], fmt="o-", color=C_RES, ms=4, capsize=3,
-                    label="bin mean ± std")
+        yerr = np.array([b["mean"][ok] - b["p16"][ok], b["p84"][ok] - b["mean"][ok]]).clip(min=0)
+        ax.errorbar(centres[ok], b["mean"][ok], yerr=yerr, fmt="o-", color=C_RES, ms=4, capsize=3,
+                    label="bin mean, bar: 16th–84th percentile")
         if ctx["log_flags"][i]:
             ax.set_xscale("log")
         ax.set_yscale("log")
+        pos = per_spec_abs[per_spec_abs > 0]
+        if pos.size:
+            ax.set_ylim(pos.min() / 1.3, pos.max() * 1.3)
         ax.set_xlabel(axis_label(n, ctx["units"]))
         v = varexp[n]
         ax.set_title(f"η² = {v['eta2']:.3f} (adjusted {v['eta2_adjusted']:.3f})", fontsize=10)
@@ -192,10 +196,14 @@ def fig_marginals(path, marg, varexp, ctx, per_spec_abs, dpi):
     return _save(fig, path, dpi)
 
 
-def _zoom_window(wl, res, half_width=15.0):
-    """A window around the largest |residual| (smoothed over 1 Å), kept inside the grid."""
-    k = max(1, int(round(1.0 / (wl[1] - wl[0]))))
-    sm = np.convolve(np.abs(res), np.ones(k) / k, mode="same")
+def _zoom_window(wl, res, syn, half_width=15.0):
+    """The window with the largest residuals inside lines: max of Σ |ΔF| · (1 − F_SYNSPEC) over 2·half_width Å.
+
+    Weighting by the line depth keeps the zoom on lines (a residual in a smooth wing or the continuum
+    shows as well in the full-range panel), kept inside the grid."""
+    k = max(1, int(round(2 * half_width / (wl[1] - wl[0]))))
+    score = np.abs(res) * np.clip(1.0 - syn, 0.0, None)
+    sm = np.convolve(score, np.ones(k), mode="same")
     c = wl[int(np.argmax(sm))]
     lo = min(max(c - half_width, wl[0]), wl[-1] - 2 * half_width)
     return lo, lo + 2 * half_width
@@ -210,10 +218,10 @@ def fig_overlays(path, overlay, ctx, per_spec_abs, dpi):
         syn, mod = overlay["synspec"][r], overlay["model"][r]
         res = mod.astype(np.float64) - syn
         inner = outer[r].subgridspec(2, 2, height_ratios=[3, 1.3], width_ratios=[2.2, 1], hspace=0.05)
-        zoom = _zoom_window(wl, res)
+        zoom = _zoom_window(wl, res, syn)
         lab = ", ".join(f"{PRETTY.get(n, (n,))[0]}={labels[row, j]:.4g}" for j, n in enumerate(names))
         for c, (xlim, title) in enumerate([((wl[0], wl[-1]), f"{kind} spectrum (#{row}, ⟨|ΔF|⟩ = {per_spec_abs[row]:.2e}): {lab}"),
-                                           (zoom, f"zoom {zoom[0]:.0f}–{zoom[1]:.0f} Å (around its largest residual)")]):
+                                           (zoom, f"zoom {zoom[0]:.0f}–{zoom[1]:.0f} Å (largest residuals in lines)")]):
             ax = fig.add_subplot(inner[0, c])
             axr = fig.add_subplot(inner[1, c], sharex=ax)
             sel = (wl >= xlim[0]) & (wl <= xlim[1])
@@ -242,9 +250,13 @@ def fig_recovery_table(path, rec, names, dpi):
             ("generated at test labels", "generated")]
     cell = [[f"{rec['splits'][k]['n']}"] + [_fmt(rec["splits"][k]["rmse"][n]) for n in names] for _, k in rows]
     cell.append(["—"] + [_fmt(rec["baseline_test_rmse_predict_mean"][n]) for n in names])
+    logs = list(rec["splits"]["test"].get("rmse_log10", {}))
+    for r, (_, k) in zip(cell, rows):  # the log-scaled labels (R) also in dex
+        r += [_fmt(rec["splits"][k]["rmse_log10"][n]) for n in logs]
+    cell[-1] += ["—"] * len(logs)
     row_labels = [r for r, _ in rows] + ["test, predicting the mean"]
-    col_labels = ["N"] + [axis_label(n) for n in names]
-    fig = Figure(figsize=(12, 2.2), layout="constrained")
+    col_labels = ["N"] + [axis_label(n) for n in names] + [("log$_{10}$ R" if n == "resolution" else f"log$_{{10}}$ {n}") + " [dex]" for n in logs]
+    fig = Figure(figsize=(13, 2.2), layout="constrained")
     ax = fig.subplots()
     ax.axis("off")
     t = ax.table(cellText=cell, rowLabels=row_labels, colLabels=col_labels, loc="center", cellLoc="center")

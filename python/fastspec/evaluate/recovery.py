@@ -222,6 +222,10 @@ def run_recovery(
                 "n": int(coeffs[key].shape[0]),
                 "rmse": dict(zip(label_names, rmse(p_noisy, labels[key]).tolist())),
                 "rmse_noise_free": dict(zip(label_names, rmse(p_clean, labels[key]).tolist())),
+                # For labels the model takes in log10 (R), the RMSE in dex says more than in linear units.
+                "rmse_log10": {n: float(rmse(np.log10(np.maximum(p_noisy[:, j:j + 1], 1e-300)),
+                                              np.log10(labels[key][:, j:j + 1]))[0])
+                               for j, n in enumerate(label_names) if scaler.log[j]},
             }
         # Context: the RMSE of always predicting the training mean (a regressor that learned nothing).
         baseline = rmse(np.broadcast_to(labels["train"].mean(axis=0), labels["test"].shape), labels["test"])

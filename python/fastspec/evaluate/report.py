@@ -10,7 +10,7 @@ def _f(v, digits=3):
     if v is None:
         return "—"
     if isinstance(v, float):
-        return f"{v:.{digits}g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"  # 1234, not 1.23e+03
     return str(v)
 
 
@@ -30,8 +30,12 @@ def markdown(m: dict, ctx: dict) -> str:
     info = model.get("info") or {}
     L = []
     L.append("# fastspec model evaluation against SYNSPEC\n")
+    prov = info.get("provenance") or {}
+    arch = "-".join(str(layer.get("out")) for layer in info.get("layers", []) if isinstance(layer, dict))
     L.append(f"- model: `{model.get('path') or 'embedded default'}`"
-             + (f" (created {info.get('created')}, git {info.get('git_revision')})" if info.get("created") else ""))
+             + (f", decoder {info.get('latent_dim')}+{len(names)} → {arch} ({info.get('weight_dtype')})" if arch else "")
+             + (f", created {prov.get('created')}" if prov.get("created") else "")
+             + (f", git {prov.get('git_revision')}" if prov.get("git_revision") else ""))
     L.append(f"- data: `{m['data']['path']}`: {m['data']['n_spectra_used']} spectra used of {m['data']['n_spectra_in_file']}")
     L.append(f"- written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; every number is in "
              "`metrics.json`, the per-pixel curves at full resolution in `per_pixel.npz`")
@@ -81,8 +85,9 @@ def markdown(m: dict, ctx: dict) -> str:
         L.append(f"| {_name(n)} | {_f(v['eta2'])} | {_f(v['eta2_adjusted'])} | {v['bins_used']} |")
     L.append("")
     if "marginals.png" in figs:
-        L.append("![marginals.png](marginals.png)\n\nBinned mean of ⟨|ΔF|⟩ against each label; bars are the std over "
-                 "the spectra in the bin, grey points the individual spectra.\n")
+        L.append("![marginals.png](marginals.png)\n\nBinned mean of ⟨|ΔF|⟩ against each label; bars span the 16th to "
+                 "84th percentiles of the spectra in the bin (the std is in metrics.json), grey points are the "
+                 "individual spectra.\n")
 
     L.append("## 4. Parameter recovery (Table 3 of the paper)\n")
     rec = m["recovery"]
@@ -96,7 +101,9 @@ def markdown(m: dict, ctx: dict) -> str:
                  f"(best validation at epoch {rec['best_epoch']} of {rec['epochs_run']}, {rec['train_seconds']:.0f} s). "
                  f"Trained on SYNSPEC spectra with noise: {o['noise']}, SNR {o['snr_range'][0]:g}–{o['snr_range'][1]:g}, "
                  f"{o['noise_draws_per_epoch']} fresh draws per spectrum per epoch. Split by intrinsic spectrum "
-                 f"(teff, logg, mh, vmic), seed {o['seed']}: {rec['n_groups']} intrinsic spectra, {rec['split_sizes']} rows.\n")
+                 f"(teff, logg, mh, vmic), seed {o['seed']}: "
+                 + ", ".join(f"{k} {rec['n_groups'][k]} intrinsic spectra ({rec['split_sizes'][k]} rows)"
+                             for k in ("train", "val", "test")) + ".\n")
         L.append("RMSE on noisy spectra (test SYNSPEC and generated spectra share the same noise draws):\n")
         L.append("| spectra | N | " + " | ".join(_name(n) for n in names) + " |")
         L.append("|---" * (2 + len(names)) + "|")
@@ -106,6 +113,12 @@ def markdown(m: dict, ctx: dict) -> str:
             L.append(f"| {title} | {s['n']} | " + " | ".join(_f(s["rmse"][n]) for n in names) + " |")
         L.append("| test, always predicting the training mean | — | "
                  + " | ".join(_f(rec["baseline_test_rmse_predict_mean"][n]) for n in names) + " |")
+        logs = list(rec["splits"]["test"].get("rmse_log10", {}))
+        if logs:
+            L.append("\nIn dex for the labels the model takes in log10: "
+                     + "; ".join(f"log10 {n}: " + ", ".join(f"{k} {_f(rec['splits'][k]['rmse_log10'][n])}"
+                                                         for k in ("train", "val", "test", "generated")) for n in logs)
+                     + ".")
         L.append("\nNoise-free spectra:\n")
         L.append("| spectra | " + " | ".join(_name(n) for n in names) + " |")
         L.append("|---" * (1 + len(names)) + "|")
@@ -119,7 +132,10 @@ def markdown(m: dict, ctx: dict) -> str:
     L.append("## 5. Spectra compared\n")
     if "overlays.png" in figs:
         L.append("![overlays.png](overlays.png)\n\nThe best, median and worst spectra by ⟨|ΔF|⟩: SYNSPEC (black) and "
-                 "model (red), residual below, and a zoom around each one's largest residual.\n")
+                 "model (red), residual below, and a 30 Å zoom where the residuals inside lines are largest "
+                 "(largest Σ |ΔF|·(1 − F_SYNSPEC)).\n")
     L.append("## Model provenance\n")
-    L.append("```json\n" + json.dumps(info, indent=1, default=str)[:4000] + "\n```\n")
+    prov = info.get("provenance", info)
+    text = json.dumps(prov, indent=1, default=str)
+    L.append("```json\n" + (text if len(text) < 6000 else text[:6000] + "\n… (cut; all of it is in metrics.json)") + "\n```\n")
     return "\n".join(L)

@@ -145,7 +145,7 @@ def _bin_index(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def binned_1d(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> dict:
-    """Mean, population std and count of y in bins of x (NaN mean/std where a bin is empty)."""
+    """Mean, population std, 16th/84th percentiles and count of y in bins of x (NaN where a bin is empty)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     nb = len(edges) - 1
@@ -158,7 +158,12 @@ def binned_1d(x: np.ndarray, y: np.ndarray, edges: np.ndarray) -> dict:
         # Second pass around the bin means: exact, and no cancellation as with E[y²] − E[y]².
         dev = np.bincount(i[ok], weights=(y[ok] - mean[i[ok]]) ** 2, minlength=nb)
         std = np.sqrt(dev / count)
-    return {"edges": np.asarray(edges, dtype=np.float64), "mean": mean, "std": std, "count": count}
+    # The 16th and 84th percentiles: a scatter bar that stays positive on a log axis, unlike mean ± std.
+    p16, p84 = np.full(nb, np.nan), np.full(nb, np.nan)
+    for k in np.nonzero(count)[0]:
+        p16[k], p84[k] = np.percentile(y[ok][i[ok] == k], [16, 84])
+    return {"edges": np.asarray(edges, dtype=np.float64), "mean": mean, "std": std, "p16": p16, "p84": p84,
+            "count": count}
 
 
 def binned_2d(x: np.ndarray, y: np.ndarray, v: np.ndarray, x_edges: np.ndarray, y_edges: np.ndarray) -> dict:
