@@ -261,6 +261,21 @@ def test_labels_are_read_by_name(small_case, tmp_path):
     assert "disabled" in m["recovery"]["status"]
 
 
+def test_recovery_split_groups_by_source_rows(small_case, tmp_path):
+    """With `source_rows` (as fastspec-train testset writes), draws of one star share a split even when
+    their intrinsic labels differ in the last digits."""
+    labels = small_case["labels"].copy()
+    labels[1::2, [0, 1, 3, 4]] *= 1 + 1e-9  # the second draw of each star: not equal by label any more
+    data = tmp_path / "sources.h5"
+    _write_h5(data, small_case["noisy"], labels, LABELS)
+    with h5py.File(data, "a") as f:
+        f["source_rows"] = np.repeat(np.arange(30), 2)
+    m = evaluate(small_case["decoder"], data, tmp_path / "r", recovery_options=TINY, progress=False, dpi=30,
+                 log=lambda *a: None)
+    rec = m["recovery"]
+    assert rec["grouped_by"] == "source_rows" and sum(rec["n_groups"].values()) == 30
+
+
 def test_four_label_file_is_refused_with_instructions(small_case, tmp_path):
     data = tmp_path / "intrinsic.h5"
     _write_h5(data, small_case["noisy"][:3], small_case["labels"][:3][:, [0, 1, 3, 4]], ["teff", "logg", "mh", "vmic"])

@@ -99,6 +99,11 @@ class EvalData:
             raise DataError(f"{p}: non-finite labels in rows {np.nonzero(~np.isfinite(self.labels).all(axis=1))[0][:10].tolist()}")
         units = labels.attrs.get("units")
         self.units = dict(zip(names, _names(units))) if units is not None and len(np.atleast_1d(units)) == len(names) else {}
+        # Which intrinsic spectrum each row was broadened from, when the file says (fastspec-train testset
+        # writes `source_rows`); otherwise the caller groups by the intrinsic labels.
+        self.source_rows = None
+        if "source_rows" in f and f["source_rows"].shape == (self.n_total,):
+            self.source_rows = np.asarray(f["source_rows"][: self.n])
         self.label_names = tuple(label_names)
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         self._flux = flux

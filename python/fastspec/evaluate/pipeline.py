@@ -75,11 +75,12 @@ def evaluate(
 
         # Split by intrinsic spectrum for the recovery test (and record it, so that the split is reproducible).
         gcols = [names.index(g) for g in GROUP_LABELS if g in names]
+        group_keys = data.source_rows if data.source_rows is not None else labels[:, gcols]
         split = None
         rec_note = None
         if recovery:
             try:
-                split = _split_or_none(labels[:, gcols], ropts)
+                split = _split_or_none(group_keys, ropts)
             except ValueError as exc:
                 rec_note = f"skipped: {exc}"
         pca = None
@@ -116,6 +117,7 @@ def evaluate(
             "synspec": data.read_rows(rows),
             "model": np.asarray(decoder(labels[rows], clip=True)),
         }
+        data_has_sources = data.source_rows is not None
         data_info = {"path": str(Path(data_path).resolve()), "n_spectra_in_file": data.n_total,
                      "n_spectra_used": n, "attrs": {k: _jsonable(v) for k, v in data.attrs.items()},
                      "label_units": data.units}
@@ -143,8 +145,10 @@ def evaluate(
             rec = run_recovery(cf, lab, scaler, ropts, names, log=log)
             rec["pca_explained_variance"] = float(pca.explained_variance_ratio.sum())
             rec["split_sizes"] = {k: int(v.shape[0]) for k, v in lab.items() if k != "generated"}
-            rec["n_groups"] = {k: int(len(np.unique(labels[split == i][:, gcols], axis=0)))
+            keys2d = np.asarray(group_keys, dtype=np.float64).reshape(n, -1)
+            rec["n_groups"] = {k: int(len(np.unique(keys2d[split == i], axis=0)))
                                for i, k in enumerate(("train", "val", "test"))}
+            rec["grouped_by"] = "source_rows" if data_has_sources else "teff, logg, mh, vmic"
         except TorchMissing as exc:
             rec = {"status": f"skipped: {exc}; torch (the `train` extra) is not installed"}
             log(f"recovery {rec['status']}")

@@ -101,7 +101,7 @@ def markdown(m: dict, ctx: dict) -> str:
                  f"(best validation at epoch {rec['best_epoch']} of {rec['epochs_run']}, {rec['train_seconds']:.0f} s). "
                  f"Trained on SYNSPEC spectra with noise: {o['noise']}, SNR {o['snr_range'][0]:g}–{o['snr_range'][1]:g}, "
                  f"{o['noise_draws_per_epoch']} fresh draws per spectrum per epoch. Split by intrinsic spectrum "
-                 f"(teff, logg, mh, vmic), seed {o['seed']}: "
+                 f"({rec.get('grouped_by', 'teff, logg, mh, vmic')}), seed {o['seed']}: "
                  + ", ".join(f"{k} {rec['n_groups'][k]} intrinsic spectra ({rec['split_sizes'][k]} rows)"
                              for k in ("train", "val", "test")) + ".\n")
         L.append("RMSE on noisy spectra (test SYNSPEC and generated spectra share the same noise draws):\n")
