@@ -260,7 +260,7 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             opt.step()
             sums += [loss.item(), mse.item(), kl.item()]
-            bar.set_postfix(mse=f"{float(mse):.3g}")
+            bar.set_postfix(mse=f"{mse.item():.3g}")
         val = evaluate(model, val_b, val_plan, tcfg.batch_size)
         metric = val[tcfg.early_stopping_metric]
         if sched is not None:

@@ -1,0 +1,186 @@
+"""Training pipeline (training/fastspec_train): data reader, split, label normalisation, tiny runs, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fastspec_train import config as cfgmod
+from fastspec_train.data import FluxSource, SpectraFile, epoch_plan, split_indices
+from fastspec_train.labels import LABEL_NAMES, STANDARD_LABELS, normalise_labels
+from fastspec_train.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "training"), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def write_synthetic(path: Path, n: int = 120, n_pixels: int = 1500, seed: int = 0, names=("teff", "logg", "mh", "vmic")):
+    """A small file in the shared layout: absorption lines whose depth follows the labels."""
+    rng = np.random.default_rng(seed)
+    lab = np.column_stack([rng.uniform(4000, 11000, n), rng.uniform(2, 5, n), rng.uniform(-1.5, 1.5, n), rng.uniform(0, 4, n)])
+    x = np.arange(n_pixels)
+    centers = rng.uniform(50, n_pixels - 50, 12)
+    flux = np.ones((n, n_pixels))
+    for c in centers:
+        depth = 0.3 + 0.2 * np.tanh((lab[:, 0:1] - 7000) / 3000) * np.sign(c - n_pixels / 2) + 0.1 * lab[:, 2:3] / 1.5
+        flux -= depth * np.exp(-0.5 * ((x - c) / (1 + lab[:, 3:4])) ** 2)
+    order = [("teff", "logg", "mh", "vmic").index(nm) for nm in names]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("flux", data=flux.astype(np.float32), chunks=(1, n_pixels))
+        d = f.create_dataset("labels", data=lab[:, order])
+        d.attrs["names"] = np.array(names, dtype=object)
+        f.attrs.update(wavelength_start=4450.0, wavelength_step=0.05, n_pixels=n_pixels, wavelength_medium="air")
+    return lab, flux
+
+
+def tiny_config(**train_kw):
+    cfg = cfgmod.load_config("tiny")
+    for k, v in train_kw.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_normalise_labels_matches_the_file_format():
+    rng = np.random.default_rng()
+    phys = np.column_stack([rng.uniform(lab.min, lab.max, 50) if lab.scaling == "linear"
+                            else 10 ** rng.uniform(np.log10(lab.min), np.log10(lab.max), 50) for lab in STANDARD_LABELS])
+    ref = np.empty_like(phys)
+    for j, lab in enumerate(STANDARD_LABELS):
+        off, scale = lab.normalisation()
+        s = np.log10(phys[:, j]) if lab.scaling == "log10" else phys[:, j]
+        ref[:, j] = (s - off) / scale
+    got = normalise_labels(torch.from_numpy(phys)).double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    assert np.all(np.abs(ref) <= 1 + 1e-12)
+    ends = np.array([[lab.min for lab in STANDARD_LABELS], [lab.max for lab in STANDARD_LABELS]])
+    np.testing.assert_allclose(normalise_labels(torch.from_numpy(ends)).numpy(), [[-1] * 6, [1] * 6], atol=1e-6)
+    assert LABEL_NAMES == ("teff", "logg", "vsini", "mh", "vmic", "resolution")
+    with pytest.raises(ValueError, match="shape"):
+        normalise_labels(torch.zeros(3, 4))
+
+
+def test_split_never_leaks_and_is_stable():
+    rng = np.random.default_rng(5)
+    labels = rng.uniform(0, 1, (500, 4))
+    labels = np.concatenate([labels, labels[:60]])  # duplicated stars
+    s = split_indices(labels, 0.1, 0.15, seed=3)
+    sets = [set(map(int, s[k])) for k in ("train", "val", "test")]
+    assert sum(map(len, sets)) == len(labels) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    key = {k: {tuple(labels[i]) for i in s[k]} for k in s}
+    assert not (key["train"] & key["val"] or key["train"] & key["test"] or key["val"] & key["test"])
+    assert 0.05 < len(s["val"]) / len(labels) < 0.15 and 0.10 < len(s["test"]) / len(labels) < 0.20
+    # Same answer again, and independent of the row order and of extra rows (a later file version).
+    perm = rng.permutation(len(labels))
+    s2 = split_indices(labels[perm], 0.1, 0.15, seed=3)
+    assert {tuple(labels[perm][i]) for i in s2["test"]} == key["test"]
+    more = np.concatenate([labels, rng.uniform(0, 1, (100, 4))])
+    s3 = split_indices(more, 0.1, 0.15, seed=3)
+    assert set(map(int, s3["test"])) & set(range(len(labels))) == sets[2]
+    assert not np.array_equal(split_indices(labels, 0.1, 0.15, seed=4)["test"], s["test"])
+
+
+def test_reader_label_columns_and_streaming(tmp_path):
+    path = tmp_path / "syn.h5"
+    lab, flux = write_synthetic(path, n=40, n_pixels=300, names=("vmic", "teff", "mh", "logg"))
+    sf = SpectraFile(path)
+    np.testing.assert_array_equal(sf.labels, lab)  # columns reordered to teff, logg, mh, vmic
+    rows = np.array([5, 3, 3, 39, 0])
+    np.testing.assert_array_equal(sf.read(rows), flux[rows].astype(np.float32))
+    mem = FluxSource(sf, np.arange(0, 40, 2), memory_limit_mb=100)
+    stream = FluxSource(sf, np.arange(0, 40, 2), memory_limit_mb=0)
+    assert mem.in_memory and not stream.in_memory
+    local = np.array([7, 1, 1, 19])
+    np.testing.assert_array_equal(mem.get(local), stream.get(local))
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("flux", data=np.ones((2, 10), np.float32))
+    with pytest.raises(ValueError, match="labels"):
+        SpectraFile(tmp_path / "bad.h5")
+    with pytest.raises(FileNotFoundError):
+        SpectraFile(tmp_path / "missing.h5")
+
+
+def test_epoch_plan_is_deterministic_and_covers_the_ranges():
+    s = cfgmod.SamplingConfig()
+    a = epoch_plan(100, 8, 64, 4, s, seed=1, epoch=3)
+    b = epoch_plan(100, 8, 64, 4, s, seed=1, epoch=3)
+    c = epoch_plan(100, 8, 64, 4, s, seed=1, epoch=4)
+    assert np.array_equal(a.local, b.local) and np.array_equal(a.vsini, b.vsini) and np.array_equal(a.eps, b.eps)
+    assert not np.array_equal(a.local, c.local)
+    assert a.local.size % 64 == 0 and a.local.size >= 800
+    assert np.bincount(a.local[:800], minlength=100).min() >= 1
+    assert 0 <= a.vsini.min() and a.vsini.max() <= 300 and 1000 <= a.resolution.min() and a.resolution.max() <= 115000
+    assert 0.35 < np.mean(a.vsini < 30) < 0.5  # 30 % low draws + 10 % of the uniform ones
+
+
+def test_config_presets_and_errors(tmp_path):
+    paper = cfgmod.load_config("paper")
+    assert paper.model.encoder == [4000, 2000, 1000] and paper.model.latent == 100
+    assert paper.model.decoder == [1000, 2000, 4000] and paper.train.batch_size == 512
+    default = cfgmod.load_config("default")
+    assert default.train.batch_size == 512 and default.train.max_minutes > 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nlatnet = 3\n")
+    with pytest.raises(ValueError, match="latnet"):
+        cfgmod.load_config(bad)
+    bad.write_text('[model]\ndecoder_activation = "gelu"\n')
+    with pytest.raises(ValueError, match="ReLU"):
+        cfgmod.load_config(bad)
+
+
+def test_tiny_training_run_on_synspec(intrinsic_h5, tmp_path):
+    """A few hundred real spectra, two epochs, tiny widths: seconds."""
+    out = tmp_path / "run"
+    summary = train(tiny_config(), intrinsic_h5, out, quiet=True)
+    assert summary["epochs"] == 2
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    for h in hist:
+        assert all(np.isfinite(h[k]) for k in ("train_loss", "train_mse", "val_mse", "val_mse_z0"))
+    assert hist[-1]["val_mse_z0"] < 0.05
+    for name in ("checkpoint.pt", "best.pt", "loss_curve.png", "train.log", "summary.json"):
+        assert (out / name).is_file(), name
+    sizes = summary["split_sizes"]
+    assert sizes["train"] + sizes["val"] + sizes["test"] == 240
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_resume_in_a_fresh_process_is_exact(tmp_path):
+    data = tmp_path / "syn.h5"
+    write_synthetic(data, n=150)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_config(), data, straight, quiet=True)
+    train(tiny_config(max_epochs=1), data, split, quiet=True)
+    after_one = _weights(split / "checkpoint.pt")
+    r = subprocess.run([sys.executable, "-m", "fastspec_train", "train", "--config", "tiny", "--data", str(data),
+                        "--out", str(split), "--resume", "--max-epochs", "2"], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in (split / "train.log").read_text()
+    a, b = _weights(straight / "checkpoint.pt"), _weights(split / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-7, worst
+    ha = json.loads((straight / "history.json").read_text())
+    hb = json.loads((split / "history.json").read_text())
+    assert [h["val_mse"] for h in ha] == pytest.approx([h["val_mse"] for h in hb], rel=1e-6)
+    assert max(float((after_one[k] - b[k]).abs().max()) for k in b) > 1e-6  # epoch 2 did train
+
+
+def test_max_minutes_stops_gracefully(tmp_path):
+    data = tmp_path / "syn.h5"
+    write_synthetic(data, n=80)
+    summary = train(tiny_config(max_epochs=50), data, tmp_path / "run", max_minutes=1e-6, quiet=True)
+    assert summary["epochs"] == 1 and "max_minutes" in summary["stop_reason"]
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
