@@ -11,7 +11,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# training/configs in a source checkout; fastspec_train/configs inside an installed wheel.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parent / "configs")
+                   if d.is_dir()), Path(__file__).resolve().parents[1] / "configs")
 
 
 @dataclass
