@@ -67,6 +67,31 @@ py::array_t<float> forward(const Decoder& d, const py::object& labels_obj, const
     return out;
 }
 
+// (flux (N, P), jacobian (N, P, L)) float32: Decoder::forward_jacobian with fresh arrays.
+py::tuple forward_jacobian(const Decoder& d, const py::object& labels_obj, const py::object& z_obj, bool clip,
+                           const py::object& out_obj, const py::object& jac_obj) {
+    const Model& m = d.model();
+    if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
+    const auto la = py::reinterpret_borrow<py::array>(labels_obj);
+    if (la.ndim() != 2) throw py::value_error("labels must be 2-D (N, " + std::to_string(m.n_labels()) + "), got " + std::to_string(la.ndim()) + "-D");
+    const py::ssize_t n = la.shape(0), np = py::ssize_t(m.n_pixels()), nl = py::ssize_t(m.n_labels());
+    auto labels = checked<double>(labels_obj, "labels", {n, nl});
+    std::optional<carray<float>> z;
+    if (!z_obj.is_none()) z = checked<float>(z_obj, "z", {n, py::ssize_t(m.latent_dim())});
+    carray<float> out = out_obj.is_none() ? carray<float>({n, np}) : checked<float>(out_obj, "out", {n, np});
+    carray<float> jac = jac_obj.is_none() ? carray<float>({n, np, nl}) : checked<float>(jac_obj, "jac", {n, np, nl});
+    if (!out.writeable() || !jac.writeable()) throw py::value_error("out and jac must be writeable");
+    const double* lp = labels.data();
+    const float* zp = z ? z->data() : nullptr;
+    float* op = out.mutable_data();
+    float* jp = jac.mutable_data();
+    {
+        py::gil_scoped_release release;
+        d.forward_jacobian(lp, std::size_t(n), op, jp, zp, clip);
+    }
+    return py::make_tuple(out, jac);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -151,7 +176,12 @@ PYBIND11_MODULE(_core, mod) {
         .def("forward", &forward, py::arg("labels"), py::arg("z") = py::none(), py::arg("clip") = false,
              py::arg("out") = py::none(),
              "labels: C-contiguous float64 (N, n_labels) in physical units; z: None (z = 0) or C-contiguous\n"
-             "float32 (N, latent_dim); out: None or C-contiguous float32 (N, n_pixels). Returns out.");
+             "float32 (N, latent_dim); out: None or C-contiguous float32 (N, n_pixels). Returns out.")
+        .def("forward_jacobian", &forward_jacobian, py::arg("labels"), py::arg("z") = py::none(), py::arg("clip") = false,
+             py::arg("out") = py::none(), py::arg("jac") = py::none(),
+             "Like forward, plus dF/d(labels) in physical units: returns (flux float32 (N, n_pixels),\n"
+             "jac float32 (N, n_pixels, n_labels)), into out/jac when given (C-contiguous float32).\n"
+             "Clamped labels (clip=True) have derivative 0.");
 
     mod.def("cuda_available", &fastspec::cuda_available, "False: the CUDA backend is not built yet.");
     mod.def("build_info", [] {

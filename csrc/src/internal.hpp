@@ -27,6 +27,10 @@ namespace cpu {
 void dense_relu(const float* x, std::size_t rows, const float* W, const float* b, int in, int out, float* y);
 void dense_sigmoid_output(const float* x, std::size_t rows, const float* W, const float* b, int in, int out,
                           float scale, float offset, float* y);
+// The fused epilogues, exposed for tests/cpp/test_kernels.cpp.
+float fast_exp(float x);
+void bias_relu(float* y, std::size_t rows, const float* b, int out);
+void bias_sigmoid_output(float* y, std::size_t rows, const float* b, int out, float scale, float offset);
 // OpenBLAS's (process-global) thread count: set only when it differs.
 void ensure_blas_threads(int threads);
 std::string blas_config();

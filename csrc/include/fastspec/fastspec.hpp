@@ -134,6 +134,16 @@ public:
     void forward(const double* labels, std::size_t n, float* out, const float* z = nullptr,
                  bool clip = false) const;
 
+    // forward() plus the Jacobian of the flux with respect to the physical labels, in one call (forward-
+    // mode differentiation through the decoder, about 1 + n_labels forward passes). out is forward()'s
+    // output bit for bit; jacobian: row-major (n, n_pixels, n_labels), dF/d(label) in physical units
+    // (per K, per dex, per km/s, per unit of R). Same validation as forward(). With clip, a label outside
+    // its range is clamped, so its derivative is 0 there (at the bounds themselves: the inside one-sided
+    // derivative). At a ReLU kink (pre-activation exactly 0) the derivative of ReLU is taken as 0, as
+    // torch does. Const and thread-safe like forward().
+    void forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian,
+                          const float* z = nullptr, bool clip = false) const;
+
     const Model& model() const;
     const DecoderOptions& options() const;
 
