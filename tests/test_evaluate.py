@@ -122,6 +122,16 @@ def test_label_edges_log_for_resolution():
     assert e[0] == pytest.approx(1000) and e[-1] == pytest.approx(115000)
 
 
+def test_import_pulls_in_neither_torch_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, fastspec.evaluate, fastspec.evaluate.cli; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # ------------------------------------------------------------------------------------ recovery pieces
 def test_group_split_keeps_groups_together():
     rng = np.random.default_rng(5)
@@ -136,6 +146,8 @@ def test_group_split_keeps_groups_together():
     assert not np.array_equal(s, rec_mod.group_split(keys, (0.6, 0.2, 0.2), seed=8))
     with pytest.raises(ValueError, match="only 2 distinct"):
         rec_mod.group_split(np.array([[1.0], [2.0], [2.0]]))
+    with pytest.raises(ValueError, match="none for training"):
+        rec_mod.group_split(np.arange(4.0), (0.2, 0.4, 0.4))
 
 
 def test_pca_matches_covariance_eigenvectors():

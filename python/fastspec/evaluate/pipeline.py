@@ -86,8 +86,8 @@ def evaluate(
         pca = None
         if split is not None:
             pca = _fit_pca(data, split, ropts, pca_fit_max, chunk_size, progress, tqdm)
-            coeffs = {k: np.empty((n, pca.components.shape[0])) for k in ("synspec",)}
-            gen_coeffs = np.full((n, pca.components.shape[0]), np.nan)
+            syn_coeffs = np.empty((n, pca.components.shape[0]))
+            gen_coeffs = np.full((n, pca.components.shape[0]), np.nan)  # model spectra, test rows only
 
         acc = stats.ResidualAccumulator(wavelength.size)
         t_model = 0.0
@@ -100,7 +100,7 @@ def evaluate(
                     raise RuntimeError(f"decoder returned {model.shape} for {e - s} label rows; expected {syn.shape}")
                 acc.add(model, syn)
                 if pca is not None:
-                    coeffs["synspec"][s:e] = pca.transform(syn)
+                    syn_coeffs[s:e] = pca.transform(syn)
                     is_test = split[s:e] == 2
                     if is_test.any():
                         gen_coeffs[s:e][is_test] = pca.transform(model[is_test])
@@ -137,8 +137,8 @@ def evaluate(
         from .recovery import LabelScaler, TorchMissing, run_recovery
 
         scaler = LabelScaler([ranges[k] for k in names], log_flags)
-        cf = {"train": coeffs["synspec"][split == 0], "val": coeffs["synspec"][split == 1],
-              "test": coeffs["synspec"][split == 2], "generated": gen_coeffs[split == 2]}
+        cf = {"train": syn_coeffs[split == 0], "val": syn_coeffs[split == 1],
+              "test": syn_coeffs[split == 2], "generated": gen_coeffs[split == 2]}
         lab = {"train": labels[split == 0], "val": labels[split == 1], "test": labels[split == 2],
                "generated": labels[split == 2]}
         try:

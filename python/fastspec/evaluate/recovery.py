@@ -58,6 +58,8 @@ def group_split(group_keys: np.ndarray, fractions=(0.7, 0.15, 0.15), seed: int =
     group_split_of = np.zeros(n_groups, dtype=np.int64)
     group_split_of[order[:n_val]] = 1
     group_split_of[order[n_val:n_val + n_test]] = 2
+    if n_val + n_test >= n_groups:
+        raise ValueError(f"{n_groups} intrinsic spectra leave none for training with split fractions {tuple(f)}")
     return group_split_of[inverse]
 
 
