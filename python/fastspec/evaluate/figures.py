@@ -228,7 +228,7 @@ def fig_overlays(path, overlay, ctx, per_spec_abs, dpi):
             lw = 0.4 if c == 0 else 1.0
             # SYNSPEC broader underneath, the model thinner on top: both stay visible where they agree.
             ax.plot(wl[sel], syn[sel], color=C_SYN, lw=2.2 * lw, label="SYNSPEC")
-            ax.plot(wl[sel], mod[sel], color=C_MODEL, lw=0.8 * lw, label="model")
+            ax.plot(wl[sel], mod[sel], color=C_MODEL, lw=0.8 * lw, alpha=0.75 if c == 0 else 1.0, label="model")
             axr.plot(wl[sel], res[sel], color=C_RES, lw=lw)
             axr.axhline(0, color="k", lw=0.6)
             ax.set_xlim(*xlim)
