@@ -163,7 +163,9 @@ def report(syn: dict, fs: dict, rows: list[int], seed: int) -> str:
               f"{np.percentile(shared, 95):.1f} s.", ""]
     ref_time = float(np.median(shared))
     lines += ["## fastspec, per spectrum", "",
-              f"Model: `{fs['model']}`" + ("" if fs["trained"] else " (random weights, paper size: timing only)") + ".", "",
+              f"Model: `{fs['model']}`" + ("" if fs["trained"] else " (random weights, paper size: timing only)") + ".",
+              "Devices: " + ", ".join(fs["devices"]) + ("" if "cuda" in fs["devices"] else " (no usable GPU: fastspec.cuda_available() is False)")
+              + ". Batched timings use random labels inside the model's ranges.", "",
               "| device | batch | s per spectrum | speed-up vs SYNSPEC+ROTIN here | vs shared synspec_seconds median |",
               "|---|---|---|---|---|"]
     for device, d in fs["devices"].items():
@@ -193,13 +195,26 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="model file (default $FASTSPEC_MODEL or the packaged default)")
     ap.add_argument("--batches", default="16,256,1024", help="batch sizes for the batched timing")
     ap.add_argument("--out", help="write the markdown report here (and a .json beside it)")
+    ap.add_argument("--reuse", metavar="NPZ", help="keep the SYNSPEC side in this .npz: computed and saved when "
+                    "absent, loaded when present with the same rows (e.g. to time another model)")
     args = ap.parse_args(argv)
     if not shared_intrinsic().exists():
         print(f"needs {shared_intrinsic()} (the ../shared folder)", file=sys.stderr)
         return 2
     rows = sorted(np.random.default_rng(args.seed).choice(717, args.n, replace=False).tolist())
-    print("SYNSPEC side ...", flush=True)
-    syn = run_synspec_side(rows, args.seed)
+    reuse = Path(args.reuse) if args.reuse else None
+    if reuse is not None and reuse.exists():
+        with np.load(reuse) as z:
+            syn = {k: z[k] for k in z.files}
+        if syn["rows"].tolist() != rows:
+            print(f"{reuse} holds rows {syn['rows'].tolist()}, not {rows}", file=sys.stderr)
+            return 2
+        print(f"SYNSPEC side loaded from {reuse}", flush=True)
+    else:
+        print("SYNSPEC side ...", flush=True)
+        syn = run_synspec_side(rows, args.seed)
+        if reuse is not None:
+            np.savez(reuse, rows=np.array(rows), **syn)
     print("fastspec side ...", flush=True)
     fs = run_fastspec_side(args.model, syn["params"], [int(b) for b in args.batches.split(",")])
     text = report(syn, fs, rows, args.seed)

@@ -253,14 +253,15 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
     check_labels(labels, cfg.broaden)
     syn, ll, nlines = prepare(cfg)
     out = Path(out)
-    f = _open_output(out, labels, cfg)
     failures: list[str] = []
-    try:
-        done = f["done"][...].astype(bool)
-        todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
-        bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, syn, str(ll), nlines)) as pool:
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # workers start before the HDF5 file is opened, so that no child inherits its open handle
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, syn, str(ll), nlines)) as pool:
+        f = _open_output(out, labels, cfg)
+        try:
+            done = f["done"][...].astype(bool)
+            todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
+            bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
             for i, flux, seconds, err in pool.imap_unordered(_work, todo):
                 if err is not None:
                     failures.append(f"row {i} {tuple(np.round(labels[i], 4))}: {err}")
@@ -269,10 +270,10 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
                 f["flux"][i] = flux
                 f["synspec_seconds"][i] = seconds
                 f["done"][i] = 1
-                f.flush()
+                f.flush()  # on disk now: a killed run keeps this spectrum
                 bar.update(1)
-        bar.close()
-        n_done = int(f["done"][...].sum())
-    finally:
-        f.close()
+            bar.close()
+            n_done = int(f["done"][...].sum())
+        finally:
+            f.close()
     return {"done": n_done, "failed": len(failures), "total": len(labels), "failures": failures}
