@@ -109,7 +109,7 @@ def run(args) -> int:
     rec = m["recovery"]
     if rec.get("status") == "ok":
         t, g = rec["splits"]["test"]["rmse"], rec["splits"]["generated"]["rmse"]
-        print("recovery RMSE test / generated: " + ", ".join(f"{k} {t[k]:.3g}/{g[k]:.3g}" for k in t))
+        print("recovery RMSE test / generated: " + ", ".join(f"{k} {t[k]:.4g}/{g[k]:.4g}" for k in t))
     else:
         print(f"recovery {rec.get('status')}")
     return 0

@@ -10,8 +10,8 @@ INTRINSIC_LABELS = ("teff", "logg", "mh", "vmic")
 MAKE_TESTSET_HINT = (
     "Evaluation compares the model with fully broadened SYNSPEC spectra, labelled by all six labels "
     "(teff, logg, vsini, mh, vmic, resolution). Make such a file from intrinsic spectra with\n"
-    "    fastspec-train testset --data <intrinsic.h5> --out <testset.h5>\n"
-    "(held-out spectra broadened at random v sin i and R) and pass it as --data."
+    "    fastspec-train testset --model <model.fsm> --data <intrinsic.h5> --out <testset.h5>\n"
+    "(the spectra held out from that model's training, broadened at random v sin i and R) and pass it as --data."
 )
 
 
