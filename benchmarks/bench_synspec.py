@@ -55,9 +55,11 @@ def machine() -> str:
 
 
 def broadening_labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """v sin i uniform 0-300 km/s and R log-uniform 1000-115000, as the model's label ranges."""
+    """v sin i uniform and R log-uniform in the model's label ranges (as the grid builder's --broaden)."""
+    from fastspec_train.grid import build as B
+
     rng = np.random.default_rng(seed)
-    return rng.uniform(0, 300, n), 10 ** rng.uniform(3, np.log10(115000), n)
+    return rng.uniform(*B.VSINI_RANGE, n), 10 ** rng.uniform(*np.log10(B.RESOLUTION_RANGE), n)
 
 
 def run_synspec_side(rows: list[int], seed: int) -> dict:

@@ -345,3 +345,19 @@ def test_broaden_resolution_pieces(rotin_h5):
     const = rotin.run_rotin(syn.rotin, wave, flux, fwhm=float(np.mean(wave)) / R)
     ends = (wave[sel] < 4550) | (wave[sel] > 5300)
     assert np.median(np.abs(got[sel] - ref)[ends]) < np.median(np.abs(const[sel] - ref)[ends])
+
+
+def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):
+    monkeypatch.setattr(synspec, "build_synspec", lambda: None)
+    monkeypatch.setattr(atmospheres, "load_grid", lambda: None)
+    src = tmp_path / "ts.list"
+    src.write_text(TS_SNIPPET)
+    syn_list = tmp_path / "list.syn"
+    lines = linelist.read_turbospectrum(src)
+    lines = np.concatenate([lines] * 5)  # > 10 lines: SYNSPEC's many-lines mode, where the check applies
+    linelist.to_synspec(lines, syn_list)
+    ok = B.GridConfig(wavelength_start=4700.0, n_pixels=100, linelist=str(syn_list))
+    assert B.prepare(ok)[2] == 15
+    bad = B.GridConfig(wavelength_start=5100.0, n_pixels=100, linelist=str(syn_list))
+    with pytest.raises(GridSetupError, match=r"not inside the line list .* \(4549.62-5001.86 Å\)"):
+        B.prepare(bad)

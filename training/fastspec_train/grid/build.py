@@ -29,19 +29,23 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .._fsm import model_format
 from . import atmospheres, linelist, rotin, synspec
 from .fetch import GridSetupError
 
+_MF = model_format()  # the model's labels and grid: the one source of truth (docs/model-format.md)
+_RANGE = {label.name: (label.min, label.max) for label in _MF.STANDARD_LABELS}
+
 LABEL_NAMES = ("teff", "logg", "mh", "vmic")
 LABEL_UNITS = ("K", "dex", "dex", "km/s")
-# Ranges of the shared data set (../shared/README.md): uniform draws within them.
-LABEL_RANGES = ((4000.0, 11000.0), (2.0, 5.0), (-1.5, 1.5), (0.0, 4.0))
+# The shared data set draws these uniformly in the model's ranges (../shared/README.md).
+LABEL_RANGES = tuple(_RANGE[name] for name in LABEL_NAMES)
 # SYNSPEC runs over a few Å more than the output on each side, as the shared set did (4445-5405 Å).
 SYNTHESIS_MARGIN = 5.0
-STANDARD_GRID = (4450.0, 0.05, 19000)
-BROADENED_NAMES = ("teff", "logg", "vsini", "mh", "vmic", "resolution")
-BROADENED_UNITS = ("K", "dex", "km/s", "dex", "km/s", "")
-VSINI_RANGE, RESOLUTION_RANGE = (0.0, 300.0), (1000.0, 115000.0)
+STANDARD_GRID = tuple(_MF.STANDARD_WAVELENGTH[:3])  # 4450 Å, 0.05 Å, 19000 pixels (air)
+BROADENED_NAMES = tuple(label.name for label in _MF.STANDARD_LABELS)  # the model's six, in its order
+BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
+VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
 
@@ -168,7 +172,7 @@ def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int,
         pad = (len(swave) - cfg.n_pixels) // 2
         flux = flux[pad:pad + cfg.n_pixels]
     if not np.all(np.isfinite(flux)):
-        raise RuntimeError(f"SYNSPEC returned non-finite flux for label {tuple(label)}")
+        raise RuntimeError(f"SYNSPEC returned non-finite flux for label {label.tolist()}")
     return flux.astype(np.float32), seconds
 
 
@@ -193,6 +197,11 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     else:
         lo, hi = cfg.synthesis_range()
         ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes)
+    # as the wrapper's checkinput: SYNSPEC silently computes nonsense outside its line list
+    first, last = linelist.wavelength_span(ll)
+    lo, hi = cfg.synthesis_range()
+    if n > 10 and not (first < lo and hi < last):
+        raise GridSetupError(f"the synthesis range {lo:g}-{hi:g} Å is not inside the line list {ll} ({first:g}-{last:g} Å)")
     return syn, ll, n
 
 
@@ -264,7 +273,7 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
             bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
             for i, flux, seconds, err in pool.imap_unordered(_work, todo):
                 if err is not None:
-                    failures.append(f"row {i} {tuple(np.round(labels[i], 4))}: {err}")
+                    failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
                     bar.write(f"fastspec-grid: {failures[-1]}")
                     continue
                 f["flux"][i] = flux

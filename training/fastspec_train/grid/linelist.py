@@ -113,6 +113,20 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in fh if line.strip())
 
 
+def wavelength_span(path: Path) -> tuple[float, float]:
+    """(first, last) λ in Å of a sorted SYNSPEC ASCII list (its first column is in nm)."""
+    first = last = None
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                value = float(line.split()[0]) * 10.0
+                first = value if first is None else first
+                last = value
+    if first is None:
+        raise GridSetupError(f"line list {path} is empty")
+    return first, last
+
+
 def user_linelist(path: str | Path) -> tuple[Path, int]:
     """A list the user points to: either already in SYNSPEC's ASCII format (first field λ in nm)
     or in Turbospectrum format (first character a quote), which is converted into the cache."""
