@@ -12,9 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._core import build_info, cuda_available
 from .decoder import LABEL_ORDER, Decoder, default_model_path
+from .fit import FitResult, fit
 
 try:
     __version__ = version("fastspec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "unknown"
-__all__ = ["Decoder", "LABEL_ORDER", "build_info", "cuda_available", "default_model_path", "__version__"]
+__all__ = ["Decoder", "FitResult", "LABEL_ORDER", "build_info", "cuda_available", "default_model_path", "fit",
+           "__version__"]

@@ -1,0 +1,335 @@
+"""`fastspec.fit`: least-squares fit of the six labels (plus a radial velocity and a continuum polynomial) to
+an observed spectrum, with the decoder's analytic Jacobian.
+
+Model of the observation at wavelength λ (Å, in the model's medium, air for the shipped models):
+
+    m(λ) = C(x) · F(λ / (1 + v/c); labels),   C(x) = Σ_k c_k P_k(x),  x ∈ [−1, 1] across the fitted pixels
+
+F is the decoder's spectrum (z = 0) interpolated linearly from the model grid at the rest wavelength, P_k
+are Legendre polynomials. The residuals (m − flux)/error go to `scipy.optimize.least_squares` ('trf', with
+bounds) together with their exact Jacobian: the core's dF/d(labels) interpolated the same way as F, the
+RV column from the model spectrum's wavelength gradient, and the polynomial basis for the continuum.
+
+Labels are optimised in a normalised coordinate u ∈ [−1, 1] over the allowed range (log10 for R, as the
+model's input scaling), so the six directions have comparable scales; results are reported in physical units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoder import Decoder
+
+C_KMS = 299792.458
+
+
+@dataclass
+class FitResult:
+    """The best of the least-squares runs.
+
+    labels / uncertainties: physical units, from the covariance (J^T J)^-1 at the solution (errors taken
+    at face value: multiply by sqrt(reduced_chi2) if the error array is known to be off by a factor).
+    covariance: over ``parameter_names`` (the free labels, then 'rv' if fitted, then the continuum
+    coefficients 'c0', 'c1', ...). A label that ends on a bound of its range has an uncertainty that
+    only describes the curvature there.
+    """
+
+    labels: dict
+    uncertainties: dict
+    rv: float | None
+    rv_uncertainty: float | None
+    continuum: np.ndarray
+    covariance: np.ndarray
+    parameter_names: list
+    chi2: float
+    reduced_chi2: float
+    n_pixels_used: int
+    success: bool
+    message: str
+    n_evaluations: int  # model (decoder) evaluations for residuals, over all starts
+    n_jacobian_evaluations: int
+    model_flux: np.ndarray = field(repr=False)  # best-fit model on the observed grid (NaN where masked)
+    mask: np.ndarray = field(repr=False)  # the pixels that were fitted
+    runs: list = field(repr=False, default_factory=list)  # (end labels, rv, chi2) of every least-squares run
+
+    def __str__(self) -> str:
+        lines = [f"chi2 = {self.chi2:.6g} on {self.n_pixels_used} pixels (reduced {self.reduced_chi2:.4g}), "
+                 f"success={self.success}"]
+        for name, value in self.labels.items():
+            lines.append(f"  {name:>10} = {value:.6g} ± {self.uncertainties[name]:.3g}")
+        if self.rv is not None:
+            lines.append(f"  {'rv':>10} = {self.rv:.4f} ± {self.rv_uncertainty:.3g} km/s")
+        return "\n".join(lines)
+
+
+class _Problem:
+    """The observed spectrum, the parameterisation and the residual / Jacobian functions."""
+
+    def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds):
+        self.decoder = decoder
+        self.names = list(decoder.label_names)
+        nl = len(self.names)
+        scalings = {lab["name"]: lab["scaling"] for lab in decoder.info["labels"]}
+        self.is_log = np.array([scalings[n] == "log10" for n in self.names])
+
+        # allowed label ranges: the model's, optionally narrowed
+        lo = np.array([decoder.label_ranges[n][0] for n in self.names], dtype=np.float64)
+        hi = np.array([decoder.label_ranges[n][1] for n in self.names], dtype=np.float64)
+        self.model_lo, self.model_hi = lo.copy(), hi.copy()
+        for name, (b_lo, b_hi) in (bounds or {}).items():
+            if name not in self.names:
+                raise ValueError(f"bounds: unknown label {name!r}; labels are {', '.join(self.names)}")
+            j = self.names.index(name)
+            if not (lo[j] <= b_lo < b_hi <= hi[j]):
+                raise ValueError(f"bounds[{name!r}] = ({b_lo}, {b_hi}) must satisfy {lo[j]} <= lo < hi <= {hi[j]} "
+                                 "(the model's trained range)")
+            lo[j], hi[j] = b_lo, b_hi
+        self.s_lo, self.s_hi = lo.copy(), hi.copy()
+        self.s_lo[self.is_log], self.s_hi[self.is_log] = np.log10(lo[self.is_log]), np.log10(hi[self.is_log])
+        self.lo, self.hi = lo, hi
+
+        # the data
+        wl = np.asarray(wavelength, dtype=np.float64)
+        fl = np.asarray(flux, dtype=np.float64)
+        er = np.asarray(error, dtype=np.float64)
+        if wl.ndim != 1 or fl.shape != wl.shape or er.shape != wl.shape:
+            raise ValueError(f"wavelength, flux and error must be 1-D arrays of one length; got shapes "
+                             f"{wl.shape}, {fl.shape}, {er.shape}")
+        if not np.all(np.isfinite(wl)):
+            raise ValueError("wavelength contains NaN or infinite values")
+        good = np.isfinite(fl) & np.isfinite(er) & (er > 0)
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != wl.shape or mask.dtype != bool:
+                raise ValueError(f"mask must be a boolean array of shape {wl.shape} (True = fit this pixel)")
+            good &= mask
+        self.fit_rv = bool(fit_rv)
+        self.degree = -1 if continuum_degree is None else int(continuum_degree)
+        if self.degree < -1:
+            raise ValueError("continuum_degree must be >= 0, or None for no continuum polynomial")
+        self.n_params = nl + int(self.fit_rv) + self.degree + 1
+        min_pixels = max(10, 2 * self.n_params)
+        if good.sum() < min_pixels:
+            raise ValueError(f"only {int(good.sum())} usable pixels (finite flux, finite error > 0, inside the mask); "
+                             f"at least {min_pixels} are needed")
+        self.mask = good
+        self.wl, self.flux, self.ivar_sqrt = wl[good], fl[good], 1.0 / er[good]
+
+        # the model grid must cover every fitted pixel at every allowed RV
+        self.w0, self.dw, self.n_model = decoder._model.wavelength_start, decoder._model.wavelength_step, decoder.n_pixels
+        w_end = self.w0 + self.dw * (self.n_model - 1)
+        self.rv_bounds = (float(rv_bounds[0]), float(rv_bounds[1])) if self.fit_rv else (0.0, 0.0)
+        if self.fit_rv and not (-C_KMS / 10 < self.rv_bounds[0] < self.rv_bounds[1] < C_KMS / 10):
+            raise ValueError(f"rv_bounds = {rv_bounds} must be increasing and within ±{C_KMS / 10:.0f} km/s")
+        need_lo = self.wl.min() / (1 + self.rv_bounds[1] / C_KMS)
+        need_hi = self.wl.max() / (1 + self.rv_bounds[0] / C_KMS)
+        if need_lo < self.w0 or need_hi > w_end:
+            allowed = (self.w0 * (1 + self.rv_bounds[1] / C_KMS), w_end * (1 + self.rv_bounds[0] / C_KMS))
+            raise ValueError(
+                f"the fitted pixels span {self.wl.min():.3f}-{self.wl.max():.3f} Å but the model covers "
+                f"{self.w0:.3f}-{w_end:.3f} Å ({decoder.info['medium']}); with RV in {self.rv_bounds} km/s the "
+                f"observed wavelengths must lie within {allowed[0]:.3f}-{allowed[1]:.3f} Å. Trim the spectrum, "
+                "pass mask=, or narrow rv_bounds")
+
+        # continuum basis on the fitted pixels
+        span = self.wl.max() - self.wl.min()
+        x = 2.0 * (self.wl - self.wl.min()) / span - 1.0 if span > 0 else np.zeros_like(self.wl)
+        self.basis = np.polynomial.legendre.legvander(x, self.degree) if self.degree >= 0 else np.ones((x.size, 0))
+        self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(x.size, -1)
+        self.n_model_calls = 0
+        self.n_jac_calls = 0
+
+    # -- parameter vector: [u (labels in [-1, 1] of the allowed range), rv?, c_0..c_d]
+    def labels_of(self, u):
+        # u outside [-1, 1] only from finite-difference probes: stay inside the range
+        s = self.s_lo + (np.clip(u, -1.0, 1.0) + 1.0) * 0.5 * (self.s_hi - self.s_lo)
+        v = np.array(s, dtype=np.float64)
+        v[..., self.is_log] = 10.0 ** v[..., self.is_log]
+        return np.clip(v, self.lo, self.hi)  # rounding at the ends must not leave the range
+
+    def dlabel_du(self, u):
+        ds_du = 0.5 * (self.s_hi - self.s_lo)
+        return np.where(self.is_log, self.labels_of(u) * np.log(10.0) * ds_du, ds_du)
+
+    def u_of(self, labels):
+        s = np.array(labels, dtype=np.float64)
+        s[..., self.is_log] = np.log10(s[..., self.is_log])
+        return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
+
+    def split(self, theta):
+        nl = len(self.names)
+        rv = theta[nl] if self.fit_rv else 0.0
+        return theta[:nl], rv, theta[nl + int(self.fit_rv):]
+
+    def _interp(self, rv):
+        """Indices and weights of the linear interpolation at the rest wavelengths (rv scalar or (R, 1))."""
+        rest = self.wl / (1.0 + rv / C_KMS)
+        pos = (rest - self.w0) / self.dw
+        k = np.clip(np.floor(pos).astype(np.int64), 0, self.n_model - 2)
+        return k, pos - k
+
+    def residuals(self, theta):
+        u, rv, c = self.split(theta)
+        self.n_model_calls += 1
+        spec = self.decoder(self.labels_of(u)).astype(np.float64)
+        k, w = self._interp(rv)
+        f = (1 - w) * spec[k] + w * spec[k + 1]
+        cont = self.basis @ c if self.degree >= 0 else 1.0
+        return (cont * f - self.flux) * self.ivar_sqrt
+
+    def jacobian(self, theta):
+        u, rv, c = self.split(theta)
+        self.n_jac_calls += 1
+        spec, jac = self.decoder.jacobian(self.labels_of(u))
+        spec, jac = spec.astype(np.float64), jac.astype(np.float64)
+        k, w = self._interp(rv)
+        f = (1 - w) * spec[k] + w * spec[k + 1]
+        cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)
+        scale = cont * self.ivar_sqrt
+        cols = [((1 - w)[:, None] * jac[k] + w[:, None] * jac[k + 1]) * self.dlabel_du(u)[None, :] * scale[:, None]]
+        if self.fit_rv:
+            # dF/dλ of the interpolated model spectrum (the slope of the segment each pixel falls in: the
+            # exact derivative of the residuals, whose interpolant is piecewise linear in λ), times
+            # dλ_rest/dv = −λ / c / (1 + v/c)²
+            slope = (spec[k + 1] - spec[k]) / self.dw
+            cols.append((slope * (-self.wl / C_KMS / (1.0 + rv / C_KMS) ** 2) * scale)[:, None])
+        if self.degree >= 0:
+            cols.append(self.basis * (f * self.ivar_sqrt)[:, None])
+        return np.concatenate(cols, axis=1)
+
+    def continuum_for(self, model_flux):
+        """Best continuum coefficients for model spectra on the fitted pixels, (N, M) -> (N, d+1), and the χ²."""
+        # Normal equations by GEMMs: A = basis * (f / σ), AᵀA = (f/σ)² @ (basis_i basis_j), Aᵀb = (f/σ) @ (basis b)
+        fw = model_flux * self.ivar_sqrt[None, :]
+        b = self.flux * self.ivar_sqrt
+        nb = self.degree + 1
+        ata = ((fw * fw) @ self.basis_products).reshape(-1, nb, nb) + 1e-12 * np.eye(nb)
+        atb = fw @ (self.basis * b[:, None])
+        c = np.linalg.solve(ata, atb[:, :, None])[:, :, 0]
+        return c, np.maximum(b @ b - np.einsum("ni,ni->n", atb, c), 0.0)
+
+    def chi2_of_spectra(self, spectra, rv):
+        """χ² of model spectra (N, n_model) at one RV, each with its best continuum."""
+        k, w = self._interp(rv)
+        return self._chi2_interpolated((1 - w) * spectra[:, k] + w * spectra[:, k + 1])
+
+    def chi2_of_rvs(self, spectrum, rvs):
+        """χ² of one model spectrum (n_model,) at each RV of rvs (R,), with its best continuum."""
+        k, w = self._interp(np.asarray(rvs, dtype=np.float64)[:, None])
+        return self._chi2_interpolated(spectrum[k] + w * np.diff(spectrum)[k])[0]
+
+    def _chi2_interpolated(self, f):
+        if self.degree >= 0:
+            c, chi2 = self.continuum_for(f)
+            return chi2, c
+        return (((f - self.flux) * self.ivar_sqrt) ** 2).sum(axis=1), np.zeros((len(f), 0))
+
+
+def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = True, continuum_degree: int | None = 2,
+        n_starts: int = 3, n_candidates: int = 128, bounds: dict | None = None, rv_bounds=(-300.0, 300.0),
+        mask=None, initial: dict | None = None, seed: int | None = 0, jac: str = "analytic", diff_step: float | None = None,
+        max_nfev: int | None = 200) -> FitResult:
+    """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum.
+
+    wavelength: Å in the model's medium (air for the shipped models), any order; flux and error: same
+    shape. Pixels with NaN/inf flux, NaN/inf or non-positive error, or ``mask`` False are left out.
+    Every fitted pixel must stay inside the model's wavelength grid for every RV in ``rv_bounds``
+    (ValueError otherwise). ``decoder``: a `fastspec.Decoder` (default: the embedded model).
+    ``rv``: fit a radial velocity [km/s] (λ_obs = λ_rest (1 + v/c)); ``continuum_degree``: degree of the
+    multiplicative Legendre polynomial (None: none, the spectrum is taken as continuum-normalised).
+    ``bounds``: {label: (lo, hi)} to narrow the model's label ranges. ``initial``: {label: value} of a
+    start to include (every label; it replaces the middle of the box among the candidates). Starts: ``n_candidates`` seeded
+    random label vectors are ranked by χ² (each with its best continuum, and its best RV on a scan when
+    ``rv``), and least squares runs from the best ``n_starts``; the lowest χ² wins. ``jac``: "analytic"
+    (the core's Jacobian) or a finite-difference scheme of least_squares ("2-point", "3-point") for
+    comparison, with its relative step ``diff_step`` (the model is float32: steps below ~1e-3 of the
+    normalised label range drown in its rounding).
+    """
+    from scipy.optimize import least_squares  # scipy is needed for fitting only
+
+    if decoder is None:
+        decoder = Decoder.load()
+    if n_starts < 1 or n_candidates < n_starts:
+        raise ValueError("need 1 <= n_starts <= n_candidates")
+    if jac not in ("analytic", "2-point", "3-point"):
+        raise ValueError(f"jac must be 'analytic', '2-point' or '3-point', not {jac!r}")
+    prob = _Problem(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds)
+    nl = len(prob.names)
+    rng = np.random.default_rng(seed)
+
+    # candidate starts: random points of the allowed label box, one batched decoder call
+    u_cand = rng.uniform(-1.0, 1.0, size=(n_candidates, nl))
+    u_cand[0] = 0.0  # the middle of the box
+    if initial is not None:
+        if set(initial) != set(prob.names):
+            raise ValueError(f"initial must give every label: {', '.join(prob.names)}")
+        start = np.array([initial[n] for n in prob.names], dtype=np.float64)
+        if not np.all((start >= prob.lo) & (start <= prob.hi)):
+            raise ValueError(f"initial = {initial} lies outside the allowed ranges")
+        u_cand[0] = prob.u_of(start)
+    spectra = decoder(prob.labels_of(u_cand)).astype(np.float64)
+    prob.n_model_calls += n_candidates
+    chi2, _ = prob.chi2_of_spectra(spectra, 0.0)
+    rv_cand = np.zeros(n_candidates)
+    if prob.fit_rv:
+        # RV scan for the most promising candidates: 3 km/s steps over the bounds (narrower than the
+        # narrowest lines of the grid: thermal + micro-turbulent widths), then 0.5 km/s around the best
+        for i in np.argsort(chi2)[:n_starts]:
+            for grid_step, half in ((3.0, None), (0.5, 3.0)):
+                grid = (np.arange(prob.rv_bounds[0], prob.rv_bounds[1] + 1e-9, grid_step) if half is None
+                        else np.clip(np.arange(rv_cand[i] - half, rv_cand[i] + half + 1e-9, grid_step), *prob.rv_bounds))
+                scan = prob.chi2_of_rvs(spectra[i], grid)
+                rv_cand[i], chi2[i] = grid[np.argmin(scan)], scan.min()
+
+    runs = []
+    for i in np.argsort(chi2)[:n_starts]:
+        _, c0 = prob.chi2_of_spectra(spectra[i:i + 1], rv_cand[i])
+        theta0 = np.concatenate([np.clip(u_cand[i], -0.999, 0.999), [rv_cand[i]] if prob.fit_rv else [], c0[0]])
+        lb = np.concatenate([-np.ones(nl), [prob.rv_bounds[0]] if prob.fit_rv else [], -np.inf * np.ones(prob.degree + 1)])
+        ub = np.concatenate([np.ones(nl), [prob.rv_bounds[1]] if prob.fit_rv else [], np.inf * np.ones(prob.degree + 1)])
+        # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
+        x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
+        res = least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
+                            bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev,
+                            diff_step=None if jac == "analytic" else diff_step)
+        runs.append(res)
+
+    best = min(runs, key=lambda r: r.cost)
+    u, rv_best, c = prob.split(best.x)
+    labels = prob.labels_of(u)
+    # covariance in physical units from the analytic Jacobian at the solution (whatever jac= drove the fit)
+    j_theta = prob.jacobian(best.x)
+    to_phys = np.concatenate([prob.dlabel_du(u), np.ones(j_theta.shape[1] - nl)])
+    j_phys = j_theta / to_phys[None, :]
+    cov = np.linalg.pinv(j_phys.T @ j_phys, hermitian=True)
+    cov = 0.5 * (cov + cov.T)
+    sig = np.sqrt(np.clip(np.diag(cov), 0, None))
+    chi2_best = 2.0 * best.cost
+    dof = max(prob.flux.size - prob.n_params, 1)
+    names = prob.names + (["rv"] if prob.fit_rv else []) + [f"c{k}" for k in range(prob.degree + 1)]
+
+    model_flux = np.full(prob.mask.shape, np.nan)
+    model_flux[prob.mask] = prob.residuals(best.x) / prob.ivar_sqrt + prob.flux
+    prob.n_model_calls -= 1  # that call was bookkeeping, not part of the fit
+    return FitResult(
+        labels={n: float(v) for n, v in zip(prob.names, labels)},
+        uncertainties={n: float(s) for n, s in zip(prob.names, sig[:nl])},
+        rv=float(rv_best) if prob.fit_rv else None,
+        rv_uncertainty=float(sig[nl]) if prob.fit_rv else None,
+        continuum=np.asarray(c, dtype=np.float64),
+        covariance=cov,
+        parameter_names=names,
+        chi2=float(chi2_best),
+        reduced_chi2=float(chi2_best / dof),
+        n_pixels_used=int(prob.flux.size),
+        success=bool(best.success),
+        message=str(best.message),
+        n_evaluations=int(prob.n_model_calls),
+        n_jacobian_evaluations=int(prob.n_jac_calls - 1),
+        model_flux=model_flux,
+        mask=prob.mask,
+        runs=[(dict(zip(prob.names, map(float, prob.labels_of(prob.split(r.x)[0])))), float(prob.split(r.x)[1]),
+                 float(2 * r.cost)) for r in runs],
+    )
