@@ -100,6 +100,29 @@ def test_small_chunks_and_fresh_output(tmp_path, rng):
     assert _core.Decoder(model).forward(np.zeros((0, 6))).shape == (0, 123)
 
 
+@pytest.mark.parametrize("weight_dtype", ["f16", "bf16"])
+def test_direct_16bit_gemv_at_batch_1(tmp_path, rng, weight_dtype):
+    """Batch 1 on a 16-bit model reads the stored weights directly (AVX-512F CPUs): same accuracy as the
+    float32 path, and both agree with the reference."""
+    layers, path = make_model(tmp_path, [100, 300, 1000], latent_dim=6, n_pixels=1900, weight_dtype=weight_dtype,
+                              seed=int(rng.integers(1 << 31)))
+    model = _core.Model.load(str(path))
+    direct, plain = _core.Decoder(model), _core.Decoder(model, direct_16bit=False)
+    assert not plain.uses_direct_16bit
+    if not direct.uses_direct_16bit:
+        pytest.skip("this CPU has no AVX-512F: the direct 16-bit GEMV is not used")
+    for _ in range(5):
+        labels = random_labels(rng, 1)
+        z = rng.normal(size=(1, 6)).astype(np.float32)
+        ref = reference_forward(layers, labels, z, latent_dim=6, weight_dtype=weight_dtype)
+        for dec in (direct, plain):
+            out = np.full((1, 1900), np.nan, dtype=np.float32)
+            dec.forward(labels, z=z, out=out)
+            assert rel_error(out, ref) <= TOL
+    f32_layers, f32_path = make_model(tmp_path, [10], latent_dim=2, n_pixels=30, weight_dtype="f32")
+    assert not _core.Decoder(_core.Model.load(str(f32_path))).uses_direct_16bit
+
+
 def test_model_properties(tmp_path):
     layers = mf.random_decoder([20], latent_dim=5, n_pixels=77, seed=3)
     path = mf.write_model(tmp_path / "m.fsm", layers, latent_dim=5, weight_dtype="bf16", output_scale=1.5,

@@ -164,12 +164,15 @@ PYBIND11_MODULE(_core, mod) {
         });
 
     py::class_<Decoder>(mod, "Decoder", "Runs a Model on the CPU. forward() is thread-safe and releases the GIL.")
-        .def(py::init([](const Model& m, int threads, std::size_t max_chunk) {
+        .def(py::init([](const Model& m, int threads, std::size_t max_chunk, bool direct_16bit) {
                  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
                  if (max_chunk < 1) throw py::value_error("max_chunk must be >= 1");
-                 return std::make_unique<Decoder>(m, fastspec::DecoderOptions{threads, max_chunk});
+                 return std::make_unique<Decoder>(m, fastspec::DecoderOptions{threads, max_chunk, direct_16bit});
              }),
-             py::arg("model"), py::arg("threads") = 1, py::arg("max_chunk") = 1024)
+             py::arg("model"), py::arg("threads") = 1, py::arg("max_chunk") = 1024, py::arg("direct_16bit") = true,
+             "threads: OpenBLAS threads (process-global in OpenBLAS; 1 is best on small machines). max_chunk: rows\n"
+             "per pass. direct_16bit: batch-1 calls on f16/bf16 models read the 16-bit weights directly (AVX-512F).")
+        .def_property_readonly("uses_direct_16bit", &Decoder::uses_direct_16bit)
         .def_property_readonly("model", &Decoder::model)
         .def_property_readonly("threads", [](const Decoder& d) { return d.options().threads; })
         .def_property_readonly("max_chunk", [](const Decoder& d) { return d.options().max_chunk; })

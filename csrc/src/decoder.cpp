@@ -19,6 +19,7 @@ struct Decoder::Impl {
     Model model;
     DecoderOptions options;
     std::size_t widest_hidden = 0;
+    bool direct16 = false;
     mutable std::mutex pool_mutex;
     mutable std::vector<std::unique_ptr<Workspace>> pool;  // idle workspaces, reused across calls
 
@@ -50,6 +51,7 @@ Decoder::Decoder(Model model, DecoderOptions options) {
     const std::size_t widest_out = std::max<std::size_t>(model.n_pixels(), 1);
     options.max_chunk = std::min<std::size_t>(options.max_chunk, std::size_t(0x7fffffff) / widest_out);
     impl_ = std::make_unique<Impl>(std::move(model), options);
+    impl_->direct16 = options.direct_16bit && impl_->model.stored_weights16(0) && detail::cpu::have_avx512f();
     const auto& layers = impl_->model.layers();
     for (std::size_t k = 0; k + 1 < layers.size(); ++k)
         impl_->widest_hidden = std::max<std::size_t>(impl_->widest_hidden, layers[k].out);
@@ -61,6 +63,7 @@ Decoder& Decoder::operator=(Decoder&&) noexcept = default;
 
 const Model& Decoder::model() const { return impl_->model; }
 const DecoderOptions& Decoder::options() const { return impl_->options; }
+bool Decoder::uses_direct_16bit() const { return impl_->direct16; }
 
 void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip) const {
     if (n == 0) return;
@@ -72,6 +75,7 @@ void Decoder::forward(const double* labels, std::size_t n, float* out, const flo
     const auto& layers = m.layers();
     const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), chunk = impl_->options.max_chunk;
     const float scale = float(m.output_scale()), offset = float(m.output_offset());
+    const bool direct16 = impl_->direct16 && n == 1, bf16 = m.weight_dtype() == WeightDtype::bf16;
     auto ws = impl_->acquire();
     try {
         for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
@@ -81,14 +85,18 @@ void Decoder::forward(const double* labels, std::size_t n, float* out, const flo
             float* bufs[2] = {ws->a.data(), ws->b.data()};
             for (std::size_t k = 0; k < layers.size(); ++k) {
                 const LayerInfo& L = layers[k];
-                if (k + 1 == layers.size()) {
-                    detail::cpu::dense_sigmoid_output(x, rows, m.weights(k), m.biases(k), L.in, L.out, scale, offset,
-                                                      out + r0 * np);
-                } else {
-                    float* y = bufs[k % 2];
+                const bool last = k + 1 == layers.size();
+                float* y = last ? out + r0 * np : bufs[k % 2];
+                if (direct16 && last)
+                    detail::cpu::dense_sigmoid_output_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out,
+                                                         scale, offset, y);
+                else if (direct16)
+                    detail::cpu::dense_relu_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out, y);
+                else if (last)
+                    detail::cpu::dense_sigmoid_output(x, rows, m.weights(k), m.biases(k), L.in, L.out, scale, offset, y);
+                else
                     detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, y);
-                    x = y;
-                }
+                x = y;
             }
         }
     } catch (...) {

@@ -27,6 +27,14 @@ namespace cpu {
 void dense_relu(const float* x, std::size_t rows, const float* W, const float* b, int in, int out, float* y);
 void dense_sigmoid_output(const float* x, std::size_t rows, const float* W, const float* b, int in, int out,
                           float scale, float offset, float* y);
+// Batch-1 y = W x reading 16-bit weights (f16, or bf16 when bf16 is true) directly; AVX-512F only:
+// call it only when have_avx512f() (cpu/gemv16_avx512.cpp).
+bool have_avx512f() noexcept;
+void gemv16(const std::uint16_t* W, bool bf16, int in, int out, const float* x, float* y);
+// The same dense layers at batch 1 from 16-bit weights (gemv16 + the fused epilogues).
+void dense_relu_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out, float* y);
+void dense_sigmoid_output_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out,
+                             float scale, float offset, float* y);
 // The fused epilogues, exposed for tests/cpp/test_kernels.cpp.
 float fast_exp(float x);
 void bias_relu(float* y, std::size_t rows, const float* b, int out);

@@ -29,6 +29,7 @@ struct Model::Impl {
     WeightDtype dtype = WeightDtype::f32;
     std::string provenance;
     std::vector<std::vector<float>> weights, biases;
+    std::vector<std::vector<std::uint16_t>> weights16;  // as stored, for 16-bit models (else empty)
 };
 
 namespace {
@@ -285,10 +286,14 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         std::vector<float> wf(count);
         if (m->dtype == WeightDtype::f32) {
             for (std::uint64_t i = 0; i < count; ++i) wf[i] = f32(w + 4 * i);
-        } else if (m->dtype == WeightDtype::f16) {
-            for (std::uint64_t i = 0; i < count; ++i) wf[i] = half_to_float(std::uint16_t(w[2 * i] | w[2 * i + 1] << 8));
         } else {
-            for (std::uint64_t i = 0; i < count; ++i) wf[i] = bf16_to_float(std::uint16_t(w[2 * i] | w[2 * i + 1] << 8));
+            std::vector<std::uint16_t> raw(count);
+            for (std::uint64_t i = 0; i < count; ++i) raw[i] = std::uint16_t(w[2 * i] | w[2 * i + 1] << 8);
+            if (m->dtype == WeightDtype::f16)
+                for (std::uint64_t i = 0; i < count; ++i) wf[i] = half_to_float(raw[i]);
+            else
+                for (std::uint64_t i = 0; i < count; ++i) wf[i] = bf16_to_float(raw[i]);
+            m->weights16.push_back(std::move(raw));
         }
         for (std::uint64_t i = 0; i < count; ++i)
             if (!std::isfinite(wf[i])) fail("layer ", k, ": weight ", i, " is not finite");
@@ -359,6 +364,10 @@ const std::string& Model::provenance_json() const { return impl_->provenance; }
 const std::string& Model::path() const { return impl_->path; }
 const float* Model::weights(std::size_t k) const { return impl_->weights.at(k).data(); }
 const float* Model::biases(std::size_t k) const { return impl_->biases.at(k).data(); }
+const std::uint16_t* Model::stored_weights16(std::size_t k) const {
+    if (impl_->weights16.empty()) return nullptr;
+    return impl_->weights16.at(k).data();
+}
 std::size_t Model::parameter_count() const {
     std::size_t n = 0;
     for (const auto& l : impl_->layers) n += std::size_t(l.in) * l.out + l.out;

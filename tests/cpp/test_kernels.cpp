@@ -45,5 +45,37 @@ int main() {
             CHECK_MSG(err <= 1e-6, "sigmoid epilogue out=%d rows=%zu: rel error %g", out, rows, err);
         }
     }
+    // The batch-1 GEMV on 16-bit weights (where the CPU has AVX-512F), all tail lengths, f16 and bf16,
+    // against double precision on the same (exactly representable) weights.
+    if (!cpu::have_avx512f()) {
+        std::printf("test_kernels: no AVX-512F here: gemv16 not tested (the float32 path is used instead)\n");
+    } else {
+        std::uniform_int_distribution<int> k(-255, 255);
+        std::normal_distribution<float> nx(0.0f, 1.0f);
+        for (bool bf16 : {false, true})
+            for (int in : {1, 5, 15, 16, 17, 31, 106, 1000})
+                for (int out : {1, 3, 4, 5, 9}) {
+                    std::vector<float> W(std::size_t(in) * out), x(in), y(out, std::nanf(""));
+                    std::vector<std::uint16_t> W16(W.size());
+                    for (std::size_t i = 0; i < W.size(); ++i) {
+                        W[i] = std::ldexp(float(k(rng)), -10);
+                        std::uint32_t bits;
+                        std::memcpy(&bits, &W[i], 4);
+                        W16[i] = bf16 ? std::uint16_t(bits >> 16) : exact_to_half(W[i]);
+                    }
+                    for (auto& v : x) v = nx(rng);
+                    cpu::gemv16(W16.data(), bf16, in, out, x.data(), y.data());
+                    for (int o = 0; o < out; ++o) {
+                        double ref = 0, mag = 0;
+                        for (int i = 0; i < in; ++i) {
+                            ref += double(W[std::size_t(o) * in + i]) * x[i];
+                            mag += std::abs(double(W[std::size_t(o) * in + i]) * x[i]);
+                        }
+                        // float32 accumulation: error bounded by ~in * eps * sum |w x|
+                        CHECK_MSG(std::abs(y[o] - ref) <= 1e-6 * mag + 1e-30, "gemv16 bf16=%d in=%d out=%d row %d: %g vs %g",
+                                  int(bf16), in, out, o, double(y[o]), ref);
+                    }
+                }
+    }
     return finish("test_kernels");
 }

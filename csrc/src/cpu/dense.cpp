@@ -83,6 +83,17 @@ void dense_sigmoid_output(const float* x, std::size_t rows, const float* W, cons
     bias_sigmoid_output(y, rows, b, out, scale, offset);
 }
 
+void dense_relu_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out, float* y) {
+    gemv16(W, bf16, in, out, x, y);
+    bias_relu(y, 1, b, out);
+}
+
+void dense_sigmoid_output_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out,
+                             float scale, float offset, float* y) {
+    gemv16(W, bf16, in, out, x, y);
+    bias_sigmoid_output(y, 1, b, out, scale, offset);
+}
+
 void ensure_blas_threads(int threads) {
     if (scipy_openblas_get_num_threads() != threads) scipy_openblas_set_num_threads(threads);
 }
