@@ -225,11 +225,13 @@ def fig_overlays(path, overlay, ctx, per_spec_abs, dpi):
             ax = fig.add_subplot(inner[0, c])
             axr = fig.add_subplot(inner[1, c], sharex=ax)
             sel = (wl >= xlim[0]) & (wl <= xlim[1])
-            lw = 0.4 if c == 0 else 1.0
-            # SYNSPEC broader underneath, the model thinner on top: both stay visible where they agree.
-            ax.plot(wl[sel], syn[sel], color=C_SYN, lw=2.2 * lw, label="SYNSPEC")
-            ax.plot(wl[sel], mod[sel], color=C_MODEL, lw=0.8 * lw, alpha=0.75 if c == 0 else 1.0, label="model")
-            axr.plot(wl[sel], res[sel], color=C_RES, lw=lw)
+            # SYNSPEC broader underneath, the model thinner on top: both stay visible where they agree. The
+            # full range holds 19000 pixels in ~1000 screen pixels, so thin lines there or dense line forests
+            # turn into a solid block.
+            w_syn, w_mod = (0.5, 0.35) if c == 0 else (2.2, 0.8)
+            ax.plot(wl[sel], syn[sel], color=C_SYN, lw=w_syn, label="SYNSPEC")
+            ax.plot(wl[sel], mod[sel], color=C_MODEL, lw=w_mod, alpha=0.8 if c == 0 else 1.0, label="model")
+            axr.plot(wl[sel], res[sel], color=C_RES, lw=0.35 if c == 0 else 0.9)
             axr.axhline(0, color="k", lw=0.6)
             ax.set_xlim(*xlim)
             ax.tick_params(labelbottom=False, labelsize=8)

@@ -78,7 +78,9 @@ def markdown(m: dict, ctx: dict) -> str:
 
     L.append("## 3. Marginals and variance explained\n")
     L.append("Fraction of the variance of the per-spectrum ⟨|ΔF|⟩ explained by each label's bins (correlation ratio "
-             "η²; the adjusted ε² removes the part expected from chance with this many bins and spectra):\n")
+             "η²; the adjusted ε² removes the part expected from chance with this many bins and spectra). Several "
+             "(v sin i, R) draws of one star share its teff, logg, mh and vmic, so for those four labels the "
+             "number of independent points is the number of stars and η² is less certain than N suggests:\n")
     L.append("| label | η² | adjusted | bins used |\n|---|---|---|---|")
     for n in names:
         v = m["variance_explained"][n]
