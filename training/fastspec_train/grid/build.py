@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -152,8 +154,12 @@ def check_labels(labels: np.ndarray, broaden: bool = False) -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: GridConfig, syn: synspec.Synspec, ll: str, nlines: int) -> None:
+def _init_worker(cfg: GridConfig, syn: synspec.Synspec, ll: str, nlines: int, tmp_root: str) -> None:
+    # SYNSPEC's and ROTIN's scratch folders go under the run's own folder, which the parent removes
+    # even when the run is interrupted (a killed worker cannot clean up after itself)
+    tempfile.tempdir = tmp_root
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must stop workers at once
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.update(cfg=cfg, syn=syn, ll=Path(ll), nlines=nlines)
 
@@ -187,6 +193,10 @@ def _work(item):
 
 
 # -- parent side -------------------------------------------------------------------------------------
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
 
 def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     """Build SYNSPEC, fetch the atmospheres and the line list (all cached)."""
@@ -265,8 +275,12 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
     failures: list[str] = []
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     # workers start before the HDF5 file is opened, so that no child inherits its open handle
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, syn, str(ll), nlines)) as pool:
+    tmp_root = tempfile.mkdtemp(prefix="fastspec-grid-")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, syn, str(ll), nlines, tmp_root)) as pool:
         f = _open_output(out, labels, cfg)
+        # `kill` (SIGTERM) ends the run like Ctrl-C: the file is closed cleanly, the pool stopped
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
         try:
             done = f["done"][...].astype(bool)
             todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
@@ -285,4 +299,8 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
             n_done = int(f["done"][...].sum())
         finally:
             f.close()
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+            pool.terminate()  # before removing the scratch folder the workers may still be using
+            shutil.rmtree(tmp_root, ignore_errors=True)
     return {"done": n_done, "failed": len(failures), "total": len(labels), "failures": failures}
