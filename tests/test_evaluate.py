@@ -132,6 +132,17 @@ def test_import_pulls_in_neither_torch_nor_matplotlib():
     assert out.strip() == "[]"
 
 
+def test_metrics_json_writer():
+    from fastspec.evaluate.pipeline import _dumps, _jsonable
+
+    obj = _jsonable({"a": np.array([1.0, 2.5e-7, np.nan, -3.0]), "s": "x [1,\n  2]", "n": {"m": [[1, 2], [3]]},
+                     "f": np.float32(0.123456789), "i": np.int64(7), "e": []})
+    assert obj["a"][2] is None and obj["f"] == 0.1234568 and obj["i"] == 7
+    text = _dumps(obj)
+    assert json.loads(text) == obj  # strings untouched, NaN as null
+    assert '"a": [1.0, 2.5e-07, null, -3.0]' in text
+
+
 # ------------------------------------------------------------------------------------ recovery pieces
 def test_group_split_keeps_groups_together():
     rng = np.random.default_rng(5)

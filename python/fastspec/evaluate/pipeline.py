@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def evaluate(
     metrics["timing"]["total_seconds"] = time.perf_counter() - t_start
     np.savez_compressed(out / "per_pixel.npz", wavelength=wavelength,
                         **{k: v.astype(np.float32) for k, v in res["per_pixel"].items()})
-    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1, allow_nan=False) + "\n")
+    (out / "metrics.json").write_text(_dumps(_jsonable(metrics)) + "\n")
     (out / "report.md").write_text(report.markdown(metrics, ctx))
     log(f"wrote {out / 'report.md'}, metrics.json and {len(fig_files)} figures")
     return _jsonable(metrics)
@@ -249,7 +250,8 @@ def _jsonable(x):
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (float, np.floating)):
-        return float(x) if np.isfinite(x) else None
+        # 7 significant digits: more than any statistic here can claim, and half the size of repr().
+        return float(f"{x:.7g}") if np.isfinite(x) else None
     if isinstance(x, (np.bool_,)):
         return bool(x)
     if isinstance(x, bytes):
@@ -257,3 +259,14 @@ def _jsonable(x):
     if x is None or isinstance(x, (str, int, bool)):
         return x
     return str(x)
+
+
+# Only lists that json.dumps(indent=...) broke over lines: a raw newline never occurs inside a JSON string,
+# so text in strings is never touched.
+_NUMBER_LIST = re.compile(r"\[\n\s*((?:-?[\d.eE+-]+|null)(?:,\n\s*(?:-?[\d.eE+-]+|null))*)\n\s*\]")
+
+
+def _dumps(obj) -> str:
+    """Indented JSON with every list of plain numbers on one line (per-spectrum lists run to thousands)."""
+    text = json.dumps(obj, indent=1, allow_nan=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
