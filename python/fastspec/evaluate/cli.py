@@ -44,7 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for report.md, metrics.json and the PNGs")
     p.add_argument("--chunk-size", type=int, default=128, help="spectra read and generated at a time")
     p.add_argument("--max-spectra", type=int, default=None, help="use only the first N spectra")
-    p.add_argument("--bins", type=int, default=12, help="bins per label for heat maps and marginals")
+    p.add_argument("--bins", type=int, default=10, help="bins per label for heat maps and marginals")
     p.add_argument("--n-worst", type=int, default=10, help="worst spectra listed")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the model")

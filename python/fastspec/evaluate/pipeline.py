@@ -33,7 +33,7 @@ def evaluate(
     *,
     chunk_size: int = 128,
     max_spectra: int | None = None,
-    bins: int = 12,
+    bins: int = 10,
     n_worst: int = 10,
     recovery: bool = True,
     recovery_options: RecoveryOptions | dict | None = None,
