@@ -214,7 +214,7 @@ def _fake_run(tmp_path, out, n, delay, **kw):
 
 def test_killed_run_resumes(tmp_path):
     out = tmp_path / "grid.h5"
-    proc = _fake_run(tmp_path, out, 12, 0.4, start_new_session=True)
+    proc = _fake_run(tmp_path, out, 16, 0.5, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until a few spectra are on disk, then kill everything
         time.sleep(0.2)
@@ -230,11 +230,11 @@ def test_killed_run_resumes(tmp_path):
     with h5py.File(out, "r") as f:
         first = f["done"][...].astype(bool)
         kept = f["flux"][...][first]
-    assert 3 <= first.sum() < 12
-    proc = _fake_run(tmp_path, out, 12, 0.0)
+    assert 3 <= first.sum() < 16
+    proc = _fake_run(tmp_path, out, 16, 0.0)
     stdout, stderr = proc.communicate(timeout=120)
-    assert "RESULT 12 12" in stdout, stderr
-    labels = B.draw_labels(12, 3)
+    assert "RESULT 16 16" in stdout, stderr
+    labels = B.draw_labels(16, 3)
     with h5py.File(out, "r") as f:
         assert f["done"][...].all()
         flux = f["flux"][...]
