@@ -247,7 +247,10 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
     comparison, with its relative step ``diff_step`` (the model is float32: steps below ~1e-3 of the
     normalised label range drown in its rounding).
     """
-    from scipy.optimize import least_squares  # scipy is needed for fitting only
+    try:
+        from scipy.optimize import least_squares  # scipy is needed for fitting only
+    except ImportError:
+        raise ImportError("fastspec.fit needs SciPy (scipy.optimize.least_squares): pip install scipy") from None
 
     if decoder is None:
         decoder = Decoder.load()
@@ -283,27 +286,32 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
                 scan = prob.chi2_of_rvs(spectra[i], grid)
                 rv_cand[i], chi2[i] = grid[np.argmin(scan)], scan.min()
 
+    lb = np.concatenate([-np.ones(nl), [prob.rv_bounds[0]] if prob.fit_rv else [], np.full(prob.degree + 1, -np.inf)])
+    ub = np.concatenate([np.ones(nl), [prob.rv_bounds[1]] if prob.fit_rv else [], np.full(prob.degree + 1, np.inf)])
+    # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
+    x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
+
+    def solve(theta0, tol):
+        return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
+                             bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev,
+                             ftol=tol, xtol=tol, gtol=tol, diff_step=None if jac == "analytic" else diff_step)
+
+    # Each start runs to a loose tolerance (enough to tell the basins apart), then the best is polished.
     runs = []
     for i in np.argsort(chi2)[:n_starts]:
         _, c0 = prob.chi2_of_spectra(spectra[i:i + 1], rv_cand[i])
         theta0 = np.concatenate([np.clip(u_cand[i], -0.999, 0.999), [rv_cand[i]] if prob.fit_rv else [], c0[0]])
-        lb = np.concatenate([-np.ones(nl), [prob.rv_bounds[0]] if prob.fit_rv else [], -np.inf * np.ones(prob.degree + 1)])
-        ub = np.concatenate([np.ones(nl), [prob.rv_bounds[1]] if prob.fit_rv else [], np.inf * np.ones(prob.degree + 1)])
-        # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
-        x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
-        res = least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                            bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev,
-                            diff_step=None if jac == "analytic" else diff_step)
-        runs.append(res)
-
-    best = min(runs, key=lambda r: r.cost)
+        runs.append(solve(theta0, 1e-4))
+    best = solve(min(runs, key=lambda r: r.cost).x, 1e-8)
+    runs.append(best)
     u, rv_best, c = prob.split(best.x)
     labels = prob.labels_of(u)
-    # covariance in physical units from the analytic Jacobian at the solution (whatever jac= drove the fit)
+    # Covariance from the analytic Jacobian at the solution (whatever jac= drove the fit), inverted in the
+    # fit coordinates, where J^T J is well conditioned (in physical units its eigenvalues span > 1e15 and a
+    # pseudo-inverse would discard the weak R direction), then scaled to physical units.
     j_theta = prob.jacobian(best.x)
     to_phys = np.concatenate([prob.dlabel_du(u), np.ones(j_theta.shape[1] - nl)])
-    j_phys = j_theta / to_phys[None, :]
-    cov = np.linalg.pinv(j_phys.T @ j_phys, hermitian=True)
+    cov = np.linalg.pinv(j_theta.T @ j_theta, hermitian=True) * np.outer(to_phys, to_phys)
     cov = 0.5 * (cov + cov.T)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     chi2_best = 2.0 * best.cost
