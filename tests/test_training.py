@@ -184,3 +184,19 @@ def test_max_minutes_stops_gracefully(tmp_path):
     summary = train(tiny_config(max_epochs=50), data, tmp_path / "run", max_minutes=1e-6, quiet=True)
     assert summary["epochs"] == 1 and "max_minutes" in summary["stop_reason"]
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_beta_steps_and_lr_annealing(tmp_path):
+    from fastspec_train.train import beta_at
+
+    t = cfgmod.TrainConfig(beta=1.0, beta_steps=[[5, 10.0], [3, 2.0]])
+    assert [beta_at(t, e) for e in (1, 2, 3, 4, 5, 9)] == [1.0, 1.0, 2.0, 2.0, 10.0, 10.0]
+    data = tmp_path / "syn.h5"
+    write_synthetic(data, n=60)
+    cfg = tiny_config(max_epochs=4, anneal_start_epoch=2, anneal_end_epoch=4, beta_steps=[[3, 5.0]])
+    train(cfg, data, tmp_path / "run", quiet=True)
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["beta"] for h in hist] == [1.0, 1.0, 5.0, 5.0]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-3, 0.5 * (1e-3 + 1e-6), 1e-6])
+    with pytest.raises(ValueError, match="anneal"):
+        cfgmod.from_dict({"train": {"anneal_start_epoch": 5, "anneal_end_epoch": 3}})

@@ -60,6 +60,13 @@ class TrainConfig:
     lr: float = 1e-3
     beta: float = 1.0  # loss = MSE (mean over pixels) + beta * KL (sum over latent dims) / n_pixels
     kl_warmup_epochs: int = 0  # beta ramps linearly from 0 over this many epochs
+    # [[epoch, beta], ...]: from that epoch on, beta takes the new value (e.g. a larger beta late in training
+    # makes z uninformative, so the decoder at z = 0 — what ships — is what the loss optimises).
+    beta_steps: list = field(default_factory=list)
+    # Cosine annealing of the LR from its value at anneal_start_epoch down to min_lr at anneal_end_epoch
+    # (overrides the plateau schedule in that window; 0 = off). Epoch-based, so resume stays exact.
+    anneal_start_epoch: int = 0
+    anneal_end_epoch: int = 0
     scheduler: str = "plateau"  # plateau | cosine | none
     plateau_factor: float = 0.5
     plateau_patience: int = 8
@@ -132,6 +139,10 @@ def validate(cfg: Config) -> None:
         raise ValueError("model.output_scale must be > 0")
     if t.batch_size < 1 or t.lr <= 0 or t.beta < 0:
         raise ValueError("train needs batch_size >= 1, lr > 0, beta >= 0")
+    if any(len(step) != 2 or step[0] < 1 or step[1] < 0 for step in t.beta_steps):
+        raise ValueError("train.beta_steps must be [[epoch >= 1, beta >= 0], ...]")
+    if t.anneal_end_epoch and not (1 <= t.anneal_start_epoch < t.anneal_end_epoch):
+        raise ValueError("train: need 1 <= anneal_start_epoch < anneal_end_epoch")
     if t.scheduler not in ("plateau", "cosine", "none"):
         raise ValueError(f"train.scheduler must be plateau, cosine or none, got {t.scheduler!r}")
     if t.early_stopping_metric not in ("val_mse_z0", "val_mse"):

@@ -146,6 +146,15 @@ def plot_history(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def beta_at(tcfg, epoch: int) -> float:
+    """KL weight of an epoch: warm-up ramp, then the last of `beta_steps` whose epoch has been reached."""
+    beta = tcfg.beta
+    for start, value in sorted(tcfg.beta_steps):
+        if epoch >= start:
+            beta = float(value)
+    return beta * (min(1.0, epoch / tcfg.kl_warmup_epochs) if tcfg.kl_warmup_epochs > 0 else 1.0)
+
+
 def _make_scheduler(opt, tcfg):
     if tcfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=tcfg.plateau_factor,
@@ -244,7 +253,15 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
         t0 = time.time()
         plan = epoch_plan(split["train"].size, cfg.data.draws_per_epoch, tcfg.batch_size, cfg.model.latent,
                           cfg.sampling, tcfg.seed, epoch)
-        beta = tcfg.beta * (min(1.0, epoch / tcfg.kl_warmup_epochs) if tcfg.kl_warmup_epochs > 0 else 1.0)
+        beta = beta_at(tcfg, epoch)
+        annealing = tcfg.anneal_end_epoch > 0 and epoch >= tcfg.anneal_start_epoch
+        if annealing:
+            if epoch == tcfg.anneal_start_epoch or "anneal_base_lr" not in state:
+                state["anneal_base_lr"] = opt.param_groups[0]["lr"]
+            frac = min(1.0, (epoch - tcfg.anneal_start_epoch) / (tcfg.anneal_end_epoch - tcfg.anneal_start_epoch))
+            lr = tcfg.min_lr + (state["anneal_base_lr"] - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+            for group in opt.param_groups:
+                group["lr"] = lr
         sums = np.zeros(3)
         nb = plan.local.size // tcfg.batch_size
         bar = tqdm(train_b.batches(plan, tcfg.batch_size, rank, world), total=nb, desc=f"epoch {epoch}",
@@ -263,7 +280,7 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
             bar.set_postfix(mse=f"{mse.item():.3g}")
         val = evaluate(model, val_b, val_plan, tcfg.batch_size)
         metric = val[tcfg.early_stopping_metric]
-        if sched is not None:
+        if sched is not None and not annealing:
             sched.step(metric) if tcfg.scheduler == "plateau" else sched.step()
         improved = metric < state["best"] * (1 - tcfg.min_delta)
         if improved:
