@@ -201,3 +201,21 @@ def test_bounds_and_initial_are_honoured(small_model, rng):
     result = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, bounds={"teff": (lo, hi)},
                           initial=truth | {"teff": (lo + hi) / 2})
     assert result.labels["teff"] == pytest.approx(hi if below else lo, abs=1.0), result
+
+
+def test_uncertainties_match_the_scatter_of_repeated_fits(small_model, rng):
+    """The reported σ (from the covariance) against the scatter of fits to independent noise draws of one
+    spectrum. With K = 24 draws the sample standard deviation / σ has a 1σ spread of ~15 %: accept 0.45-1.8
+    (a false alarm: ~1e-4 over the six labels)."""
+    decoder = Decoder.load(small_model)
+    wl = decoder.wavelength[200:-200]
+    truth = random_truth(rng)
+    fits, sigmas = [], []
+    for _ in range(24):
+        flux, error = observe(decoder, truth, 0.0, [1.0, 0.02], 50.0, rng, wl)
+        r = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=1, n_starts=1, n_candidates=1,
+                         initial=truth)
+        fits.append([r.labels[n] for n in truth])
+        sigmas.append([r.uncertainties[n] for n in truth])
+    ratio = np.std(fits, axis=0, ddof=1) / np.median(sigmas, axis=0)
+    assert np.all((ratio > 0.45) & (ratio < 1.8)), dict(zip(truth, ratio.round(3)))

@@ -240,9 +240,11 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
     ``rv``: fit a radial velocity [km/s] (λ_obs = λ_rest (1 + v/c)); ``continuum_degree``: degree of the
     multiplicative Legendre polynomial (None: none, the spectrum is taken as continuum-normalised).
     ``bounds``: {label: (lo, hi)} to narrow the model's label ranges. ``initial``: {label: value} of a
-    start to include (every label; it replaces the middle of the box among the candidates). Starts: ``n_candidates`` seeded
-    random label vectors are ranked by χ² (each with its best continuum, and its best RV on a scan when
-    ``rv``), and least squares runs from the best ``n_starts``; the lowest χ² wins. ``jac``: "analytic"
+    start to include (every label; it replaces the middle of the box among the candidates).
+
+    Starts: ``n_candidates`` seeded random label vectors are ranked by χ² (each with its best continuum,
+    and its best RV on a scan when ``rv``); least squares runs from the best ``n_starts`` to a loose
+    tolerance, and the lowest χ² of those is then converged fully. ``jac``: "analytic"
     (the core's Jacobian) or a finite-difference scheme of least_squares ("2-point", "3-point") for
     comparison, with its relative step ``diff_step`` (the model is float32: steps below ~1e-3 of the
     normalised label range drown in its rounding).
