@@ -127,6 +127,22 @@ def time_fits(decoder, n_problems: int, seed: int) -> dict:
     return rows
 
 
+def time_calls(decoder) -> dict:
+    """Median ms per spectrum of a forward pass and of a Jacobian call, at batch 1 and 32."""
+    out = {}
+    for batch in (1, 32):
+        p = np.tile([5777.0, 4.44, 2.0, 0.0, 1.0, 50000.0], (batch, 1))
+        for name, fn in (("forward", lambda: decoder(p)), ("jacobian", lambda: decoder.jacobian(p))):
+            fn()
+            times = []
+            for _ in range(max(3, 40 // batch)):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) / batch * 1e3)
+            out[f"{name}, batch {batch}"] = float(np.median(times))
+    return out
+
+
 def heldout_rows(decoder, path: Path) -> tuple[np.ndarray, dict]:
     from fastspec_train.data import SpectraFile, split_indices
 
@@ -199,13 +215,18 @@ def machine() -> str:
     return f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start"
 
 
-def write_report(path: Path, decoder, timing: dict, rec: dict | None, args) -> None:
+def write_report(path: Path, decoder, calls: dict, timing: dict, rec: dict | None, args) -> None:
     names = list(decoder.label_names) + ["rv"]
     units = {"teff": "K", "logg": "dex", "vsini": "km/s", "mh": "dex", "vmic": "km/s", "resolution": "dex (log10 R)",
              "rv": "km/s"}
     lines = [f"# Spectrum fitting: analytic vs finite-difference Jacobian, SYNSPEC recovery ({dt.date.today()})", "",
              f"Machine: {machine()}. One BLAS thread. Model: `{decoder.info['path']}` ({decoder!r}).",
              f"Command: `python benchmarks/bench_fit.py --n-timing {args.n_timing} --n-synspec {args.n_synspec}`.", "",
+             "## Decoder calls (ms per spectrum, median)", "", "| call | ms |", "|---|---|",
+             *[f"| {k} | {v:.2f} |" for k, v in calls.items()],
+             "", f"Jacobian / forward: {calls['jacobian, batch 1'] / calls['forward, batch 1']:.1f}× at batch 1, "
+             f"{calls['jacobian, batch 32'] / calls['forward, batch 32']:.1f}× at batch 32 (a finite-difference "
+             "Jacobian over the 6 labels costs 6 to 12 forward passes).", "",
              "## Time per fit (model-generated spectra, SNR 100, 6 labels + RV + 3 continuum coefficients)", "",
              "| Jacobian | median s/fit | median decoder calls (residuals) | median Jacobian calls | "
              "median χ²/dof | max |fit − true|/σ (worst label, median over problems) |",
@@ -233,7 +254,7 @@ def write_report(path: Path, decoder, timing: dict, rec: dict | None, args) -> N
                              f"{units[name]} |")
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
-    path.with_suffix(".json").write_text(json.dumps({"timing": timing, "recovery": rec}, indent=1))
+    path.with_suffix(".json").write_text(json.dumps({"calls_ms": calls, "timing": timing, "recovery": rec}, indent=1))
 
 
 def main(argv=None) -> int:
@@ -245,13 +266,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the report (Markdown, plus .json beside it)")
     args = ap.parse_args(argv)
     decoder = load_decoder(args.model)
+    calls = time_calls(decoder)
+    print(calls)
     timing = time_fits(decoder, args.n_timing, args.seed)
     rec = None
     if args.n_synspec:
         path = Path(os.environ.get("FASTSPEC_SHARED", REPO.parent / "shared")) / "data" / "synspec_intrinsic_v1.h5"
         rec = recovery(decoder, path, args.n_synspec)
     if args.out:
-        write_report(args.out, decoder, timing, rec, args)
+        write_report(args.out, decoder, calls, timing, rec, args)
         print(args.out.read_text())
     return 0
 
