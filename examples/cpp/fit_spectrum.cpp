@@ -11,6 +11,7 @@
 // projected back onto it. Each iteration solves the 6x6 damped normal equations by Cholesky.
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -98,6 +99,7 @@ public:
     double chi2(const Vec& u) {
         const Vec x = box_.to_x(u);
         decoder_.forward(x.data(), 1, model_.data());
+        ++forward_calls;
         double c = 0;
         for (std::size_t p = 0; p < np_; ++p) {
             const double r = (model_[p] - flux_[p]) / sigma_[p];
@@ -110,6 +112,7 @@ public:
     double normal_equations(const Vec& u, const Vec& scale, Mat& A, Vec& g) {
         const Vec x = box_.to_x(u);
         decoder_.forward_jacobian(x.data(), 1, model_.data(), jac_.data());
+        ++jacobian_calls;
         A = {};
         g = {};
         double c = 0;
@@ -181,6 +184,8 @@ public:
         return cov;
     }
 
+    long forward_calls = 0, jacobian_calls = 0;
+
 private:
     const fastspec::Decoder& decoder_;
     Box box_;
@@ -228,6 +233,7 @@ int main(int argc, char** argv) {
         }
 
         // Starts: the middle of the box and random points; keep the lowest chi2.
+        const auto t0 = std::chrono::steady_clock::now();
         Fitter fitter(decoder, flux, sigma);
         std::uniform_real_distribution<double> uniform(-0.9, 0.9);
         Fit best;
@@ -240,6 +246,9 @@ int main(int argc, char** argv) {
         }
         const Vec x = fitter.box().to_x(best.u);
         const Mat cov = fitter.covariance(best.u);
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::fprintf(stderr, "fit: %.3f s, %ld forward and %ld Jacobian calls over 8 starts\n", seconds,
+                     fitter.forward_calls, fitter.jacobian_calls);
         for (int j = 0; j < NL; ++j)
             std::printf("%s %.10g %.6g %.10g\n", model.labels()[j].name.c_str(), x[j], std::sqrt(cov[j][j]), truth[j]);
         std::printf("chi2 %.8g %zu %.6g\n", best.chi2, np, best.chi2 / double(np - NL));
