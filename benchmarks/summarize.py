@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 
@@ -49,37 +50,37 @@ def main(path: str) -> None:
     print(f"- reference rates below: the best of these, sgemm {sgemm / 1e9:.1f} GFLOP/s and read {read_bw / 1e9:.1f} GB/s\n")
 
     dec = [b for b in benches if info(b)["kind"] == "decoder"]
+    median = lambda xs: statistics.median(xs)  # noqa: E731
     for size in dict.fromkeys(info(b)["size"] for b in dec):
-        rows = [b for b in dec if info(b)["size"] == size]
-        f32 = next(b for b in rows if info(b)["backend"] == "fastspec")
-        wbytes = info(f32)["weight_bytes"]
-        mflop = info(f32)["flop_per_call"] / info(f32)["batch"] / 1e6
-        print(f"## {size} decoder ({wbytes / 4e6:.2f} M parameters, {mflop:.1f} MFLOP/spectrum)\n")
-        print("| batch | threads | fastspec | torch | numpy | fastspec / torch | fastspec GFLOP/s | % of sgemm | spectra/s | fastspec bf16 | fastspec f16 |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for batch, threads in sorted({(info(b)["batch"], info(b)["threads"]) for b in rows}):
-            get = {info(b)["backend"]: b for b in rows if (info(b)["batch"], info(b)["threads"]) == (batch, threads)}
-            fs = get["fastspec"]
-            cell = lambda k: f"{med(get[k]) * 1e3:.3g} ({get[k]['stats']['min'] * 1e3:.3g})" if k in get else "–"  # noqa: E731
-            ratio = f"{med(fs) / med(get['torch']):.2f}" if "torch" in get else "–"
-            gf = info(fs)["flop_per_call"] / med(fs) / 1e9
-            print(f"| {batch} | {threads} | {cell('fastspec')} | {cell('torch')} | {cell('numpy')} | {ratio} | {gf:.1f} | "
-                  f"{100 * gf * 1e9 / sgemm:.0f} % | {batch / med(fs):.4g} | {cell('fastspec-bf16')} | {cell('fastspec-f16')} |")
+        groups = [b for b in dec if info(b)["size"] == size]
+        f32 = groups[0]["extra_info"]["backends"]["fastspec"]
+        mflop = info(groups[0])["flop_per_call"] / info(groups[0])["batch"] / 1e6
+        print(f"## {size} decoder ({f32['weight_bytes'] / 4e6:.2f} M parameters, {mflop:.1f} MFLOP/spectrum)\n")
+        print("| batch | threads | rounds | fastspec | torch | numpy | fastspec / torch | fastspec GFLOP/s | % of sgemm | spectra/s | fastspec bf16 | fastspec f16 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for g in sorted(groups, key=lambda b: (info(b)["batch"], info(b)["threads"])):
+            bk = info(g)["backends"]
+            t = {k: v["times"] for k, v in bk.items()}
+            cell = lambda k: f"{median(t[k]) * 1e3:.3g} ({min(t[k]) * 1e3:.3g})" if k in t else "–"  # noqa: E731
+            ratio = f"{median([a / b for a, b in zip(t['fastspec'], t['torch'])]):.2f}" if "torch" in t else "–"
+            gf = info(g)["flop_per_call"] / median(t["fastspec"]) / 1e9
+            print(f"| {info(g)['batch']} | {info(g)['threads']} | {len(t['fastspec'])} | {cell('fastspec')} | {cell('torch')} | "
+                  f"{cell('numpy')} | {ratio} | {gf:.1f} | {100 * gf * 1e9 / sgemm:.0f} % | {info(g)['batch'] / median(t['fastspec']):.4g} | "
+                  f"{cell('fastspec-bf16')} | {cell('fastspec-f16')} |")
         print()
-        print("Batch 1 against the floor (bytes of weights + biases / read bandwidth):\n")
-        for backend in ("fastspec", "fastspec-bf16", "fastspec-f16", "torch", "numpy"):
-            b = next((b for b in rows if info(b)["backend"] == backend and info(b)["batch"] == 1 and info(b)["threads"] == mi.get("bench_threads")), None)
-            if b is None:
-                continue
-            floor = info(b)["weight_bytes"] / read_bw
-            print(f"- {backend}: {med(b) * 1e3:.2f} ms (min {b['stats']['min'] * 1e3:.2f}), floor {info(b)['weight_bytes'] / 1e6:.0f} MB / {read_bw / 1e9:.1f} GB/s = "
-                  f"{floor * 1e3:.2f} ms → {med(b) / floor:.2f}× the floor (min: {b['stats']['min'] / floor:.2f}×)")
+        one = next(g for g in groups if info(g)["batch"] == 1 and info(g)["threads"] == mi.get("bench_threads"))
+        print("Batch 1 against the floor (bytes of weights + biases / best measured read bandwidth):\n")
+        for backend, v in info(one)["backends"].items():
+            floor = v["weight_bytes"] / read_bw
+            print(f"- {backend}: median {median(v['times']) * 1e3:.2f} ms, min {min(v['times']) * 1e3:.2f} ms; floor "
+                  f"{v['weight_bytes'] / 1e6:.0f} MB / {read_bw / 1e9:.1f} GB/s = {floor * 1e3:.2f} ms → "
+                  f"{median(v['times']) / floor:.2f}× (median), {min(v['times']) / floor:.2f}× (min)")
         print()
-    print("Times are medians (minimum in parentheses) in ms per call (one call = one batch); GFLOP/s, % and spectra/s "
-          "from the median. fastspec / torch < 1: fastspec is faster. torch and numpy use "
-          "the float32 weights; the bf16/f16 columns are fastspec on 16-bit model files (direct 16-bit GEMV at batch 1 on "
-          "AVX-512F CPUs, OpenBLAS on the widened float32 weights otherwise).")
-
+    print("Times in ms per call (one call = one batch): median over rounds, minimum in parentheses. In each round every "
+          "backend ran once, back to back, so 'fastspec / torch' is the median of per-round ratios (< 1: fastspec is "
+          "faster). GFLOP/s, % of the best measured sgemm rate and spectra/s use fastspec's median. torch and numpy use "
+          "the float32 weights; the bf16 / f16 columns are fastspec on 16-bit model files (the direct 16-bit GEMV at "
+          "batch 1 on AVX-512F CPUs; OpenBLAS on the widened float32 weights at other batches).")
 
 if __name__ == "__main__":
     main(sys.argv[1])

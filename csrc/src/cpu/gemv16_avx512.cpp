@@ -58,7 +58,8 @@ __attribute__((target("avx512f"))) inline void rows_block(const std::uint16_t* W
 template <bool BF16>
 __attribute__((target("avx512f"))) void gemv16_impl(const std::uint16_t* W, int in, int out, const float* x, float* y) {
     int o = 0;
-    for (; o + 4 <= out; o += 4) rows_block<BF16, 4>(W + std::size_t(o) * in, in, x, y + o);  // 4 weight streams
+    for (; o + 8 <= out; o += 8) rows_block<BF16, 8>(W + std::size_t(o) * in, in, x, y + o);
+    for (; o + 4 <= out; o += 4) rows_block<BF16, 4>(W + std::size_t(o) * in, in, x, y + o);
     for (; o < out; ++o) rows_block<BF16, 1>(W + std::size_t(o) * in, in, x, y + o);
 }
 
