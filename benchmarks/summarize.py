@@ -76,6 +76,36 @@ def main(path: str) -> None:
                   f"{v['weight_bytes'] / 1e6:.0f} MB / {read_bw / 1e9:.1f} GB/s = {floor * 1e3:.2f} ms → "
                   f"{median(v['times']) / floor:.2f}× (median), {min(v['times']) / floor:.2f}× (min)")
         print()
+    print("## Targets\n")
+    print("| size | target | measured | met |")
+    print("|---|---|---|---|")
+    for size in dict.fromkeys(info(b)["size"] for b in dec):
+        groups = {(info(g)["batch"], info(g)["threads"]): info(g) for g in dec if info(g)["size"] == size}
+        th = mi.get("bench_threads")
+        t1 = {k: v["times"] for k, v in groups[(1, th)]["backends"].items()}
+        per_round = lambda a, b: median([x / y for x, y in zip(a, b)])  # noqa: E731
+        for backend in ("fastspec", "fastspec-bf16", "fastspec-f16"):
+            if backend in t1:
+                r = per_round(t1[backend], t1["torch"])
+                print(f"| {size} | batch-1 latency ≤ 0.5× PyTorch eager ({backend}) | {r:.2f}× | {'yes' if r <= 0.5 else 'no'} |")
+        g256 = {k: v["times"] for k, v in groups[(256, th)]["backends"].items()}
+        r = per_round(g256["fastspec"], g256["torch"])
+        print(f"| {size} | batch-256 throughput ≥ PyTorch | fastspec takes {r:.2f}× PyTorch's time | {'yes' if r <= 1 else 'no'} |")
+        for batch in (256, 4096):
+            if (batch, th) in groups:
+                g = groups[(batch, th)]
+                best = g["flop_per_call"] / min(g["backends"]["fastspec"]["times"]) / sgemm
+                med_ = g["flop_per_call"] / median(g["backends"]["fastspec"]["times"]) / sgemm
+                print(f"| {size} | batch {batch} at ≥ 70 % of the measured sgemm rate | {100 * med_:.0f} % (median), {100 * best:.0f} % (min) | "
+                      f"{'yes' if med_ >= 0.7 else ('min only' if best >= 0.7 else 'no')} |")
+        for backend in ("fastspec", "fastspec-bf16"):
+            v = groups[(1, th)]["backends"].get(backend)
+            if v:
+                floor = v["weight_bytes"] / read_bw
+                q, qmin = median(v["times"]) / floor, min(v["times"]) / floor
+                print(f"| {size} | batch 1 within 1.5× of the floor ({backend}) | {q:.2f}× (median), {qmin:.2f}× (min) | "
+                      f"{'yes' if q <= 1.5 else ('min only' if qmin <= 1.5 else 'no')} |")
+    print()
     print("Times in ms per call (one call = one batch): median over rounds, minimum in parentheses. In each round every "
           "backend ran once, back to back, so 'fastspec / torch' is the median of per-round ratios (< 1: fastspec is "
           "faster). GFLOP/s, % of the best measured sgemm rate and spectra/s use fastspec's median. torch and numpy use "
