@@ -24,7 +24,9 @@ import pytest
 from fastspec import _core
 from fastspec import model_format as mf
 
-from conftest import THREADS
+# Set by benchmarks/conftest.py into OPENBLAS_NUM_THREADS etc. (read here, not imported: another
+# conftest.py may own the module name "conftest" when tests/ and benchmarks/ are collected together).
+THREADS = int(os.environ.get("FASTSPEC_BENCH_THREADS", "1"))
 
 SIZES = {
     "default": dict(latent_dim=16, widths=[256, 512, 1024]),
