@@ -193,10 +193,11 @@ def test_beta_steps_and_lr_annealing(tmp_path):
     assert [beta_at(t, e) for e in (1, 2, 3, 4, 5, 9)] == [1.0, 1.0, 2.0, 2.0, 10.0, 10.0]
     data = tmp_path / "syn.h5"
     write_synthetic(data, n=60)
-    cfg = tiny_config(max_epochs=4, anneal_start_epoch=2, anneal_end_epoch=4, beta_steps=[[3, 5.0]])
+    cfg = tiny_config(max_epochs=6, anneal_start_epoch=2, anneal_end_epoch=4, beta_steps=[[3, 5.0]],
+                      lr_restarts=[[5, 6, 2e-4]], patience=50)
     train(cfg, data, tmp_path / "run", quiet=True)
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["beta"] for h in hist] == [1.0, 1.0, 5.0, 5.0]
-    assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-3, 0.5 * (1e-3 + 1e-6), 1e-6])
+    assert [h["beta"] for h in hist] == [1.0, 1.0, 5.0, 5.0, 5.0, 5.0]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-3, 0.5 * (1e-3 + 1e-6), 1e-6, 2e-4, 1e-6])
     with pytest.raises(ValueError, match="anneal"):
         cfgmod.from_dict({"train": {"anneal_start_epoch": 5, "anneal_end_epoch": 3}})

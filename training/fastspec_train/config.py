@@ -67,6 +67,8 @@ class TrainConfig:
     # (overrides the plateau schedule in that window; 0 = off). Epoch-based, so resume stays exact.
     anneal_start_epoch: int = 0
     anneal_end_epoch: int = 0
+    # Warm restarts after that: [[start_epoch, end_epoch, peak_lr], ...], cosine from peak_lr to min_lr.
+    lr_restarts: list = field(default_factory=list)
     scheduler: str = "plateau"  # plateau | cosine | none
     plateau_factor: float = 0.5
     plateau_patience: int = 8
@@ -143,6 +145,8 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.beta_steps must be [[epoch >= 1, beta >= 0], ...]")
     if t.anneal_end_epoch and not (1 <= t.anneal_start_epoch < t.anneal_end_epoch):
         raise ValueError("train: need 1 <= anneal_start_epoch < anneal_end_epoch")
+    if any(len(r) != 3 or not (1 <= r[0] < r[1]) or r[2] <= 0 for r in t.lr_restarts):
+        raise ValueError("train.lr_restarts must be [[start_epoch >= 1, end_epoch > start, peak_lr > 0], ...]")
     if t.scheduler not in ("plateau", "cosine", "none"):
         raise ValueError(f"train.scheduler must be plateau, cosine or none, got {t.scheduler!r}")
     if t.early_stopping_metric not in ("val_mse_z0", "val_mse"):

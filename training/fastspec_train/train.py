@@ -262,6 +262,12 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
             lr = tcfg.min_lr + (state["anneal_base_lr"] - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
             for group in opt.param_groups:
                 group["lr"] = lr
+        for start, end, peak in tcfg.lr_restarts:
+            if start <= epoch <= end:
+                annealing = True
+                lr = tcfg.min_lr + (peak - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * (epoch - start) / (end - start)))
+                for group in opt.param_groups:
+                    group["lr"] = lr
         sums = np.zeros(3)
         nb = plan.local.size // tcfg.batch_size
         bar = tqdm(train_b.batches(plan, tcfg.batch_size, rank, world), total=nb, desc=f"epoch {epoch}",
