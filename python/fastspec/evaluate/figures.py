@@ -196,13 +196,16 @@ def fig_marginals(path, marg, varexp, ctx, per_spec_abs, dpi):
     return _save(fig, path, dpi)
 
 
-def _zoom_window(wl, res, syn, half_width=15.0):
+def _zoom_window(wl, res, syn, half_width=15.0, edge=30.0):
     """The window with the largest residuals inside lines: max of Σ |ΔF| · (1 − F_SYNSPEC) over 2·half_width Å.
 
     Weighting by the line depth keeps the zoom on lines (a residual in a smooth wing or the continuum
-    shows as well in the full-range panel), kept inside the grid."""
+    shows as well in the full-range panel). The first and last `edge` Å are left out when the grid is wide
+    enough: there the broadened flux depends on the spectrum beyond the grid and is a convention."""
     k = max(1, int(round(2 * half_width / (wl[1] - wl[0]))))
     score = np.abs(res) * np.clip(1.0 - syn, 0.0, None)
+    if wl[-1] - wl[0] > 4 * (edge + half_width):
+        score = np.where((wl < wl[0] + edge) | (wl > wl[-1] - edge), 0.0, score)
     sm = np.convolve(score, np.ones(k), mode="same")
     c = wl[int(np.argmax(sm))]
     lo = min(max(c - half_width, wl[0]), wl[-1] - 2 * half_width)
