@@ -52,6 +52,19 @@ void gemm_xwt(const float* x, std::size_t rows, const float* W, int in, int out,
                       out);
 }
 
+// The same product for a handful of rows (one spectrum's n_labels tangents): GEMVs over blocks of 256
+// rows of W, so each block is read from memory once and from cache for the other rows. With so few rows a
+// GEMM spends its time packing W; measured on the default model (19000 x 1024): 12.8 -> 8.6 ms.
+void few_rows_xwt(const float* x, std::size_t rows, const float* W, int in, int out, float* y) {
+    constexpr int block = 256;
+    for (int o = 0; o < out; o += block) {
+        const int nb = std::min(block, out - o);
+        for (std::size_t r = 0; r < rows; ++r)
+            scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, nb, in, 1.0f, W + std::size_t(o) * in, in, x + r * in, 1,
+                              0.0f, y + r * out + o, 1);
+    }
+}
+
 }  // namespace
 
 void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian, const float* z,
@@ -104,7 +117,10 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
                 const LayerInfo& L = layers[k];
                 if (k + 1 == layers.size()) {
                     float* tl = ws->last.data();
-                    gemm_xwt(t, rows * nl, m.weights(k), L.in, L.out, tl);
+                    if (rows == 1)
+                        few_rows_xwt(t, nl, m.weights(k), L.in, L.out, tl);
+                    else
+                        gemm_xwt(t, rows * nl, m.weights(k), L.in, L.out, tl);
                     // dF/da = scale * s (1 - s), s = sigmoid(a) = (F - offset) / scale from forward()'s flux;
                     // written transposed into the (pixel, label) layout of the output.
                     for (std::size_t r = 0; r < rows; ++r) {
