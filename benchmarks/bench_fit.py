@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine  # noqa: E402
 
 import fastspec  # noqa: E402
 from fastspec import model_format as mf  # noqa: E402
@@ -201,18 +203,6 @@ def recovery(decoder, path: Path, n: int, snrs=(50.0, 100.0), seed: int = 7) -> 
                                     seconds_median=float(np.median(seconds)), n=len(rows),
                                     chi2_at_most_truth=float(np.mean(optimiser_ok)))
     return out
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f} at start"
 
 
 def write_report(path: Path, decoder, calls: dict, timing: dict, rec: dict | None, args) -> None:

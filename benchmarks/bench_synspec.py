@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import machine  # noqa: E402
 
 PAPER_WIDTHS = [1000, 2000, 4000]  # the paper's decoder: 106 -> 1000 -> 2000 -> 4000 -> 19000
 
@@ -39,19 +41,6 @@ PAPER_WIDTHS = [1000, 2000, 4000]  # the paper's decoder: 106 -> 1000 -> 2000 ->
 def shared_intrinsic() -> Path:
     root = Path(os.environ.get("FASTSPEC_SHARED", REPO.parent / "shared"))
     return root / "data" / "synspec_intrinsic_v1.h5"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} logical CPUs, load average {load[0]:.2f} at start"
 
 
 def broadening_labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

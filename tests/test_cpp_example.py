@@ -5,45 +5,20 @@ output with the float64 reference."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_checked
 
 from fastspec import model_format as mf
 from test_core import reference_forward
 
-REPO = Path(__file__).resolve().parents[1]
-# About 11 s here (two CMake configures, a build): not marked slow.
-
-
-def run(cmd, **kwargs):
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
-    return result
 
 
 @pytest.fixture(scope="module")
-def example_binary(tmp_path_factory):
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is needed to build the C++ example")
-    tmp = tmp_path_factory.mktemp("cpp")
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    prefix, core_build, ex_build = tmp / "prefix", tmp / "core-build", tmp / "example-build"
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-    run(["cmake", "-S", REPO, "-B", core_build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DFASTSPEC_PYTHON=OFF",
-         "-DFASTSPEC_BUILD_TESTS=OFF", "-DFASTSPEC_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}",
-         f"-DCMAKE_INSTALL_PREFIX={prefix}"], env=env)
-    run(["cmake", "--build", core_build], env=env)
-    run(["cmake", "--install", core_build], env=env)
-    assert (prefix / "include" / "fastspec" / "fastspec.hpp").exists()
-    run(["cmake", "-S", REPO / "examples" / "cpp", "-B", ex_build, *gen, "-DCMAKE_BUILD_TYPE=Release",
-         f"-DCMAKE_PREFIX_PATH={prefix}"], env=env)
-    run(["cmake", "--build", ex_build], env=env)
-    return ex_build / "generate_spectrum"
+def example_binary(cpp_examples):
+    return cpp_examples / "generate_spectrum"
 
 
 def test_example_matches_reference(example_binary, tmp_path):
@@ -52,7 +27,7 @@ def test_example_matches_reference(example_binary, tmp_path):
                            wavelength=(4450.0, 0.05, 700, "air"))
     labels = [6100.0, 3.9, 120.0, -0.4, 2.2, 20000.0]
     out_file = tmp_path / "spectrum.txt"
-    run([example_binary, model, *labels, out_file])
+    run_checked([example_binary, model, *labels, out_file])
     data = np.loadtxt(out_file)
     assert data.shape == (700, 2)
     np.testing.assert_allclose(data[:, 0], 4450.0 + 0.05 * np.arange(700), rtol=0, atol=5e-5)
@@ -61,7 +36,7 @@ def test_example_matches_reference(example_binary, tmp_path):
     err = np.max(np.abs(data[:, 1] - ref) / np.maximum(np.abs(ref), 0.12))
     assert err <= 2e-6 + 1e-5, f"max relative error {err:.3g}"
     # stdout variant and the usage message
-    stdout = run([example_binary, model, *labels]).stdout.splitlines()
+    stdout = run_checked([example_binary, model, *labels]).stdout.splitlines()
     assert len(stdout) == 700 and np.allclose([float(x) for x in stdout[0].split()], data[0])
     bad = subprocess.run([str(example_binary), str(model), "5777"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage:" in bad.stderr

@@ -6,43 +6,20 @@ without noise, and within 5σ of its own uncertainties with reduced χ² ≈ 1 a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_checked
 
 from fastspec import model_format as mf
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = [lab.name for lab in mf.STANDARD_LABELS]
 
 
-def run(cmd, **kwargs):
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 @pytest.fixture(scope="module")
-def fit_binary(tmp_path_factory):
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is needed to build the C++ example")
-    tmp = tmp_path_factory.mktemp("cppfit")
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    prefix, core_build, ex_build = tmp / "prefix", tmp / "core-build", tmp / "example-build"
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-    run(["cmake", "-S", REPO, "-B", core_build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DFASTSPEC_PYTHON=OFF",
-         "-DFASTSPEC_BUILD_TESTS=OFF", "-DFASTSPEC_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}",
-         f"-DCMAKE_INSTALL_PREFIX={prefix}"], env=env)
-    run(["cmake", "--build", core_build], env=env)
-    run(["cmake", "--install", core_build], env=env)
-    run(["cmake", "-S", REPO / "examples" / "cpp", "-B", ex_build, *gen, "-DCMAKE_BUILD_TYPE=Release",
-         f"-DCMAKE_PREFIX_PATH={prefix}"], env=env)
-    run(["cmake", "--build", ex_build, "--target", "fit_spectrum"], env=env)
-    return ex_build / "fit_spectrum"
+def fit_binary(cpp_examples):
+    return cpp_examples / "fit_spectrum"
 
 
 def parse(stdout):
@@ -67,7 +44,7 @@ def case(tmp_path):
 
 def test_noiseless_fit_recovers_the_labels(fit_binary, case):
     model, labels, _ = case
-    fits, chi2, n_pixels, _ = parse(run([fit_binary, model, *labels, 0]).stdout)
+    fits, chi2, n_pixels, _ = parse(run_checked([fit_binary, model, *labels, 0]).stdout)
     assert n_pixels == 4000
     for lab, true in zip(mf.STANDARD_LABELS, labels):
         value, sigma, echoed = fits[lab.name]
@@ -78,7 +55,7 @@ def test_noiseless_fit_recovers_the_labels(fit_binary, case):
 
 def test_fit_at_snr_100_is_within_its_uncertainties(fit_binary, case):
     model, labels, rng = case
-    fits, chi2, n_pixels, reduced = parse(run([fit_binary, model, *labels, 100, int(rng.integers(1 << 31))]).stdout)
+    fits, chi2, n_pixels, reduced = parse(run_checked([fit_binary, model, *labels, 100, int(rng.integers(1 << 31))]).stdout)
     for name, (value, sigma, true) in fits.items():
         assert np.isfinite(sigma) and sigma > 0
         assert abs(value - true) <= 5 * sigma, f"{name}: {value} ± {sigma}, true {true}"
