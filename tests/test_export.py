@@ -8,9 +8,11 @@ import torch
 
 from test_training import tiny_config, write_synthetic
 
-from fastspec_train._fsm import model_format
+from test_core import reference_forward
+
+from fastspec import _core
+from fastspec import model_format as mf
 from fastspec_train.export import export_decoder, export_run
-from fastspec_train.fsm_reader import read_fsm
 from fastspec_train.labels import STANDARD_LABELS, normalise_labels
 from fastspec_train.model import Decoder
 from fastspec_train.train import train
@@ -37,6 +39,13 @@ def trained_like_decoder(seed=0, latent=5, widths=(24, 48), n_pixels=19000):
     return dec.eval()
 
 
+def read_model(path):
+    """The exported file as the C++ core reads it: (model, its layers as model_format.Layer, provenance)."""
+    m = _core.Model.load(str(path))
+    layers = [mf.Layer(w, b, info["activation"]) for (w, b), info in zip(m.weights(), m.layers)]
+    return m, layers, json.loads(m.provenance)
+
+
 def torch_flux(dec, labels, z, dtype=torch.float32):
     d = Decoder(dec.latent, 6, [l.out_features for l in dec.layers[:-1]], dec.layers[-1].out_features,
                 dec.output_scale, dec.output_offset).to(dtype)
@@ -50,33 +59,32 @@ def test_export_matches_float64_numpy_forward(tmp_path):
     rng = np.random.default_rng()
     dec = trained_like_decoder(seed=int(rng.integers(1 << 30)))
     path = export_decoder(dec, tmp_path / "m.fsm", provenance={"purpose": "test"})
-    m = read_fsm(path)
-    assert m.latent_dim == 5 and m.n_pixels == 19000 and m.output_scale == 1.05 and m.weight_dtype == 1
+    m, layers, provenance = read_model(path)
+    assert m.latent_dim == 5 and m.n_pixels == 19000 and m.output_scale == 1.05 and m.weight_dtype == "f32"
     assert [lab["name"] for lab in m.labels] == [lab.name for lab in STANDARD_LABELS]
     labels = random_labels(rng, 7)
     z = rng.normal(size=(7, 5)).astype(np.float32)
     ref64 = torch_flux(dec, labels, z, torch.float64)  # same f32 weights, float64 arithmetic
-    np.testing.assert_allclose(m.forward(labels, z), ref64, rtol=1e-6, atol=1e-7)  # labels normalised in f32 by torch
+    ref_file = reference_forward(layers, labels, z, latent_dim=5, output_scale=m.output_scale, output_offset=m.output_offset)
+    np.testing.assert_allclose(ref_file, ref64, rtol=1e-6, atol=1e-7)  # labels normalised in f32 by torch
     got32 = torch_flux(dec, labels, z)
     assert np.max(np.abs(got32 - ref64) / np.abs(ref64)) < 1e-5
     for key in ("git_revision", "created", "torch_version", "broadening", "purpose"):
-        assert key in m.provenance
+        assert key in provenance
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_reduced_precision_weights_are_the_quantised_ones(tmp_path, dtype):
     dec = trained_like_decoder(seed=3)
-    m = read_fsm(export_decoder(dec, tmp_path / f"m_{dtype}.fsm", weight_dtype=dtype))
-    mf = model_format()
-    for (w, b, _), layer in zip(m.layers, dec.layers):
-        np.testing.assert_array_equal(w, mf.quantize(layer.weight.detach().numpy(), dtype).astype(np.float64))
-        np.testing.assert_array_equal(b, layer.bias.detach().numpy().astype(np.float64))
+    m, layers, _ = read_model(export_decoder(dec, tmp_path / f"m_{dtype}.fsm", weight_dtype=dtype))
+    assert m.weight_dtype == dtype
+    for stored, layer in zip(layers, dec.layers):
+        np.testing.assert_array_equal(stored.weight, mf.quantize(layer.weight.detach().numpy(), dtype))
+        np.testing.assert_array_equal(stored.bias, layer.bias.detach().numpy())
 
 
 def test_torch_decoder_and_cpp_core_agree(tmp_path):
     """The acceptance check of the export: the C++ core on the exported f32 file vs the torch decoder."""
-    from fastspec import _core
-
     rng = np.random.default_rng()
     dec = trained_like_decoder(seed=int(rng.integers(1 << 30)))
     path = export_decoder(dec, tmp_path / "m.fsm")
@@ -98,10 +106,38 @@ def test_export_run_provenance(tmp_path):
     write_synthetic(data, n=60)
     run = tmp_path / "run"
     train(tiny_config(max_epochs=1), data, run, quiet=True)
-    m = read_fsm(export_run(run, tmp_path / "run.fsm", weight_dtype="f16"))
-    p = m.provenance
+    m, _, p = read_model(export_run(run, tmp_path / "run.fsm", weight_dtype="f16"))
     assert p["training_data"]["path"] == str(data) and len(p["training_data"]["sha256"]) == 64
     assert p["epochs"] == 1 and p["config"]["name"] == "tiny" and p["val_reconstruction_mse"] > 0
     assert p["split"]["split_seed"] == tiny_config().data.split_seed
-    assert m.weight_dtype == 2 and m.n_pixels == 1500 and m.wavelength_start == 4450.0
+    assert m.weight_dtype == "f16" and m.n_pixels == 1500 and m.wavelength_start == 4450.0
     json.dumps(p)
+
+
+def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
+    import h5py
+
+    from fastspec_train.accuracy import accuracy_report, write_testset
+    from fastspec_train.data import SpectraFile, split_indices
+
+    data = tmp_path / "syn.h5"
+    write_synthetic(data, n=80)
+    train(tiny_config(max_epochs=1), data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    split = tiny_config().data
+    expected = split_indices(SpectraFile(data).labels, split.val_fraction, split.test_fraction, split.split_seed)["test"]
+
+    report = accuracy_report(model, data, tmp_path / "acc", draws=3, seed=5, compare=model)
+    assert report["n_test_stars"] == len(expected) > 0 and report["backend"] == "fastspec._core"
+    assert 0 < report["overall"]["median_abs_dF"] < 1 and report["compare"]["max_abs_diff"] == 0
+    assert (tmp_path / "acc" / "accuracy.md").read_text().count("| all |") == 1
+
+    testset = write_testset(model, data, tmp_path / "test.h5", draws=3, seed=5)
+    with h5py.File(testset) as f:
+        assert sorted(set(f["source_rows"][:].tolist())) == sorted(expected.tolist())
+        assert f["flux"].shape == (3 * len(expected), 1500) and list(f["labels"].attrs["names"]) == [
+            lab.name for lab in STANDARD_LABELS]
+        flux, labels = f["flux"][:], f["labels"][:]
+    # The model's error on the written spectra is the one the report gives.
+    pred = _core.Decoder(_core.Model.load(str(model))).forward(np.ascontiguousarray(labels))
+    assert np.isclose(np.median(np.abs(pred - flux)), report["overall"]["median_abs_dF"], rtol=1e-3)

@@ -18,7 +18,6 @@ import torch
 
 from .broadening import Broadener
 from .data import SpectraFile, physical_labels, sha256_file, split_indices
-from .fsm_reader import read_fsm
 from .labels import LABEL_NAMES, STANDARD_LABELS
 
 VSINI_BINS = [0.0, 10.0, 50.0, 100.0, 200.0, 300.0]
@@ -26,17 +25,12 @@ R_BINS = [1000.0, 3000.0, 10000.0, 30000.0, 115000.0]
 
 
 def _predictor(model_path: Path):
-    """z = 0 flux from the C++ core when it is built, else the float64 NumPy forward pass of the file."""
-    try:
-        from fastspec import _core  # noqa: F401
+    """z = 0 flux of the model file, from the C++ core (the one reader of model files)."""
+    from fastspec import _core
 
-        m = _core.Model.load(str(model_path))
-        d = _core.Decoder(m, threads=1)
-        return (lambda labels: np.asarray(d.forward(np.ascontiguousarray(labels, dtype=np.float64), z=None,
-                                                    clip=False), dtype=np.float64)), "fastspec._core"
-    except ImportError:
-        model = read_fsm(model_path)
-        return model.forward, "numpy float64 (fastspec_train.fsm_reader)"
+    d = _core.Decoder(_core.Model.load(str(model_path)), threads=1)
+    return (lambda labels: np.asarray(d.forward(np.ascontiguousarray(labels, dtype=np.float64), z=None,
+                                                clip=False), dtype=np.float64)), "fastspec._core"
 
 
 def test_draws(n_spectra: int, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -56,7 +50,9 @@ def test_draws(n_spectra: int, draws: int, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def _test_rows(model_path: Path, data: str | Path | None):
-    prov = read_fsm(model_path).provenance
+    from fastspec import _core
+
+    prov = json.loads(_core.Model.load(str(model_path)).provenance)
     data = Path(data) if data else Path(prov["training_data"]["path"])
     sf = SpectraFile(data)
     sp = prov.get("split")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._fsm import model_format
+from fastspec import model_format as mf
 from .broadening import EPSILON
 from .config import from_dict
 from .labels import LABEL_NAMES, STANDARD_LABELS
@@ -33,7 +33,6 @@ def git_revision(cwd: Path | None = None) -> str:
 
 
 def decoder_layers(decoder: Decoder) -> list:
-    mf = model_format()
     n = len(decoder.layers)
     return [mf.Layer(layer.weight.detach().cpu().numpy().astype(np.float32),
                      layer.bias.detach().cpu().numpy().astype(np.float32),
@@ -43,7 +42,6 @@ def decoder_layers(decoder: Decoder) -> list:
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
                    wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None) -> Path:
     """Write `decoder` as a model file. The decoder must take [z, 6 standard labels] (normalised)."""
-    mf = model_format()
     n_pixels = decoder.layers[-1].out_features
     if decoder.layers[0].in_features != decoder.latent + len(STANDARD_LABELS):
         raise ValueError(f"decoder takes {decoder.layers[0].in_features} inputs, expected latent "

@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._fsm import model_format
+from fastspec import model_format as _mf
 
-_mf = model_format()
 STANDARD_LABELS = _mf.STANDARD_LABELS
 LABEL_NAMES = tuple(label.name for label in STANDARD_LABELS)  # teff, logg, vsini, mh, vmic, resolution
 WAVELENGTH = _mf.STANDARD_WAVELENGTH

@@ -31,11 +31,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .._fsm import model_format
+from fastspec import model_format as _MF
 from . import atmospheres, linelist, rotin, synspec
 from .fetch import GridSetupError
 
-_MF = model_format()  # the model's labels and grid: the one source of truth (docs/model-format.md)
 _RANGE = {label.name: (label.min, label.max) for label in _MF.STANDARD_LABELS}
 
 LABEL_NAMES = ("teff", "logg", "mh", "vmic")
