@@ -8,15 +8,10 @@ import pytest
 
 import fastspec
 from fastspec import _core
+from test_core import random_labels
 
 SUN = [5777.0, 4.44, 2.0, 0.0, 1.0, 50000.0]
 NAMES = ("teff", "logg", "vsini", "mh", "vmic", "resolution")
-
-
-def random_labels(decoder, n, rng):
-    lo = np.array([decoder.label_ranges[k][0] for k in NAMES])
-    hi = np.array([decoder.label_ranges[k][1] for k in NAMES])
-    return lo + (hi - lo) * rng.random((n, len(NAMES)))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +21,7 @@ def decoder(small_model):
 
 def test_matches_core_for_arrays_lists_and_keywords(decoder, small_model):
     rng = np.random.default_rng()
-    labels = random_labels(decoder, 5, rng)
+    labels = random_labels(rng, 5)
     core = _core.Decoder(_core.Model.load(str(small_model)))
     expected = core.forward(np.ascontiguousarray(labels))
 
