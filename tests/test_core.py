@@ -133,7 +133,8 @@ def test_model_properties(tmp_path):
     assert (m.output_scale, m.output_offset) == (1.5, -0.25)
     assert '"epochs": 7' in m.provenance
     assert [lab["name"] for lab in m.labels] == [lab.name for lab in mf.STANDARD_LABELS]
-    assert m.labels[5] == {"name": "resolution", "unit": "", "min": 1000.0, "max": 115000.0, "scaling": "log10"}
+    assert m.labels[5] == {"name": "resolution", "unit": "", "min": 1000.0, "max": 115000.0, "scaling": "log10",
+                           "role": "network"}
     assert m.labels[0]["unit"] == "K"
     assert m.layers == [{"in": 11, "out": 20, "activation": "relu"}, {"in": 20, "out": 77, "activation": "sigmoid"}]
     wl = m.wavelength()

@@ -19,10 +19,17 @@ LABELS_AT = mf.HEADER_BYTES
 LAYERS_AT = LABELS_AT + mf.LABEL_RECORD_BYTES * N_LABELS
 
 
-def small_model_bytes(weight_dtype="f32", provenance=None) -> bytes:
+def small_model_bytes(weight_dtype="f32", provenance=None, format_version=1) -> bytes:
     layers = mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, seed=5)
-    return mf.model_bytes(layers, latent_dim=LATENT, weight_dtype=weight_dtype,
+    return mf.model_bytes(layers, latent_dim=LATENT, weight_dtype=weight_dtype, format_version=format_version,
                           wavelength=(4450.0, 0.05, N_PIXELS, "air"), provenance=provenance or {"note": "tiny"})
+
+
+def intrinsic_model_bytes() -> bytes:
+    """Version 2: a 4-label network followed by the broadening stage."""
+    layers = mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, n_labels=4, seed=5)
+    return mf.model_bytes(layers, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, broadening=mf.BroadeningStage(0.6, 3),
+                          wavelength=(4450.0, 0.05, N_PIXELS, "air"), provenance={"note": "tiny v2"})
 
 
 def with_crc(data: bytes | bytearray) -> bytes:
@@ -116,7 +123,8 @@ def test_specific_field_errors(tmp_path):
     layer1 = LAYERS_AT + mf.LAYER_RECORD_BYTES  # second layer record
     last = LAYERS_AT + 2 * mf.LAYER_RECORD_BYTES
     expect_rejected(p, with_crc(b"XSPECMDL" + data[8:]), "bad magic")
-    expect_rejected(p, patched(data, 8, "<I", 2), "format version 2 is not supported; this reader knows version 1")
+    expect_rejected(p, patched(data, 8, "<I", 3), "format version 3 is not supported; this reader knows versions 1-2")
+    expect_rejected(p, patched(data, 8, "<I", 0), "format version 0 is not supported")
     expect_rejected(p, patched(data, 12, "<I", 64), "header_bytes is 64")
     expect_rejected(p, patched(data, 16, "<Q", 41234560), "truncated: header says 41234560 bytes, file has")
     expect_rejected(p, patched(data, 24, "<I", 0), "n_labels = 0")
@@ -146,7 +154,7 @@ def test_specific_field_errors(tmp_path):
     expect_rejected(p, patched(data, LABELS_AT + 64, "<d", 0.0), "norm_scale")
     expect_rejected(p, patched(data, LABELS_AT + 52, "<I", 1), "reserved")
     # layer records: dims, activations, sizes and offsets that lie
-    expect_rejected(p, patched(data, LAYERS_AT, "<I", LATENT + N_LABELS + 1), "layer 0: in = 10 but latent_dim + n_labels is 9")
+    expect_rejected(p, patched(data, LAYERS_AT, "<I", LATENT + N_LABELS + 1), "layer 0: in = 10 but latent_dim + network labels is 9")
     expect_rejected(p, patched(data, layer1, "<I", 6), "layer 1: in = 6 but the previous layer's out is 5")
     expect_rejected(p, patched(data, LAYERS_AT + 8, "<I", 2), "layer 0: activation = 2")
     expect_rejected(p, patched(data, last + 8, "<I", 1), "activation = 1, expected 2")
@@ -160,6 +168,51 @@ def test_specific_field_errors(tmp_path):
     w1 = struct.unpack_from("<Q", data, layer1 + 16)[0]
     expect_rejected(p, patched(data, LAYERS_AT + 16, "<Q", w1), "overlap")
     expect_rejected(p, patched(data, LAYERS_AT + 12, "<I", 7), "reserved")
+
+
+def test_version_2_broadening_stage(tmp_path):
+    data = intrinsic_model_bytes()
+    p = tmp_path / "v2.fsm"
+    p.write_bytes(data)
+    m = _core.Model.load(str(p))
+    assert (m.format_version, m.n_labels, m.n_network_labels) == (2, 6, 4)
+    assert m.broadening == {"epsilon": 0.6, "segments": 3, "vsini_label": "vsini", "resolution_label": "resolution"}
+    assert [lab["role"] for lab in m.labels] == ["network", "network", "vsini", "network", "network", "resolution"]
+    assert m.layers[0]["in"] == LATENT + 4
+    role = lambda i: LABELS_AT + mf.LABEL_RECORD_BYTES * i + 52  # noqa: E731
+    expect_rejected(p, patched(data, 68, "<I", 2), "broadening = 2 is unknown")
+    expect_rejected(p, patched(data, 104, "<d", 1.5), "limb darkening epsilon = 1.5")
+    expect_rejected(p, patched(data, 104, "<d", float("nan")), "limb darkening epsilon")
+    expect_rejected(p, patched(data, 112, "<I", 0), "segments = 0")
+    expect_rejected(p, patched(data, 112, "<I", 5000), "segments = 5000")
+    expect_rejected(p, patched(data, 120, "<B", 1), "reserved header bytes 116-127")
+    expect_rejected(p, patched(data, 68, "<I", 0), "broadening = 0 but header bytes 104-127 are not zero")
+    expect_rejected(p, patched(data, role(0), "<I", 3), "role = 3 is unknown")
+    expect_rejected(p, patched(data, role(3), "<I", 1), "exactly one label with role vsini, the file has 2")
+    expect_rejected(p, patched(data, role(5), "<I", 0), "exactly one label with role resolution, the file has 0")
+    expect_rejected(p, patched(data, LABELS_AT + mf.LABEL_RECORD_BYTES * 2 + 32, "<d", -1.0), "must lie in [0, 3000]")
+    expect_rejected(p, patched(data, LABELS_AT + mf.LABEL_RECORD_BYTES * 5 + 32, "<d", 5.0), "min = 5 must be >= 10")
+    # Roles and the stage are version 2: the same fields in a version-1 file are reserved.
+    expect_rejected(p, patched(data, 8, "<I", 1), "reserved header field at offset 68")
+    v1 = small_model_bytes()
+    expect_rejected(p, patched(v1, role(2), "<I", 1), "reserved bytes are not zero")
+    v2_plain = small_model_bytes(format_version=2)  # version 2 without a stage: every label is a network input
+    expect_rejected(p, patched(v2_plain, role(2), "<I", 1), "has role vsini but the file has no broadening stage")
+    p.write_bytes(v2_plain)
+    assert _core.Model.load(str(p)).broadening is None
+
+
+def test_writer_refuses_inconsistent_stages():
+    layers4 = mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, n_labels=4, seed=5)
+    grid = (4450.0, 0.05, N_PIXELS, "air")
+    with pytest.raises(ValueError, match="need a broadening stage"):
+        mf.model_bytes(layers4, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, wavelength=grid)
+    with pytest.raises(ValueError, match="needs format version 2"):
+        mf.model_bytes(layers4, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, wavelength=grid,
+                       broadening=mf.BroadeningStage(), format_version=1)
+    with pytest.raises(ValueError, match="exactly one vsini and one resolution"):
+        mf.model_bytes(mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, seed=5), latent_dim=LATENT,
+                       wavelength=grid, broadening=mf.BroadeningStage())
 
 
 def test_provenance_must_be_utf8(tmp_path):

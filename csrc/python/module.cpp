@@ -10,6 +10,7 @@
 #include "fastspec/fastspec.hpp"
 
 namespace py = pybind11;
+using fastspec::Broadening;
 using fastspec::Decoder;
 using fastspec::Model;
 
@@ -92,6 +93,34 @@ py::tuple forward_jacobian(const Decoder& d, const py::object& labels_obj, const
     return py::make_tuple(out, jac);
 }
 
+// Broadening::apply over the rows of flux (N, P) with per-row (or scalar) vsini and resolution; returns out, or
+// (out, d_vsini, d_resolution) with derivatives.
+py::object broaden(const Broadening& b, const py::object& flux_obj, const py::object& vsini_obj,
+                   const py::object& resolution_obj, bool derivatives) {
+    if (!py::isinstance<py::array>(flux_obj)) checked<float>(flux_obj, "flux", {});
+    const auto fa = py::reinterpret_borrow<py::array>(flux_obj);
+    if (fa.ndim() != 2) throw py::value_error("flux must be 2-D (N, " + std::to_string(b.n_pixels()) + ")");
+    const py::ssize_t n = fa.shape(0), np = py::ssize_t(b.n_pixels());
+    auto flux = checked<float>(flux_obj, "flux", {n, np});
+    auto vsini = checked<double>(vsini_obj, "vsini", {n});
+    auto resolution = checked<double>(resolution_obj, "resolution", {n});
+    carray<float> out({n, np});
+    std::optional<carray<float>> dv, dr;
+    if (derivatives) dv.emplace(std::vector<py::ssize_t>{n, np}), dr.emplace(std::vector<py::ssize_t>{n, np});
+    const float* fp = flux.data();
+    const double *vp = vsini.data(), *rp = resolution.data();
+    float* op = out.mutable_data();
+    float* dvp = dv ? dv->mutable_data() : nullptr;
+    float* drp = dr ? dr->mutable_data() : nullptr;
+    {
+        py::gil_scoped_release release;
+        for (py::ssize_t i = 0; i < n; ++i)
+            b.apply(fp + i * np, vp[i], rp[i], op + i * np, dvp ? dvp + i * np : nullptr, drp ? drp + i * np : nullptr);
+    }
+    if (!derivatives) return out;
+    return py::make_tuple(out, *dv, *dr);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -115,7 +144,17 @@ PYBIND11_MODULE(_core, mod) {
         .def_static("load", &Model::load, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
                     "Read and validate a model file. ValueError if invalid, OSError if unreadable.")
         .def_property_readonly("path", &Model::path)
+        .def_property_readonly("format_version", &Model::format_version)
         .def_property_readonly("n_labels", &Model::n_labels)
+        .def_property_readonly("n_network_labels", &Model::n_network_labels)
+        .def_property_readonly("broadening",
+                               [](const Model& m) -> py::object {
+                                   const auto& b = m.broadening();
+                                   if (!b.enabled) return py::none();
+                                   return py::dict(py::arg("epsilon") = b.epsilon, py::arg("segments") = b.segments,
+                                                   py::arg("vsini_label") = m.labels()[b.vsini_label].name,
+                                                   py::arg("resolution_label") = m.labels()[b.resolution_label].name);
+                               }, "None, or the broadening stage: {'epsilon', 'segments', 'vsini_label', 'resolution_label'}.")
         .def_property_readonly("latent_dim", &Model::latent_dim)
         .def_property_readonly("n_pixels", &Model::n_pixels)
         .def_property_readonly("wavelength_start", &Model::wavelength_start)
@@ -132,7 +171,8 @@ PYBIND11_MODULE(_core, mod) {
                                    for (const auto& l : m.labels())
                                        out.append(py::dict(py::arg("name") = l.name, py::arg("unit") = l.unit,
                                                            py::arg("min") = l.min, py::arg("max") = l.max,
-                                                           py::arg("scaling") = fastspec::to_string(l.scaling)));
+                                                           py::arg("scaling") = fastspec::to_string(l.scaling),
+                                                           py::arg("role") = fastspec::to_string(l.role)));
                                    return out;
                                })
         .def_property_readonly("layers",
@@ -185,6 +225,18 @@ PYBIND11_MODULE(_core, mod) {
              "Like forward, plus dF/d(labels) in physical units: returns (flux float32 (N, n_pixels),\n"
              "jac float32 (N, n_pixels, n_labels)), into out/jac when given (C-contiguous float32).\n"
              "Clamped labels (clip=True) have derivative 0.");
+
+    py::class_<Broadening>(mod, "Broadening",
+                           "Rotation (linear limb darkening epsilon) then a Gaussian of FWHM = lambda/R on a uniform grid:\n"
+                           "the broadening stage of version-2 models, on its own. Thread-safe; releases the GIL.")
+        .def(py::init<double, double, std::size_t, double, int, double, double>(), py::arg("wavelength_start"),
+             py::arg("wavelength_step"), py::arg("n_pixels"), py::arg("epsilon") = 0.6, py::arg("segments") = 8,
+             py::arg("max_vsini") = 300.0, py::arg("min_resolution") = 1000.0)
+        .def(py::init<const Model&>(), py::arg("model"), "The broadening stage of a version-2 model.")
+        .def_property_readonly("n_pixels", &Broadening::n_pixels)
+        .def("apply", &broaden, py::arg("flux"), py::arg("vsini"), py::arg("resolution"), py::arg("derivatives") = false,
+             "flux: C-contiguous float32 (N, n_pixels); vsini, resolution: float64 (N,). Returns the broadened flux,\n"
+             "or (flux, d flux/d vsini, d flux/d resolution) with derivatives=True.");
 
     mod.def("cuda_available", &fastspec::cuda_available, "False: the CUDA backend is not built yet.");
     mod.def("build_info", [] {

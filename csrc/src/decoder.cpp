@@ -2,47 +2,52 @@
 #include <algorithm>
 #include <mutex>
 
-#include "internal.hpp"
+#include "decoder_impl.hpp"
 
 namespace fastspec {
 
-namespace {
-// Buffers for one forward pass over up to max_chunk rows: the input rows and two ping-pong
-// buffers for the hidden activations. The last layer writes straight into the caller's output.
-struct Workspace {
-    std::vector<float> input, a, b;
-};
-}  // namespace
-
-struct Decoder::Impl {
-    Impl(Model m, DecoderOptions o) : model(std::move(m)), options(o) {}
-    Model model;
-    DecoderOptions options;
-    std::size_t widest_hidden = 0;
-    bool direct16 = false;
-    mutable std::mutex pool_mutex;
-    mutable std::vector<std::unique_ptr<Workspace>> pool;  // idle workspaces, reused across calls
-
-    std::unique_ptr<Workspace> acquire() const {
-        {
-            std::lock_guard<std::mutex> lock(pool_mutex);
-            if (!pool.empty()) {
-                auto ws = std::move(pool.back());
-                pool.pop_back();
-                return ws;
-            }
-        }
-        auto ws = std::make_unique<Workspace>();
-        ws->input.resize(options.max_chunk * model.input_dim());
-        ws->a.resize(options.max_chunk * widest_hidden);
-        ws->b.resize(options.max_chunk * widest_hidden);
-        return ws;
+Decoder::Impl::Impl(Model m, DecoderOptions o) : model(std::move(m)), options(o) {
+    const BroadeningInfo& b = model.broadening();
+    if (b.enabled) {
+        const auto& labels = model.labels();
+        stage.emplace(model.wavelength_start(), model.wavelength_step(), model.n_pixels(), b.epsilon, b.segments,
+                      labels[b.vsini_label].max, labels[b.resolution_label].min);
     }
-    void release(std::unique_ptr<Workspace> ws) const {
+}
+
+std::unique_ptr<DecoderWorkspace> Decoder::Impl::acquire() const {
+    {
         std::lock_guard<std::mutex> lock(pool_mutex);
-        pool.push_back(std::move(ws));
+        if (!pool.empty()) {
+            auto ws = std::move(pool.back());
+            pool.pop_back();
+            return ws;
+        }
     }
-};
+    auto ws = std::make_unique<DecoderWorkspace>();
+    ws->input.resize(options.max_chunk * model.input_dim());
+    ws->a.resize(options.max_chunk * widest_hidden);
+    ws->b.resize(options.max_chunk * widest_hidden);
+    return ws;
+}
+
+void Decoder::Impl::release(std::unique_ptr<DecoderWorkspace> ws) const {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    pool.push_back(std::move(ws));
+}
+
+void Decoder::Impl::broadening_labels(const double* labels, std::size_t r, bool clip, double& vsini,
+                                      double& resolution) const {
+    const BroadeningInfo& b = model.broadening();
+    const auto& info = model.labels();
+    const std::size_t nl = model.n_labels();
+    vsini = labels[r * nl + b.vsini_label];
+    resolution = labels[r * nl + b.resolution_label];
+    if (clip) {
+        vsini = std::clamp(vsini, info[b.vsini_label].min, info[b.vsini_label].max);
+        resolution = std::clamp(resolution, info[b.resolution_label].min, info[b.resolution_label].max);
+    }
+}
 
 Decoder::Decoder(Model model, DecoderOptions options) {
     if (options.threads < 1) throw Error("DecoderOptions.threads = " + std::to_string(options.threads) + " must be >= 1");
@@ -65,38 +70,53 @@ const Model& Decoder::model() const { return impl_->model; }
 const DecoderOptions& Decoder::options() const { return impl_->options; }
 bool Decoder::uses_direct_16bit() const { return impl_->direct16; }
 
+void Decoder::Impl::run_network(const double* labels, std::size_t n, float* out, const float* z, bool clip,
+                                DecoderWorkspace& ws) const {
+    const Model& m = model;
+    const auto& layers = m.layers();
+    const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), chunk = options.max_chunk;
+    const float scale = float(m.output_scale()), offset = float(m.output_offset());
+    const bool use16 = direct16 && n == 1, bf16 = m.weight_dtype() == WeightDtype::bf16;
+    for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
+        const std::size_t rows = std::min(chunk, n - r0);
+        detail::make_input_rows(m, labels + r0 * nl, z ? z + r0 * nz : nullptr, rows, clip, ws.input.data());
+        const float* x = ws.input.data();
+        float* bufs[2] = {ws.a.data(), ws.b.data()};
+        for (std::size_t k = 0; k < layers.size(); ++k) {
+            const LayerInfo& L = layers[k];
+            const bool last = k + 1 == layers.size();
+            float* y = last ? out + r0 * np : bufs[k % 2];
+            if (use16 && last)
+                detail::cpu::dense_sigmoid_output_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out, scale,
+                                                     offset, y);
+            else if (use16)
+                detail::cpu::dense_relu_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out, y);
+            else if (last)
+                detail::cpu::dense_sigmoid_output(x, rows, m.weights(k), m.biases(k), L.in, L.out, scale, offset, y);
+            else
+                detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, y);
+            x = y;
+        }
+    }
+}
+
 void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip) const {
     if (n == 0) return;
     if (!labels || !out) throw InputError("forward: labels and out must not be null");
     const Model& m = impl_->model;
     detail::validate_inputs(m, labels, n, z, clip);  // everything, before any output is written
     detail::cpu::ensure_blas_threads(impl_->options.threads);
-
-    const auto& layers = m.layers();
-    const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), chunk = impl_->options.max_chunk;
-    const float scale = float(m.output_scale()), offset = float(m.output_offset());
-    const bool direct16 = impl_->direct16 && n == 1, bf16 = m.weight_dtype() == WeightDtype::bf16;
     auto ws = impl_->acquire();
     try {
-        for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
-            const std::size_t rows = std::min(chunk, n - r0);
-            detail::make_input_rows(m, labels + r0 * nl, z ? z + r0 * nz : nullptr, rows, clip, ws->input.data());
-            const float* x = ws->input.data();
-            float* bufs[2] = {ws->a.data(), ws->b.data()};
-            for (std::size_t k = 0; k < layers.size(); ++k) {
-                const LayerInfo& L = layers[k];
-                const bool last = k + 1 == layers.size();
-                float* y = last ? out + r0 * np : bufs[k % 2];
-                if (direct16 && last)
-                    detail::cpu::dense_sigmoid_output_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out,
-                                                         scale, offset, y);
-                else if (direct16)
-                    detail::cpu::dense_relu_16(x, m.stored_weights16(k), bf16, m.biases(k), L.in, L.out, y);
-                else if (last)
-                    detail::cpu::dense_sigmoid_output(x, rows, m.weights(k), m.biases(k), L.in, L.out, scale, offset, y);
-                else
-                    detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, y);
-                x = y;
+        impl_->run_network(labels, n, out, z, clip, *ws);
+        if (impl_->stage) {  // the network gave the intrinsic spectra: broaden each row in place
+            const std::size_t np = m.n_pixels();
+            for (std::size_t r = 0; r < n; ++r) {
+                double vsini, resolution;
+                impl_->broadening_labels(labels, r, clip, vsini, resolution);
+                impl_->stage->make_kernels(vsini, resolution, false, ws->kernels);
+                impl_->stage->apply(ws->kernels, detail::BroadeningStage::Which::flux, out + r * np, out + r * np,
+                                    ws->broadening_scratch);
             }
         }
     } catch (...) {

@@ -16,7 +16,7 @@ std::uint32_t crc32(const std::uint8_t* data, std::size_t n);
 // validate_inputs throws InputError for the first bad label (or z entry); it reads everything
 // and writes nothing, so forward() can check all rows before producing any output.
 void validate_inputs(const Model& model, const double* labels, std::size_t n, const float* z, bool clip);
-// Writes rows [z | normalised labels] of the decoder input, row-major with input_dim() columns.
+// Writes rows [z | normalised network labels] of the decoder input, row-major with input_dim() columns.
 // Labels are clamped to the range when clip is true (validate_inputs already ran).
 void make_input_rows(const Model& model, const double* labels, const float* z, std::size_t rows, bool clip,
                      float* dst);

@@ -39,19 +39,21 @@ void validate_inputs(const Model& model, const double* labels, std::size_t n, co
 void make_input_rows(const Model& model, const double* labels, const float* z, std::size_t rows, bool clip,
                      float* dst) {
     const auto& info = model.labels();
-    const std::size_t nl = info.size(), nz = model.latent_dim(), width = nz + nl;
+    const std::size_t nl = info.size(), nz = model.latent_dim(), width = model.input_dim();
     for (std::size_t r = 0; r < rows; ++r) {
         float* row = dst + r * width;
         if (z)
             std::copy(z + r * nz, z + (r + 1) * nz, row);
         else
             std::fill(row, row + nz, 0.0f);
+        std::size_t col = nz;
         for (std::size_t j = 0; j < nl; ++j) {
             const LabelInfo& l = info[j];
+            if (l.role != LabelRole::network) continue;  // v sin i and R of a broadening stage
             double v = labels[r * nl + j];
             if (clip) v = std::clamp(v, l.min, l.max);
             const double s = l.scaling == Scaling::log10 ? std::log10(v) : v;
-            row[nz + j] = float((s - l.norm_offset) / l.norm_scale);
+            row[col++] = float((s - l.norm_offset) / l.norm_scale);
         }
     }
 }

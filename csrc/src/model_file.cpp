@@ -1,4 +1,4 @@
-// Reader of the version-1 model file (docs/model-format.md).
+// Reader of the model file, versions 1 and 2 (docs/model-format.md).
 //
 // The whole file is read into memory, then every field is checked before any weight is used:
 // nothing is read outside the buffer (all offsets/sizes are range-checked with overflow-free
@@ -21,8 +21,11 @@ namespace fastspec {
 
 struct Model::Impl {
     std::string path;
+    int format_version = 1;
     std::vector<LabelInfo> labels;
     std::vector<LayerInfo> layers;
+    BroadeningInfo broadening;
+    std::size_t n_network_labels = 0;
     std::size_t latent_dim = 0, n_pixels = 0;
     double wl_start = 0, wl_step = 0, output_scale = 1, output_offset = 0;
     Medium medium = Medium::air;
@@ -36,7 +39,7 @@ namespace {
 
 constexpr char kMagic[8] = {'F', 'S', 'P', 'E', 'C', 'M', 'D', 'L'};
 constexpr char kTrailer[4] = {'F', 'E', 'N', 'D'};
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kOldestVersion = 1, kVersion = 2;
 constexpr std::uint64_t kHeaderBytes = 128, kLabelBytes = 80, kLayerBytes = 48, kTrailerBytes = 8;
 constexpr std::uint64_t kAlign = 64;
 constexpr std::uint64_t kMaxLabels = 64, kMaxLatent = 4096, kMaxLayers = 64, kMaxDim = 1u << 20;
@@ -162,7 +165,8 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         fail("truncated: ", size, " bytes is smaller than a header and a trailer (", kHeaderBytes + kTrailerBytes, ")");
     if (std::memcmp(h, kMagic, 8) != 0) fail("not a fastspec model file (bad magic; expected \"FSPECMDL\")");
     const std::uint32_t version = u32(h + 8);
-    if (version != kVersion) fail("format version ", version, " is not supported; this reader knows version ", kVersion);
+    if (version < kOldestVersion || version > kVersion)
+        fail("format version ", version, " is not supported; this reader knows versions ", kOldestVersion, "-", kVersion);
     if (u32(h + 12) != kHeaderBytes) fail("header_bytes is ", u32(h + 12), ", expected ", kHeaderBytes);
     const std::uint64_t file_bytes = u64(h + 16);
     if (file_bytes > size) fail("truncated: header says ", file_bytes, " bytes, file has ", size);
@@ -179,6 +183,7 @@ std::shared_ptr<Model::Impl> Reader::parse() {
 
     auto m = std::make_shared<Model::Impl>();
     m->path = path_;
+    m->format_version = int(version);
     const std::uint64_t n_labels = u32(h + 24), latent = u32(h + 28), n_layers = u32(h + 32);
     const std::uint32_t dtype = u32(h + 36);
     if (n_labels < 1 || n_labels > kMaxLabels) fail("n_labels = ", n_labels, " is outside [1, ", kMaxLabels, "]");
@@ -197,12 +202,26 @@ std::shared_ptr<Model::Impl> Reader::parse() {
     if (medium != 1 && medium != 2) fail("wavelength_medium = ", medium, " is unknown (1 = air, 2 = vacuum)");
     m->medium = Medium(medium);
     if (u32(h + 64) != 1) fail("output_transform = ", u32(h + 64), " is unknown (1 = scale * sigmoid + offset)");
-    if (u32(h + 68) != 0) fail("reserved header field at offset 68 is not zero");
+    // Version 2: the broadening stage (offset 68: 0 = none, 1 = rotation then Gaussian; 104: epsilon; 112: segments).
+    const std::uint32_t broadening = u32(h + 68);
+    if (version == 1 && broadening != 0) fail("reserved header field at offset 68 is not zero");
+    if (broadening > 1) fail("broadening = ", broadening, " is unknown (0 = none, 1 = rotation then Gaussian)");
     m->output_scale = f64(h + 72);
     m->output_offset = f64(h + 80);
     if (!std::isfinite(m->output_scale) || m->output_scale == 0) fail("output_scale = ", m->output_scale, " must be finite and non-zero");
     if (!std::isfinite(m->output_offset)) fail("output_offset = ", m->output_offset, " is not finite");
-    if (!all_zero(h + 104, 24)) fail("reserved header bytes 104-127 are not zero");
+    if (broadening == 0 && !all_zero(h + 104, 24))
+        fail(version == 1 ? "reserved header bytes 104-127 are not zero" : "broadening = 0 but header bytes 104-127 are not zero");
+    if (broadening == 1) {
+        m->broadening.enabled = true;
+        m->broadening.epsilon = f64(h + 104);
+        if (!(m->broadening.epsilon >= 0 && m->broadening.epsilon <= 1))
+            fail("limb darkening epsilon = ", m->broadening.epsilon, " is not in [0, 1]");
+        const std::uint32_t segments = u32(h + 112);
+        if (segments < 1 || segments > 4096) fail("broadening segments = ", segments, " is not in [1, 4096]");
+        m->broadening.segments = int(segments);
+        if (!all_zero(h + 116, 12)) fail("reserved header bytes 116-127 are not zero");
+    }
 
     // Tables: sizes are small (limits above), so this arithmetic cannot overflow.
     const std::uint64_t labels_at = kHeaderBytes, layers_at = labels_at + kLabelBytes * n_labels;
@@ -234,19 +253,39 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         if (scaling != 1 && scaling != 2) fail("label '", l.name, "': scaling = ", scaling, " is unknown (1 = linear, 2 = log10)");
         l.scaling = Scaling(scaling);
         if (l.scaling == Scaling::log10 && !(l.min > 0)) fail("label '", l.name, "': log10 scaling needs min > 0, min is ", l.min);
-        if (u32(r + 52) != 0 || !all_zero(r + 72, 8)) fail("label '", l.name, "': reserved bytes are not zero");
+        const std::uint32_t role = u32(r + 52);  // reserved (0) in version 1
+        if ((version == 1 && role != 0) || !all_zero(r + 72, 8)) fail("label '", l.name, "': reserved bytes are not zero");
+        if (role > 2) fail("label '", l.name, "': role = ", role, " is unknown (0 = network, 1 = vsini, 2 = resolution)");
+        l.role = LabelRole(role);
         l.norm_offset = f64(r + 56);
         l.norm_scale = f64(r + 64);
         if (!std::isfinite(l.norm_offset)) fail("label '", l.name, "': norm_offset = ", l.norm_offset, " is not finite");
         if (!std::isfinite(l.norm_scale) || l.norm_scale == 0) fail("label '", l.name, "': norm_scale = ", l.norm_scale, " must be finite and non-zero");
+        if (l.role == LabelRole::network) ++m->n_network_labels;
         m->labels.push_back(std::move(l));
+    }
+    // The broadening stage takes exactly one v sin i and one R label; without it every label feeds the network.
+    for (LabelRole role : {LabelRole::vsini, LabelRole::resolution}) {
+        std::size_t count = 0, at = 0;
+        for (std::size_t i = 0; i < m->labels.size(); ++i)
+            if (m->labels[i].role == role) ++count, at = i;
+        if (!m->broadening.enabled && count) fail("label '", m->labels[at].name, "' has role ", to_string(role), " but the file has no broadening stage");
+        if (m->broadening.enabled && count != 1)
+            fail("the broadening stage needs exactly one label with role ", to_string(role), ", the file has ", count);
+        if (!count) continue;
+        const LabelInfo& l = m->labels[at];
+        if (role == LabelRole::vsini && !(l.min >= 0 && l.max <= 3000))
+            fail("label '", l.name, "' (vsini): range [", l.min, ", ", l.max, "] km/s must lie in [0, 3000]");
+        if (role == LabelRole::resolution && !(l.min >= 10))
+            fail("label '", l.name, "' (resolution): min = ", l.min, " must be >= 10");
+        (role == LabelRole::vsini ? m->broadening.vsini_label : m->broadening.resolution_label) = at;
     }
 
     // Layers: dims chain, blocks aligned, inside [end of provenance, trailer), and disjoint.
     const std::uint64_t elem = m->dtype == WeightDtype::f32 ? 4 : 2;
     const std::uint64_t blocks_from = prov_off + prov_bytes;
     std::vector<std::pair<std::uint64_t, std::uint64_t>> extents;  // [begin, end) of every block
-    std::uint64_t expected_in = latent + n_labels;
+    std::uint64_t expected_in = latent + m->n_network_labels;
     for (std::uint64_t k = 0; k < n_layers; ++k) {
         const std::uint8_t* r = h + layers_at + kLayerBytes * k;
         const std::uint64_t in = u32(r), out = u32(r + 4);
@@ -255,7 +294,7 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         if (in < 1 || in > kMaxDim || out < 1 || out > kMaxDim)
             fail("layer ", k, ": in = ", in, ", out = ", out, " must be in [1, ", kMaxDim, "]");
         if (in != expected_in)
-            fail("layer ", k, ": in = ", in, " but ", k == 0 ? "latent_dim + n_labels" : "the previous layer's out", " is ", expected_in);
+            fail("layer ", k, ": in = ", in, " but ", k == 0 ? "latent_dim + network labels" : "the previous layer's out", " is ", expected_in);
         if (last && out != m->n_pixels) fail("layer ", k, " (the last): out = ", out, " but n_pixels = ", m->n_pixels);
         const std::uint32_t want_act = last ? 2 : 1;
         if (act != want_act)
@@ -344,7 +383,10 @@ Model Model::load(const std::string& path) {
     return Model(Reader(path, std::move(data)).parse());
 }
 
+int Model::format_version() const { return impl_->format_version; }
 std::size_t Model::n_labels() const { return impl_->labels.size(); }
+std::size_t Model::n_network_labels() const { return impl_->n_network_labels; }
+const BroadeningInfo& Model::broadening() const { return impl_->broadening; }
 std::size_t Model::latent_dim() const { return impl_->latent_dim; }
 std::size_t Model::n_pixels() const { return impl_->n_pixels; }
 const std::vector<LabelInfo>& Model::labels() const { return impl_->labels; }
@@ -380,5 +422,8 @@ const char* to_string(WeightDtype d) noexcept {
     return d == WeightDtype::f16 ? "f16" : d == WeightDtype::bf16 ? "bf16" : "f32";
 }
 const char* to_string(Medium m) noexcept { return m == Medium::vacuum ? "vacuum" : "air"; }
+const char* to_string(LabelRole r) noexcept {
+    return r == LabelRole::vsini ? "vsini" : r == LabelRole::resolution ? "resolution" : "network";
+}
 
 }  // namespace fastspec

@@ -97,7 +97,8 @@ class Decoder:
     def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(W (out, in), b (out,)), ...] as float32 copies, layer by layer, for inspection and interop.
 
-        The first layer's input is [z, normalised labels]; see docs/model-format.md for the normalisation.
+        The first layer's input is [z, normalised network labels] (all six, or teff, logg, mh, vmic when the
+        model has a broadening stage); see docs/model-format.md for the normalisation.
         """
         return self._model.weights()
 
@@ -120,12 +121,15 @@ class Decoder:
             "medium": m.medium,
             "weight_dtype": m.weight_dtype,
             "output_transform": {"scale": m.output_scale, "offset": m.output_offset},
+            "format_version": m.format_version,
+            "broadening": m.broadening,  # None, or the exact rotation + Gaussian stage after the network
             "provenance": provenance,
         }
 
     def __repr__(self) -> str:
         widths = "-".join(str(layer["out"]) for layer in self._model.layers)
-        return (f"Decoder({self._path.name!r}: {self.latent_dim}+{len(self.label_names)} -> {widths}, "
+        stage = " + broadening" if self._model.broadening else ""
+        return (f"Decoder({self._path.name!r}: {self.latent_dim}+{self._model.n_network_labels} -> {widths}{stage}, "
                 f"{self._model.weight_dtype}, device={self.device!r})")
 
     # ------------------------------------------------------------------------------------ compute

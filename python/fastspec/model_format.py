@@ -1,4 +1,4 @@
-"""Writer for the fastspec model file (docs/model-format.md, version 1).
+"""Writer for the fastspec model file (docs/model-format.md, versions 1 and 2).
 
 Pure NumPy: training imports it to export a decoder, tests use it to make random models. The C++
 core is the only reader, so every check of a file's contents lives there.
@@ -16,7 +16,7 @@ import numpy as np
 
 MAGIC = b"FSPECMDL"
 TRAILER_MAGIC = b"FEND"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what model_bytes writes by default; version 1 (no broadening stage, no roles) on request
 HEADER_BYTES = 128
 LABEL_RECORD_BYTES = 80
 LAYER_RECORD_BYTES = 48
@@ -26,6 +26,7 @@ DTYPES = {"f32": (1, np.dtype("<f4")), "f16": (2, np.dtype("<f2")), "bf16": (3, 
 SCALINGS = {"linear": 1, "log10": 2}
 ACTIVATIONS = {"relu": 1, "sigmoid": 2}
 MEDIA = {"air": 1, "vacuum": 2}
+ROLES = {"network": 0, "vsini": 1, "resolution": 2}
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Label:
     min: float
     max: float
     scaling: str = "linear"  # "linear" or "log10"
+    role: str = "network"  # "network" (a network input), or "vsini" / "resolution" (the broadening stage's)
 
     def normalisation(self) -> tuple[float, float]:
         """(offset, scale) that map [min, max] onto [-1, 1] after the scaling."""
@@ -51,6 +53,21 @@ STANDARD_LABELS = (
     Label("vmic", "km/s", 0.0, 4.0),
     Label("resolution", "", 1000.0, 115000.0, "log10"),
 )
+
+# The same labels for an intrinsic network (teff, logg, mh, vmic in) followed by the exact broadening stage.
+INTRINSIC_LABELS = tuple(
+    Label(l.name, l.unit, l.min, l.max, l.scaling, l.name if l.name in ("vsini", "resolution") else "network")
+    for l in STANDARD_LABELS)
+
+
+@dataclass(frozen=True)
+class BroadeningStage:
+    """Rotation (Gray's profile, linear limb darkening epsilon, half-width λ·vsini/c), then a Gaussian of
+    FWHM = λ/R, with kernel widths taken at segments + 1 nodes and blended linearly in between."""
+
+    epsilon: float = 0.6
+    segments: int = 8
+
 
 # The spectral grid of the SYNSPEC training data: 4450-5400 A in air, 0.05 A steps.
 STANDARD_WAVELENGTH = (4450.0, 0.05, 19000, "air")
@@ -113,12 +130,27 @@ def model_bytes(
     output_scale: float = 1.0,
     output_offset: float = 0.0,
     provenance: dict | None = None,
+    broadening: BroadeningStage | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> bytes:
-    """Serialise a decoder into the version-1 model format."""
+    """Serialise a decoder into the model format. With `broadening`, the labels must name one "vsini" and one
+    "resolution" role and the network takes [z, the "network" labels]; format_version 1 allows neither."""
     if weight_dtype not in DTYPES:
         raise ValueError(f"unknown weight dtype {weight_dtype!r}; use one of {sorted(DTYPES)}")
+    if format_version not in (1, 2):
+        raise ValueError(f"format_version must be 1 or 2, got {format_version}")
+    roles = [label.role for label in labels]
+    if any(r not in ROLES for r in roles):
+        raise ValueError(f"label roles must be one of {sorted(ROLES)}, got {roles}")
+    if broadening is None and any(r != "network" for r in roles):
+        raise ValueError("labels with a vsini/resolution role need a broadening stage")
+    if broadening is not None:
+        if format_version < 2:
+            raise ValueError("a broadening stage needs format version 2")
+        if roles.count("vsini") != 1 or roles.count("resolution") != 1:
+            raise ValueError(f"a broadening stage needs exactly one vsini and one resolution label, got roles {roles}")
     wl_start, wl_step, n_pixels, medium = wavelength
-    expected_in = latent_dim + len(labels)
+    expected_in = latent_dim + roles.count("network")
     for k, layer in enumerate(layers):
         w = np.asarray(layer.weight)
         if w.ndim != 2 or w.shape[1] != expected_in or np.shape(layer.bias) != (w.shape[0],):
@@ -151,16 +183,18 @@ def model_bytes(
     buf += MAGIC
     buf += struct.pack(
         "<IIQIIII",
-        FORMAT_VERSION, HEADER_BYTES, file_bytes, len(labels), latent_dim, len(layers), DTYPES[weight_dtype][0],
+        format_version, HEADER_BYTES, file_bytes, len(labels), latent_dim, len(layers), DTYPES[weight_dtype][0],
     )
     buf += struct.pack("<ddII", wl_start, wl_step, n_pixels, MEDIA[medium])
-    buf += struct.pack("<IIdd", 1, 0, output_scale, output_offset)
+    buf += struct.pack("<IIdd", 1, 1 if broadening else 0, output_scale, output_offset)
     buf += struct.pack("<QQ", tables_end, len(prov))
+    if broadening is not None:
+        buf += struct.pack("<dI", broadening.epsilon, broadening.segments)
     buf += b"\0" * (HEADER_BYTES - len(buf))
     for label in labels:
         offset, scale = label.normalisation()
         buf += _fixed_ascii(label.name, 16, "label name") + _fixed_ascii(label.unit, 16, "label unit")
-        buf += struct.pack("<ddIIdd8x", label.min, label.max, SCALINGS[label.scaling], 0, offset, scale)
+        buf += struct.pack("<ddIIdd8x", label.min, label.max, SCALINGS[label.scaling], ROLES[label.role], offset, scale)
     for layer, (w_off, w_len, b_off, b_len) in zip(layers, placements):
         out_dim, in_dim = np.shape(layer.weight)
         buf += struct.pack("<IIIIQQQQ", in_dim, out_dim, ACTIVATIONS[layer.activation], 0, w_off, w_len, b_off, b_len)

@@ -1,7 +1,9 @@
 // fastspec: the public C++ API of the inference core.
 //
 // One header, no Python or CUDA types. Load a model file (docs/model-format.md) into an immutable
-// Model, build a Decoder on it, and call forward() with physical labels to get flux spectra:
+// Model, build a Decoder on it, and call forward() with physical labels to get flux spectra. A version-2
+// model's network gives the intrinsic spectrum and the Decoder broadens it (rotation, then the instrumental
+// Gaussian) exactly; the same stage is available on its own as Broadening.
 //
 //     auto model = fastspec::Model::load("model.fsm");
 //     fastspec::Decoder decoder(model);
@@ -59,11 +61,25 @@ const char* to_string(Activation a) noexcept;
 const char* to_string(WeightDtype d) noexcept;
 const char* to_string(Medium m) noexcept;
 
+// What a label drives: an input of the network, or a parameter of the broadening stage.
+enum class LabelRole : std::uint32_t { network = 0, vsini = 1, resolution = 2 };
+const char* to_string(LabelRole r) noexcept;  // "network"/"vsini"/"resolution"
+
 struct LabelInfo {
     std::string name, unit;
     double min = 0, max = 0;      // trained range, physical units
     Scaling scaling = Scaling::linear;
-    double norm_offset = 0, norm_scale = 1;  // input = (s(x) - norm_offset) / norm_scale
+    double norm_offset = 0, norm_scale = 1;  // network input = (s(x) - norm_offset) / norm_scale
+    LabelRole role = LabelRole::network;
+};
+
+// The broadening stage of a version-2 model: rotation (Gray's profile, linear limb darkening epsilon,
+// half-width lambda * vsini / c), then a Gaussian of FWHM = lambda / R, applied to the network's output.
+struct BroadeningInfo {
+    bool enabled = false;
+    double epsilon = 0.6;
+    int segments = 8;  // the kernel widths follow lambda piecewise-linearly between segments + 1 nodes
+    std::size_t vsini_label = 0, resolution_label = 0;  // indices into Model::labels()
 };
 
 struct LayerInfo {
@@ -78,11 +94,14 @@ public:
     // ModelFileError (message: "<path>: <problem>") if it is not a valid version-1 model file.
     static Model load(const std::string& path);
 
-    std::size_t n_labels() const;
+    int format_version() const;  // 1 or 2
+    std::size_t n_labels() const;  // physical labels, network and broadening ones
     std::size_t latent_dim() const;
     std::size_t n_pixels() const;
-    std::size_t input_dim() const { return latent_dim() + n_labels(); }
+    std::size_t n_network_labels() const;  // labels with role network (all of them in version-1 files)
+    std::size_t input_dim() const { return latent_dim() + n_network_labels(); }
     const std::vector<LabelInfo>& labels() const;
+    const BroadeningInfo& broadening() const;
     const std::vector<LayerInfo>& layers() const;
     double wavelength_start() const;  // Å
     double wavelength_step() const;   // Å
@@ -132,7 +151,7 @@ public:
     Decoder(Decoder&&) noexcept;
     Decoder& operator=(Decoder&&) noexcept;
 
-    // labels: row-major (n, n_labels) in physical units; z: row-major (n, latent_dim) or nullptr
+    // labels: row-major (n, n_labels) in physical units (all labels, broadening ones included); z: row-major (n, latent_dim) or nullptr
     // for z = 0; out: row-major (n, n_pixels). Every label (and z entry) is validated before anything
     // is written: a non-finite value, or one outside the model's range unless clip is true (then it
     // is clamped to the range), throws InputError. Const and thread-safe: concurrent calls on one
@@ -141,7 +160,8 @@ public:
                  bool clip = false) const;
 
     // forward() plus the Jacobian of the flux with respect to the physical labels, in one call (forward-
-    // mode differentiation through the decoder, about 1 + n_labels forward passes). out is forward()'s
+    // mode differentiation through the network, about 1 + n_network_labels forward passes; the broadening
+    // stage's columns come from the derivatives of its kernels, exactly). out is forward()'s
     // output bit for bit; jacobian: row-major (n, n_pixels, n_labels), dF/d(label) in physical units
     // (per K, per dex, per km/s, per unit of R). Same validation as forward(). With clip, a label outside
     // its range is clamped, so its derivative is 0 there (at the bounds themselves: the inside one-sided
@@ -154,6 +174,35 @@ public:
     const DecoderOptions& options() const;
     // Whether batch-1 calls use the direct 16-bit GEMV (direct_16bit, a 16-bit model, AVX-512F).
     bool uses_direct_16bit() const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// The broadening stage on its own, for any spectrum on a uniform wavelength grid (the Decoder of a version-2
+// model runs exactly this after its network). Like SYNSPEC's ROTIN: rotation with linear limb darkening
+// epsilon, then a Gaussian of FWHM = lambda / R. The spectrum is read as its piecewise-linear interpolant and
+// extended beyond both ends by its edge values (docs/model-format.md, "Broadening stage"). Const and thread-safe.
+class Broadening {
+public:
+    // Kernels are sized for vsini <= max_vsini (km/s) and resolution >= min_resolution.
+    Broadening(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon = 0.6,
+               int segments = 8, double max_vsini = 300.0, double min_resolution = 1000.0);
+    // The stage of a version-2 model (its grid, epsilon, segments and label ranges); throws Error if it has none.
+    explicit Broadening(const Model& model);
+    ~Broadening();
+    Broadening(Broadening&&) noexcept;
+    Broadening& operator=(Broadening&&) noexcept;
+
+    std::size_t n_pixels() const;
+    // in, out: n_pixels floats (they may be the same array). vsini in [0, max_vsini] km/s (0: no rotation),
+    // resolution >= min_resolution or +infinity (no instrumental profile); else InputError. d_vsini and
+    // d_resolution, when not null, receive d(out)/d(vsini) (per km/s) and d(out)/d(resolution) (per unit of R),
+    // from the analytic derivatives of the kernels (one-sided at vsini = 0).
+    void apply(const float* in, double vsini, double resolution, float* out, float* d_vsini = nullptr,
+               float* d_resolution = nullptr) const;
 
     struct Impl;
 

@@ -1,8 +1,7 @@
 // Decoder::forward_jacobian: flux and dF/d(labels) in one call, by forward-mode differentiation.
 //
-// For every spectrum we carry n_labels tangent rows next to the primal activations. The tangent of the
-// decoder input is d(normalised label j)/d(label j) in column latent_dim + j of tangent row j (z has no
-// tangent). Each layer multiplies the tangents by W (one BLAS GEMM over all rows * n_labels tangent rows,
+// For every spectrum we carry one tangent row per network label next to the primal activations. The tangent of
+// the decoder input is d(normalised label)/d(label) in that label's input column (z has no tangent). Each layer multiplies the tangents by W (one BLAS GEMM over all rows * n_labels tangent rows,
 // no bias), hidden layers then apply the ReLU mask of the primal, and the last layer multiplies by the
 // derivative of scale * sigmoid(a) + offset. Cost: one forward pass for the flux plus one GEMM pass over
 // n_labels times as many rows, about (1 + n_labels) forward passes.
@@ -14,7 +13,7 @@
 #include <mutex>
 #include <vector>
 
-#include "../internal.hpp"
+#include "../decoder_impl.hpp"
 
 namespace fastspec {
 
@@ -65,90 +64,91 @@ void few_rows_xwt(const float* x, std::size_t rows, const float* W, int in, int 
     }
 }
 
-}  // namespace
-
-void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian, const float* z,
-                               bool clip) const {
-    if (n == 0) return;
-    if (!labels || !out || !jacobian) throw InputError("forward_jacobian: labels, out and jacobian must not be null");
-    // The flux is forward()'s, bit for bit (it validates every input before writing anything).
-    forward(labels, n, out, z, clip);
-
-    const Model& m = model();
+// The network's Jacobian: jacobian (n, n_pixels, n_labels) gets d(network output)/d(label) in the columns of the
+// network labels and 0 in the others (a broadening stage's, filled by the caller). flux is the network's output
+// for these inputs (already computed and validated): the sigmoid's derivative is read from it.
+void network_jacobian(const Model& m, const DecoderOptions& options, const double* labels, std::size_t n,
+                      const float* flux, float* jacobian, const float* z, bool clip) {
     const auto& layers = m.layers();
     const auto& info = m.labels();
     const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), in0 = m.input_dim();
+    std::vector<std::size_t> net;  // the label index of each network input
+    for (std::size_t j = 0; j < nl; ++j)
+        if (info[j].role == LabelRole::network) net.push_back(j);
+    const std::size_t nt = net.size();  // tangent rows per spectrum
     std::size_t widest = 0;
     for (std::size_t k = 0; k + 1 < layers.size(); ++k) widest = std::max<std::size_t>(widest, layers[k].out);
-    // The last layer's tangents are a (rows * nl, n_pixels) scratch before they are transposed into the
+    // The last layer's tangents are a (rows * nt, n_pixels) scratch before they are transposed into the
     // (n, n_pixels, nl) output: keep a chunk to 32 rows (~15 MB at 19000 pixels) and the GEMM's M within blasint.
     const std::size_t chunk = std::max<std::size_t>(
-        1, std::min({options().max_chunk, std::size_t(32), std::size_t(0x7fffffff) / (nl * std::max<std::size_t>(np, widest))}));
+        1, std::min({options.max_chunk, std::size_t(32), std::size_t(0x7fffffff) / (nt * std::max<std::size_t>(np, widest))}));
     const double scale = m.output_scale(), offset = m.output_offset();
 
     auto ws = acquire();
     try {
         grow(ws->input, chunk * in0);
-        grow(ws->tangent_in, chunk * nl * in0);
+        grow(ws->tangent_in, chunk * nt * in0);
         for (auto* v : {&ws->h[0], &ws->h[1]}) grow(*v, chunk * widest);
-        for (auto* v : {&ws->t[0], &ws->t[1]}) grow(*v, chunk * nl * widest);
-        grow(ws->last, chunk * nl * np);
+        for (auto* v : {&ws->t[0], &ws->t[1]}) grow(*v, chunk * nt * widest);
+        grow(ws->last, chunk * nt * np);
 
         for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
             const std::size_t rows = std::min(chunk, n - r0);
             const double* lab = labels + r0 * nl;
             detail::make_input_rows(m, lab, z ? z + r0 * nz : nullptr, rows, clip, ws->input.data());
-            // Input tangents: tangent row (r, j) is d(input row r)/d(label j), nonzero in one column only.
+            // Input tangents: tangent row (r, t) is d(input row r)/d(label net[t]), nonzero in one column only.
             float* tin = ws->tangent_in.data();
-            std::fill(tin, tin + rows * nl * in0, 0.0f);
+            std::fill(tin, tin + rows * nt * in0, 0.0f);
             for (std::size_t r = 0; r < rows; ++r)
-                for (std::size_t j = 0; j < nl; ++j) {
-                    const LabelInfo& l = info[j];
-                    const double v = lab[r * nl + j];
+                for (std::size_t t = 0; t < nt; ++t) {
+                    const LabelInfo& l = info[net[t]];
+                    const double v = lab[r * nl + net[t]];
                     // A clamped label does not move the output: its derivative is 0 outside the range.
                     if (clip && (v < l.min || v > l.max)) continue;
                     const double ds = l.scaling == Scaling::log10 ? 1.0 / (v * std::log(10.0)) : 1.0;
-                    tin[(r * nl + j) * in0 + nz + j] = float(ds / l.norm_scale);
+                    tin[(r * nt + t) * in0 + nz + t] = float(ds / l.norm_scale);
                 }
 
             const float* x = ws->input.data();
-            const float* t = tin;
+            const float* tg = tin;
             for (std::size_t k = 0; k < layers.size(); ++k) {
                 const LayerInfo& L = layers[k];
                 if (k + 1 == layers.size()) {
                     float* tl = ws->last.data();
                     if (rows == 1)
-                        few_rows_xwt(t, nl, m.weights(k), L.in, L.out, tl);
+                        few_rows_xwt(tg, nt, m.weights(k), L.in, L.out, tl);
                     else
-                        gemm_xwt(t, rows * nl, m.weights(k), L.in, L.out, tl);
-                    // dF/da = scale * s (1 - s), s = sigmoid(a) = (F - offset) / scale from forward()'s flux;
+                        gemm_xwt(tg, rows * nt, m.weights(k), L.in, L.out, tl);
+                    // dF/da = scale * s (1 - s), s = sigmoid(a) = (F - offset) / scale from the network's flux;
                     // written transposed into the (pixel, label) layout of the output.
                     for (std::size_t r = 0; r < rows; ++r) {
-                        const float* f = out + (r0 + r) * np;
+                        const float* f = flux + (r0 + r) * np;
                         float* jr = jacobian + (r0 + r) * np * nl;
                         for (std::size_t p = 0; p < np; ++p) {
                             const double s = std::clamp((double(f[p]) - offset) / scale, 0.0, 1.0);
                             const float g = float(scale * s * (1.0 - s));
-                            for (std::size_t j = 0; j < nl; ++j) jr[p * nl + j] = g * tl[(r * nl + j) * np + p];
+                            float* jp = jr + p * nl;
+                            if (nt != nl) std::fill(jp, jp + nl, 0.0f);
+                            for (std::size_t t = 0; t < nt; ++t) jp[net[t]] = g * tl[(r * nt + t) * np + p];
                         }
                     }
                 } else {
                     float* h = ws->h[k % 2].data();
                     float* tk = ws->t[k % 2].data();
                     detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, h);
-                    gemm_xwt(t, rows * nl, m.weights(k), L.in, L.out, tk);
+                    gemm_xwt(tg, rows * nt, m.weights(k), L.in, L.out, tk);
                     // ReLU: derivative 1 where the output is positive, else 0 (also at the kink a = 0,
                     // the convention of torch.relu's backward).
                     for (std::size_t r = 0; r < rows; ++r) {
                         const float* hr = h + r * L.out;
-                        for (std::size_t j = 0; j < nl; ++j) {
-                            float* tr = tk + (r * nl + j) * L.out;
+                        for (std::size_t t = 0; t < nt; ++t) {
+                            float* tr = tk + (r * nt + t) * L.out;
                             for (int i = 0; i < L.out; ++i)
                                 if (!(hr[i] > 0.0f)) tr[i] = 0.0f;
                         }
                     }
                     x = h;
-                    t = tk;
+                    tg = tk;
                 }
             }
         }
@@ -157,6 +157,66 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
         throw;
     }
     release(std::move(ws));
+}
+
+}  // namespace
+
+void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian, const float* z,
+                               bool clip) const {
+    if (n == 0) return;
+    if (!labels || !out || !jacobian) throw InputError("forward_jacobian: labels, out and jacobian must not be null");
+    const Model& m = model();
+    const std::size_t np = m.n_pixels(), nl = m.n_labels();
+    if (!impl_->stage) {
+        // The flux is forward()'s, bit for bit (it validates every input before writing anything).
+        forward(labels, n, out, z, clip);
+        network_jacobian(m, options(), labels, n, out, jacobian, z, clip);
+        return;
+    }
+    // With a broadening stage: the network's intrinsic flux and its Jacobian first, then every row's flux and
+    // network columns are broadened with the row's kernels (the stage is linear in the flux), and the v sin i
+    // and R columns are the intrinsic flux under the kernels' derivatives.
+    detail::validate_inputs(m, labels, n, z, clip);
+    detail::cpu::ensure_blas_threads(options().threads);
+    std::vector<float> intrinsic(n * np), column(np);
+    auto ws = impl_->acquire();
+    try {
+        impl_->run_network(labels, n, intrinsic.data(), z, clip, *ws);
+        network_jacobian(m, options(), labels, n, intrinsic.data(), jacobian, z, clip);
+        const BroadeningInfo& b = m.broadening();
+        const auto& info = m.labels();
+        using W = detail::BroadeningStage::Which;
+        auto& k = ws->kernels;
+        auto& scratch = ws->broadening_scratch;
+        for (std::size_t r = 0; r < n; ++r) {
+            double vsini, resolution;
+            impl_->broadening_labels(labels, r, clip, vsini, resolution);
+            impl_->stage->make_kernels(vsini, resolution, true, k);
+            const float* f = intrinsic.data() + r * np;
+            float* jr = jacobian + r * np * nl;
+            impl_->stage->apply(k, W::flux, f, out + r * np, scratch);  // as forward() computes it
+            for (std::size_t j = 0; j < nl; ++j) {
+                const W which = j == b.vsini_label ? W::d_vsini : j == b.resolution_label ? W::d_resolution : W::flux;
+                if (which == W::flux) {  // a network label: broaden its column of the intrinsic Jacobian
+                    for (std::size_t p = 0; p < np; ++p) column[p] = jr[p * nl + j];
+                    impl_->stage->apply(k, W::flux, column.data(), column.data(), scratch);
+                } else {
+                    // A clamped label does not move the output: its derivative is 0 outside the range.
+                    const double v = labels[r * nl + j];
+                    if (clip && (v < info[j].min || v > info[j].max)) {
+                        for (std::size_t p = 0; p < np; ++p) jr[p * nl + j] = 0.0f;
+                        continue;
+                    }
+                    impl_->stage->apply(k, which, f, column.data(), scratch);
+                }
+                for (std::size_t p = 0; p < np; ++p) jr[p * nl + j] = column[p];
+            }
+        }
+    } catch (...) {
+        impl_->release(std::move(ws));
+        throw;
+    }
+    impl_->release(std::move(ws));
 }
 
 }  // namespace fastspec

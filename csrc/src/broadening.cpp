@@ -1,0 +1,272 @@
+// The broadening stage: closed-form pixel kernels (and their derivatives) in float64, the node blend, and the
+// public fastspec::Broadening. See broadening.hpp for the method and training/fastspec_train/broadening.py
+// for the same operator in torch.
+#include "broadening.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+namespace fastspec {
+namespace detail {
+
+namespace {
+constexpr double kC = 299792.458;                       // km/s
+const double kFwhmPerSigma = 2.0 * std::sqrt(2.0 * std::log(2.0));
+constexpr double kTiny = 1e-30;                          // width 0 -> the identity kernel, no 0/0
+constexpr int kBlock = 128;                              // correlate()'s output block
+
+std::size_t round_up(std::size_t n) { return (n + kBlock - 1) / kBlock * kBlock; }
+
+// A profile p(x) given by its antiderivatives C (CDF), D (first moment, D' = x p) and their derivatives by
+// the width parameter, evaluated at integer offsets.
+struct ProfileValues {
+    std::vector<double> c, d, dc, dd;  // at m = -half-1 .. half+1
+};
+
+// K(m) = integral hat(x - m) p(x) dx for m = -half..half from C and D, renormalised to sum 1; dk the
+// derivative of the normalised weights by the width (when the profile values carry dc, dd).
+void hat_weights(const ProfileValues& v, int half, std::vector<double>& k, std::vector<double>* dk) {
+    const int n = 2 * half + 1;
+    k.assign(n, 0.0);
+    std::vector<double> g(dk ? n : 0, 0.0);
+    auto weight = [&](const std::vector<double>& c, const std::vector<double>& d, int i) {
+        // i indexes m = i - half; the value arrays start at m = -half - 1.
+        const double m = i - half;
+        const double i0_lo = c[i + 1] - c[i], i1_lo = d[i + 1] - d[i];          // over [m-1, m]
+        const double i0_hi = c[i + 2] - c[i + 1], i1_hi = d[i + 2] - d[i + 1];  // over [m, m+1]
+        return (i1_lo - (m - 1) * i0_lo) + ((m + 1) * i0_hi - i1_hi);
+    };
+    double sum = 0, dsum = 0;
+    for (int i = 0; i < n; ++i) {
+        k[i] = weight(v.c, v.d, i);
+        sum += k[i];
+        if (dk) {
+            g[i] = weight(v.dc, v.dd, i);
+            dsum += g[i];
+        }
+    }
+    // Renormalise: removes the (< 1e-8) Gaussian tail beyond `half`, so equivalent widths are conserved.
+    for (int i = 0; i < n; ++i) k[i] /= sum;
+    if (dk) {
+        dk->resize(n);
+        for (int i = 0; i < n; ++i) (*dk)[i] = g[i] / sum - k[i] * dsum / sum;
+    }
+}
+
+// Gaussian of standard deviation s pixels: C = (1 + erf(x / (s sqrt 2))) / 2, D = -s^2 phi(x).
+ProfileValues gaussian_values(double s, int half, bool derivatives) {
+    s = std::max(s, kTiny);
+    ProfileValues v;
+    const double inv_sqrt_2pi = 1.0 / std::sqrt(2.0 * M_PI);
+    for (int m = -half - 1; m <= half + 1; ++m) {
+        const double x = m, u = x / s, e = std::exp(-0.5 * u * u);
+        v.c.push_back(0.5 * (1.0 + std::erf(u / std::sqrt(2.0))));
+        v.d.push_back(-s * inv_sqrt_2pi * e);
+        if (derivatives) {
+            v.dc.push_back(-u / s * inv_sqrt_2pi * e);          // dC/ds = -(x/s^2) phi_1(x/s)
+            v.dd.push_back(-inv_sqrt_2pi * e * (1.0 + u * u));  // dD/ds
+        }
+    }
+    return v;
+}
+
+// Gray's rotational profile of half-width w pixels, linear limb darkening eps: with t = x / w,
+// G(t) = c1 sqrt(1 - t^2) + c2 (1 - t^2); C = 1/2 + c1/2 (t sqrt(1-t^2) + asin t) + c2 (t - t^3/3);
+// D = w M(t), M = -c1 (1-t^2)^{3/2} / 3 + c2 (t^2/2 - t^4/4); dC/dw = -(t/w) G(t) inside |t| < 1, dD/dw = M - t^2 G.
+ProfileValues rotation_values(double w, double eps, int half, bool derivatives) {
+    w = std::max(w, kTiny);
+    const double c1 = 2.0 * (1.0 - eps) / (M_PI * (1.0 - eps / 3.0)), c2 = eps / (2.0 * (1.0 - eps / 3.0));
+    ProfileValues v;
+    for (int m = -half - 1; m <= half + 1; ++m) {
+        const double t = std::clamp(m / w, -1.0, 1.0), q = 1.0 - t * t, r = std::sqrt(q);
+        const double M = -c1 * q * r / 3.0 + c2 * (t * t / 2.0 - t * t * t * t / 4.0);
+        v.c.push_back(0.5 + c1 * 0.5 * (t * r + std::asin(t)) + c2 * (t - t * t * t / 3.0));
+        v.d.push_back(w * M);
+        if (derivatives) {
+            const double G = c1 * r + c2 * q;
+            v.dc.push_back(std::abs(t) < 1.0 ? -t / w * G : 0.0);
+            v.dd.push_back(M - t * t * G);
+        }
+    }
+    return v;
+}
+
+// Full linear convolution of two centred kernels (double), the result centred too.
+std::vector<double> convolve(const std::vector<double>& a, const std::vector<double>& b) {
+    std::vector<double> c(a.size() + b.size() - 1, 0.0);
+    for (std::size_t i = 0; i < a.size(); ++i)
+        for (std::size_t j = 0; j < b.size(); ++j) c[i + j] += a[i] * b[j];
+    return c;
+}
+
+std::string num(double v) {
+    std::ostringstream os;
+    os.precision(10);
+    os << v;
+    return os.str();
+}
+}  // namespace
+
+BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels,
+                                 double epsilon, int segments, double max_vsini, double min_resolution)
+    : step_(wavelength_step), epsilon_(epsilon), max_vsini_(max_vsini), min_resolution_(min_resolution), n_(n_pixels) {
+    if (!(wavelength_start > 0) || !(wavelength_step > 0) || !std::isfinite(wavelength_start + wavelength_step) ||
+        n_pixels < 2 || n_pixels > (1u << 24))
+        throw Error("Broadening: need wavelength_start > 0, wavelength_step > 0 and 2 <= n_pixels <= 2^24");
+    if (!(epsilon >= 0 && epsilon <= 1)) throw Error("Broadening: limb darkening epsilon = " + num(epsilon) + " is not in [0, 1]");
+    if (segments < 1 || segments > 4096) throw Error("Broadening: segments = " + std::to_string(segments) + " is not in [1, 4096]");
+    if (!(max_vsini >= 0 && max_vsini <= 3000)) throw Error("Broadening: max_vsini = " + num(max_vsini) + " km/s is not in [0, 3000]");
+    if (!(min_resolution >= 10)) throw Error("Broadening: min_resolution = " + num(min_resolution) + " is below 10");
+    const int S = std::min<int>(segments, int(n_pixels) - 1);
+    const double lam_max = wavelength_start + wavelength_step * double(n_pixels - 1);
+    rot_half_max_ = int(std::ceil(max_vsini / kC * lam_max / step_)) + 2;
+    gauss_half_max_ = int(std::ceil(6.0 * lam_max / (kFwhmPerSigma * min_resolution * step_))) + 2;
+    if (rot_half_max_ + gauss_half_max_ > int(n_pixels) * 4)
+        throw Error("Broadening: kernels of " + std::to_string(rot_half_max_ + gauss_half_max_) +
+                    " pixels are too wide for a grid of " + std::to_string(n_pixels));
+    // Node pixels as numpy's round(linspace(0, n - 1, S + 1)) (round half to even, like nearbyint).
+    std::vector<int> at(S + 1);
+    const double spacing = double(n_pixels - 1) / S;
+    for (int s = 0; s <= S; ++s) at[s] = int(std::nearbyint(s * spacing));
+    for (int s = 0; s <= S; ++s) {
+        Node node;
+        const int c = at[s];
+        node.lo = s > 0 ? at[s - 1] : c;
+        node.hi = s < S ? at[s + 1] : c;
+        node.wavelength = wavelength_start + wavelength_step * c;
+        for (int i = node.lo; i <= node.hi; ++i) {
+            double w = 1.0;
+            if (i <= c && s > 0) w = double(i - node.lo) / std::max(c - node.lo, 1);
+            if (i > c && s < S) w = double(node.hi - i) / std::max(node.hi - c, 1);
+            node.hat.push_back(float(w));
+        }
+        nodes_.push_back(std::move(node));
+    }
+}
+
+void BroadeningStage::check(double vsini, double resolution) const {
+    if (!(vsini >= 0 && vsini <= max_vsini_ * (1 + 1e-12)))
+        throw InputError("vsini = " + num(vsini) + " km/s is outside [0, " + num(max_vsini_) + "]");
+    if (!(resolution >= min_resolution_ * (1 - 1e-12)))  // also NaN; +inf is allowed
+        throw InputError("resolution = " + num(resolution) + " is below " + num(min_resolution_) + " (inf allowed)");
+}
+
+void BroadeningStage::make_kernels(double vsini, double resolution, bool derivatives, Kernels& k) const {
+    check(vsini, resolution);
+    struct Parts {
+        std::vector<double> flux, dv, dr;
+    };
+    std::vector<Parts> parts(nodes_.size());
+    int half = 0;
+    for (std::size_t s = 0; s < nodes_.size(); ++s) {
+        const double lam = nodes_[s].wavelength;
+        const double dw_dv = lam / kC / step_, w = vsini * dw_dv;
+        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * step_);
+        // Only the taps that can be non-zero: the rotation kernel vanishes beyond w + 1 pixels; the Gaussian is
+        // cut at 6 sigma + 2 pixels like training's (its tail there is < 1e-8 and renormalised away).
+        const int hr = std::min(rot_half_max_, int(std::ceil(w)) + 1);
+        const int hg = std::min(gauss_half_max_, int(std::ceil(6.0 * sigma)) + 2);
+        std::vector<double> kr, kg, dkr, dkg;
+        hat_weights(rotation_values(w, epsilon_, hr, derivatives), hr, kr, derivatives ? &dkr : nullptr);
+        hat_weights(gaussian_values(sigma, hg, derivatives), hg, kg, derivatives ? &dkg : nullptr);
+        parts[s].flux = convolve(kr, kg);
+        if (derivatives) {
+            parts[s].dv = convolve(dkr, kg);
+            for (double& x : parts[s].dv) x *= dw_dv;                     // d/dvsini = d/dw * dw/dvsini
+            parts[s].dr = convolve(kr, dkg);
+            const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
+            for (double& x : parts[s].dr) x *= ds_dr;
+        }
+        half = std::max(half, hr + hg);
+    }
+    k.half = half;
+    const std::size_t taps = 2 * std::size_t(half) + 1;
+    auto lay_out = [&](std::vector<float>& dst, std::vector<double> Parts::*which) {
+        dst.assign(nodes_.size() * taps, 0.0f);
+        for (std::size_t s = 0; s < nodes_.size(); ++s) {
+            const std::vector<double>& src = parts[s].*which;
+            const std::size_t pad = (taps - src.size()) / 2;
+            for (std::size_t i = 0; i < src.size(); ++i) dst[s * taps + pad + i] = float(src[i]);
+        }
+    };
+    lay_out(k.flux, &Parts::flux);
+    if (derivatives) {
+        lay_out(k.d_vsini, &Parts::dv);
+        lay_out(k.d_resolution, &Parts::dr);
+    } else {
+        k.d_vsini.clear();
+        k.d_resolution.clear();
+    }
+}
+
+void BroadeningStage::apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const {
+    const std::vector<float>& taps = which == Which::flux ? k.flux : which == Which::d_vsini ? k.d_vsini : k.d_resolution;
+    if (taps.empty()) throw Error("BroadeningStage::apply: kernels made without derivatives");
+    const int h = k.half, n = int(n_);
+    const std::size_t ntaps = 2 * std::size_t(h) + 1;
+    // Scratch: [edge-extended x: n + 2h + kBlock | one node's output: round_up(widest hat) | the blend: n].
+    std::size_t widest = 0;
+    for (const Node& nd : nodes_) widest = std::max<std::size_t>(widest, nd.hi - nd.lo + 1);
+    const std::size_t ext = n_ + 2 * std::size_t(h) + kBlock, need = ext + round_up(widest) + n_;
+    if (scratch.size() < need) scratch.resize(need);
+    float* xe = scratch.data();
+    float* yn = xe + ext;
+    float* acc = yn + round_up(widest);
+    std::fill(xe, xe + h, x[0]);
+    std::copy(x, x + n, xe + h);
+    std::fill(xe + h + n, xe + ext, x[n - 1]);
+    std::fill(acc, acc + n, 0.0f);
+    for (std::size_t s = 0; s < nodes_.size(); ++s) {
+        const Node& nd = nodes_[s];
+        const int len = nd.hi - nd.lo + 1;
+        // Output pixel i needs x[i - m], m in [-h, h]: x[i] sits at xe[i + h].
+        cpu::correlate(xe + h + nd.lo, len, taps.data() + s * ntaps, h, yn);
+        for (int i = 0; i < len; ++i) acc[nd.lo + i] += nd.hat[i] * yn[i];
+    }
+    std::copy(acc, acc + n, y);
+}
+
+}  // namespace detail
+
+// --- the public class ------------------------------------------------------------------------------------------
+
+struct Broadening::Impl {
+    explicit Impl(detail::BroadeningStage s) : stage(std::move(s)) {}
+    detail::BroadeningStage stage;
+};
+
+Broadening::Broadening(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
+                       int segments, double max_vsini, double min_resolution)
+    : impl_(std::make_unique<Impl>(detail::BroadeningStage(wavelength_start, wavelength_step, n_pixels, epsilon,
+                                                           segments, max_vsini, min_resolution))) {}
+
+Broadening::Broadening(const Model& model) {
+    const BroadeningInfo& b = model.broadening();
+    if (!b.enabled) throw Error(model.path() + ": this model has no broadening stage (format version " +
+                                std::to_string(model.format_version()) + ")");
+    const auto& labels = model.labels();
+    impl_ = std::make_unique<Impl>(detail::BroadeningStage(model.wavelength_start(), model.wavelength_step(),
+                                                           model.n_pixels(), b.epsilon, b.segments,
+                                                           labels[b.vsini_label].max, labels[b.resolution_label].min));
+}
+
+Broadening::~Broadening() = default;
+Broadening::Broadening(Broadening&&) noexcept = default;
+Broadening& Broadening::operator=(Broadening&&) noexcept = default;
+
+std::size_t Broadening::n_pixels() const { return impl_->stage.n_pixels(); }
+
+void Broadening::apply(const float* in, double vsini, double resolution, float* out, float* d_vsini,
+                       float* d_resolution) const {
+    if (!in || !out) throw InputError("Broadening::apply: in and out must not be null");
+    using W = detail::BroadeningStage::Which;
+    detail::BroadeningStage::Kernels k;
+    impl_->stage.make_kernels(vsini, resolution, d_vsini || d_resolution, k);
+    std::vector<float> scratch, x(in, in + impl_->stage.n_pixels());  // in may alias out
+    if (d_vsini) impl_->stage.apply(k, W::d_vsini, x.data(), d_vsini, scratch);
+    if (d_resolution) impl_->stage.apply(k, W::d_resolution, x.data(), d_resolution, scratch);
+    impl_->stage.apply(k, W::flux, x.data(), out, scratch);
+}
+
+}  // namespace fastspec

@@ -1,0 +1,63 @@
+// The broadening stage (rotation, then the instrumental Gaussian) shared by every backend: the kernels are
+// built here, on the host, in float64; a backend only runs the blended convolution (cpu/convolve.cpp).
+//
+// The method is training's (training/fastspec_train/broadening.py), so a model sees at inference exactly
+// the operator it was validated with:
+//   * the grid is cut into `segments` pieces; at each of the segments + 1 nodes the kernels are built for the
+//     widths at that node's wavelength, and between two nodes the two results are blended linearly (hat
+//     weights, a partition of unity), so the kernel width follows lambda smoothly;
+//   * the pixel weights K(m) = integral of hat(x - m) p(x) dx read the spectrum as its piecewise-linear
+//     interpolant; they come in closed form from the profile's CDF and first moment, sum to 1, and tend to the
+//     identity as the width goes to 0 (vsini = 0, R = infinity);
+//   * rotation and Gaussian are combined into one kernel per node, applied to the spectrum extended by its
+//     edge values (training's FFT applies both to the same edge-extended window: the same operator).
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "fastspec/fastspec.hpp"
+
+namespace fastspec::detail {
+
+class BroadeningStage {
+public:
+    BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
+                    int segments, double max_vsini, double min_resolution);
+
+    // The kernels of one (vsini, R): for every node, 2 * half + 1 float taps (nodes with narrower kernels are
+    // zero-padded to the widest), and with `derivatives` their derivatives by vsini and by R.
+    struct Kernels {
+        int half = 0;
+        std::vector<float> flux, d_vsini, d_resolution;  // (nodes, 2 * half + 1) each
+    };
+    enum class Which { flux, d_vsini, d_resolution };
+
+    // Throws InputError for vsini outside [0, max_vsini] or resolution below min_resolution (inf is allowed).
+    void check(double vsini, double resolution) const;
+    void make_kernels(double vsini, double resolution, bool derivatives, Kernels& k) const;
+    // y = sum over nodes of hat_s * (K_s applied to x), x extended by its edge values; x and y may alias.
+    // scratch is grown as needed (one per thread).
+    void apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const;
+
+    std::size_t n_pixels() const { return n_; }
+
+private:
+    struct Node {
+        int lo, hi;               // the pixels this node's hat covers
+        double wavelength;        // where its kernel widths are taken
+        std::vector<float> hat;   // hi - lo + 1 weights
+    };
+    double step_, epsilon_, max_vsini_, min_resolution_;
+    std::size_t n_;
+    int rot_half_max_, gauss_half_max_;
+    std::vector<Node> nodes_;
+};
+
+namespace cpu {
+// y[i] = sum_{m=-half}^{half} k[half + m] * x[i - m] for i in [0, n): x is read at [-half, round_up(n, 64) + half)
+// and y written at [0, round_up(n, 64)) (callers pad both). AVX-512 / AVX2 / baseline picked at load time.
+void correlate(const float* x, int n, const float* k, int half, float* y);
+}  // namespace cpu
+
+}  // namespace fastspec::detail

@@ -1,0 +1,42 @@
+// Decoder::Impl, shared by decoder.cpp (forward) and cpu/jacobian.cpp (forward_jacobian).
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "broadening.hpp"
+#include "internal.hpp"
+
+namespace fastspec {
+
+// Buffers for one forward pass over up to max_chunk rows: the input rows and two ping-pong buffers for the
+// hidden activations (the last layer writes straight into the caller's output), and the broadening stage's
+// kernels and scratch.
+struct DecoderWorkspace {
+    std::vector<float> input, a, b;
+    detail::BroadeningStage::Kernels kernels;
+    std::vector<float> broadening_scratch;
+};
+
+struct Decoder::Impl {
+    Impl(Model m, DecoderOptions o);
+    Model model;
+    DecoderOptions options;
+    std::size_t widest_hidden = 0;
+    bool direct16 = false;
+    std::optional<detail::BroadeningStage> stage;  // version-2 models with a broadening stage
+    mutable std::mutex pool_mutex;
+    mutable std::vector<std::unique_ptr<DecoderWorkspace>> pool;  // idle workspaces, reused across calls
+
+    std::unique_ptr<DecoderWorkspace> acquire() const;
+    void release(std::unique_ptr<DecoderWorkspace> ws) const;
+    // The network alone (inputs already validated): rows of (intrinsic, for a broadening model) flux into out.
+    void run_network(const double* labels, std::size_t n, float* out, const float* z, bool clip,
+                     DecoderWorkspace& ws) const;
+    // The (v sin i, R) of row r of labels, clamped to the ranges when clip.
+    void broadening_labels(const double* labels, std::size_t r, bool clip, double& vsini, double& resolution) const;
+};
+
+}  // namespace fastspec
