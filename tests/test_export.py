@@ -141,3 +141,46 @@ def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
     # The model's error on the written spectra is the one the report gives.
     pred = _core.Decoder(_core.Model.load(str(model))).forward(np.ascontiguousarray(labels))
     assert np.isclose(np.median(np.abs(pred - flux)), report["overall"]["median_abs_dF"], rtol=1e-3)
+
+
+def test_intrinsic_decoder_exports_with_the_broadening_stage(tmp_path):
+    """An intrinsic decoder (4 network labels) becomes a version-2 file; the core's flux equals the torch decoder
+    followed by training's float64 broadening, for random labels over the full ranges."""
+    from fastspec_train.broadening import Broadener
+
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    dec = Decoder(5, 4, [24, 48], 19000, 1.05, 0.0)
+    with torch.no_grad():
+        for layer in dec.layers:
+            layer.weight.mul_(2.0)
+            layer.bias.normal_(0, 0.3)
+    dec.eval()
+    m = _core.Model.load(str(export_decoder(dec, tmp_path / "i.fsm", epsilon=0.6, segments=8)))
+    assert (m.format_version, m.n_network_labels, m.layers[0]["in"]) == (2, 4, 9)
+    assert m.broadening == {"epsilon": 0.6, "segments": 8, "vsini_label": "vsini", "resolution_label": "resolution"}
+    labels = random_labels(rng, 6)
+    labels[0, 2], labels[1, 5] = 0.0, 115000.0  # the ends of the ranges
+    z = rng.normal(size=(6, 5)).astype(np.float32)
+    with torch.no_grad():
+        intrinsic = dec(torch.from_numpy(z), normalise_labels(torch.from_numpy(labels), "intrinsic")).double()
+    br = Broadener(4450.0, 0.05, 19000, dtype=torch.float64)
+    ref = br(intrinsic, torch.from_numpy(labels[:, 2]), torch.from_numpy(labels[:, 5])).numpy()
+    out = np.full((6, 19000), np.nan, np.float32)  # poisoned: every pixel must be written
+    got = _core.Decoder(m).forward(labels, z=z, out=out)
+    assert np.abs(got - ref).max() < 2e-6
+
+
+def test_intrinsic_training_variants_run(tmp_path):
+    """The intrinsic target trains (plain, bf16 autocast, line-weighted loss) and exports a version-2 file."""
+    data = tmp_path / "syn.h5"
+    write_synthetic(data, n=80)
+    for name, extra in (("plain", {}), ("bf16", {"autocast": "bf16"}), ("lines", {"line_weight": 4.0})):
+        cfg = tiny_config(max_epochs=1, **extra)
+        cfg.model.target = "intrinsic"
+        out = tmp_path / name
+        summary = train(cfg, data, out, quiet=True)
+        hist = json.loads((out / "history.json").read_text())
+        assert summary["epochs"] == 1 and np.isfinite(hist[0]["val_mse_z0"]) and hist[0]["val_mse_z0"] < 0.05
+    m = _core.Model.load(str(export_run(tmp_path / "plain", tmp_path / "plain.fsm")))
+    assert m.format_version == 2 and m.n_network_labels == 4 and m.broadening["segments"] == 8

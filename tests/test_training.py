@@ -126,8 +126,18 @@ def test_config_presets_and_errors(tmp_path):
     paper = cfgmod.load_config("paper")
     assert paper.model.encoder == [4000, 2000, 1000] and paper.model.latent == 100
     assert paper.model.decoder == [1000, 2000, 4000] and paper.train.batch_size == 512
+    assert paper.model.target == "broadened"  # the paper's 6-label CVAE stays reproducible
     default = cfgmod.load_config("default")
-    assert default.train.batch_size == 512 and default.train.max_minutes > 0
+    assert default.model.target == "intrinsic" and default.train.max_minutes > 0
+    cvae6 = cfgmod.load_config("cvae6")
+    assert cvae6.model.target == "broadened" and cvae6.model.decoder == default.model.decoder
+    over = cfgmod.with_overrides(default, ["train.autocast=bf16", "model.decoder=[8, 16]", "train.lr=3e-4"])
+    assert (over.train.autocast, over.model.decoder, over.train.lr) == ("bf16", [8, 16], 3e-4)
+    assert default.train.autocast == "off"  # the original is untouched
+    for bad_item, match in (("train.autocast=fp8", "autocast"), ("model.target=both", "target"),
+                            ("nosuch.key=1", "section.key=value"), ("train.lrr=1", "lrr")):
+        with pytest.raises(ValueError, match=match):
+            cfgmod.with_overrides(default, [bad_item])
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nlatnet = 3\n")
     with pytest.raises(ValueError, match="latnet"):

@@ -8,10 +8,10 @@ import sys
 
 
 def _train(a) -> int:
-    from .config import load_config
+    from .config import load_config, with_overrides
     from .train import train
 
-    cfg = load_config(a.config)
+    cfg = with_overrides(load_config(a.config), a.set)
     if a.threads is not None:
         cfg.train.threads = a.threads
     if a.device is not None:
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-minutes", type=float, help="stop gracefully after this much training time")
     t.add_argument("--threads", type=int)
     t.add_argument("--device")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (TOML syntax), e.g. --set train.autocast=bf16; repeatable")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="write the decoder of a run to a .fsm model file")

@@ -45,6 +45,10 @@ class BroadeningConfig:
 
 @dataclass
 class ModelConfig:
+    # "intrinsic": the network maps (z, teff, logg, mh, vmic) to the spectrum at v sin i = 0, R = ∞ and the
+    # inference core applies rotation and the instrumental Gaussian exactly (model file format v2).
+    # "broadened": the paper's CVAE on all six labels, learning the broadening from augmented draws.
+    target: str = "broadened"  # the presets say which; checkpoints written before v2 had no target
     encoder: list[int] = field(default_factory=lambda: [512, 256])
     latent: int = 16
     decoder: list[int] = field(default_factory=lambda: [256, 512, 1024])
@@ -78,6 +82,12 @@ class TrainConfig:
     min_delta: float = 0.0  # relative improvement needed to count as better
     early_stopping_metric: str = "val_mse_z0"  # val_mse_z0 (decoder at z = 0) | val_mse (z = posterior mean)
     max_minutes: float = 0.0  # stop gracefully after this much training wall time (0 = no limit)
+    # Mixed precision: "bf16" runs the forward pass under torch.autocast(bfloat16) (weights, optimizer and
+    # loss stay float32); "off" is plain float32.
+    autocast: str = "off"
+    # Weight of each pixel in the reconstruction loss: 1 + line_weight * (1 - mean training flux), so line
+    # pixels (where the errors are) count more than the continuum; 0 = plain MSE.
+    line_weight: float = 0.0
     grad_clip: float = 0.0
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -131,8 +141,27 @@ def load_config(path_or_name: str | Path) -> Config:
         return from_dict(tomllib.load(fh))
 
 
+def with_overrides(cfg: Config, assignments: list[str]) -> Config:
+    """A copy of cfg with `section.key=value` assignments applied (value parsed as TOML, bare words as strings),
+    e.g. ["train.autocast=bf16", "model.decoder=[512, 1024]"]; validated like a file."""
+    d = cfg.to_dict()
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in d or not isinstance(d[section], dict):
+            raise ValueError(f"override {item!r} must look like section.key=value with a section of {sorted(d)}")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        d[section][name.strip()] = value
+    return from_dict(d)
+
+
 def validate(cfg: Config) -> None:
     m, t, d, s = cfg.model, cfg.train, cfg.data, cfg.sampling
+    if m.target not in ("intrinsic", "broadened"):
+        raise ValueError(f"model.target must be 'intrinsic' or 'broadened', got {m.target!r}")
     if m.decoder_activation != "relu":
         raise ValueError("model.decoder_activation must be 'relu': the model file format has ReLU hidden layers only")
     if m.latent < 1 or not m.encoder or not m.decoder or min(m.encoder + m.decoder) < 1:
@@ -149,6 +178,10 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.lr_restarts must be [[start_epoch >= 1, end_epoch > start, peak_lr > 0], ...]")
     if t.scheduler not in ("plateau", "cosine", "none"):
         raise ValueError(f"train.scheduler must be plateau, cosine or none, got {t.scheduler!r}")
+    if t.autocast not in ("off", "bf16"):
+        raise ValueError(f"train.autocast must be 'off' or 'bf16', got {t.autocast!r}")
+    if t.line_weight < 0:
+        raise ValueError("train.line_weight must be >= 0")
     if t.early_stopping_metric not in ("val_mse_z0", "val_mse"):
         raise ValueError("train.early_stopping_metric must be val_mse_z0 or val_mse")
     if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):

@@ -4,6 +4,8 @@ Only the decoder travels: its Linear layers (ReLU hidden, sigmoid last), the out
 used in training (flux = output_scale·sigmoid(a) + output_offset), the six standard labels with the
 normalisation training used (fastspec.model_format.STANDARD_LABELS), the wavelength grid of the training
 data, and provenance (data file + SHA-256, config, epochs, validation loss, git revision, versions).
+An intrinsic decoder (4 network labels) is written with the broadening stage (format version 2): the core
+applies v sin i and R exactly, with the epsilon and segments of the training config.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from fastspec import model_format as mf
 from .broadening import EPSILON
 from .config import from_dict
-from .labels import LABEL_NAMES, STANDARD_LABELS
+from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS
 from .model import Decoder
 
 
@@ -40,24 +42,34 @@ def decoder_layers(decoder: Decoder) -> list:
 
 
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
-                   wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None) -> Path:
-    """Write `decoder` as a model file. The decoder must take [z, 6 standard labels] (normalised)."""
+                   wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None,
+                   epsilon: float = EPSILON, segments: int = 8) -> Path:
+    """Write `decoder` as a model file. The decoder takes [z, 6 standard labels] (the paper's CVAE, format
+    version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage)."""
     n_pixels = decoder.layers[-1].out_features
-    if decoder.layers[0].in_features != decoder.latent + len(STANDARD_LABELS):
-        raise ValueError(f"decoder takes {decoder.layers[0].in_features} inputs, expected latent "
-                         f"{decoder.latent} + {len(STANDARD_LABELS)} labels")
+    n_in = decoder.layers[0].in_features - decoder.latent
+    targets = {len(names): t for t, names in NETWORK_LABELS.items()}
+    if n_in not in targets:
+        raise ValueError(f"decoder takes {decoder.layers[0].in_features} inputs, expected latent {decoder.latent} + "
+                         f"{' or '.join(str(k) for k in sorted(targets))} labels")
+    intrinsic = targets[n_in] == "intrinsic"
     if wavelength is None:
         wavelength = mf.STANDARD_WAVELENGTH
     if wavelength[2] != n_pixels:
         raise ValueError(f"decoder has {n_pixels} outputs but the wavelength grid has {wavelength[2]} pixels")
     prov = {"labels": list(LABEL_NAMES), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch_version": torch.__version__, "git_revision": git_revision(),
-            "broadening": f"rotation (Gray profile, linear limb darkening eps={EPSILON}, half-width lambda*vsini/c) "
-                          "then Gaussian FWHM = lambda/R, on the native grid (fastspec_train.broadening)",
+            "broadening": (f"rotation (Gray profile, linear limb darkening eps={epsilon}, half-width lambda*vsini/c) "
+                           "then Gaussian FWHM = lambda/R, on the native grid: "
+                           + ("the model file's broadening stage, applied by the core" if intrinsic else
+                              "learnt by the network from draws broadened by fastspec_train.broadening")),
             **(provenance or {})}
-    return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent, labels=STANDARD_LABELS,
-                          weight_dtype=weight_dtype, wavelength=tuple(wavelength), output_scale=decoder.output_scale,
-                          output_offset=decoder.output_offset, provenance=prov)
+    stage = mf.BroadeningStage(epsilon=epsilon, segments=segments) if intrinsic else None
+    return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent,
+                          labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
+                          wavelength=tuple(wavelength), output_scale=decoder.output_scale,
+                          output_offset=decoder.output_offset, provenance=prov, broadening=stage,
+                          format_version=2 if intrinsic else 1)
 
 
 def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dict, dict]:
@@ -67,8 +79,8 @@ def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dic
     weights = ckpt["model"] if which == "last" else torch.load(run / "best.pt", map_location="cpu", weights_only=False)["model"]
     cfg = from_dict(ckpt["config"])
     n_pixels = weights["decoder.layers.%d.weight" % (len(cfg.model.decoder))].shape[0]
-    dec = Decoder(cfg.model.latent, len(LABEL_NAMES), cfg.model.decoder, n_pixels, cfg.model.output_scale,
-                  cfg.model.output_offset)
+    dec = Decoder(cfg.model.latent, len(NETWORK_LABELS[cfg.model.target]), cfg.model.decoder, n_pixels,
+                  cfg.model.output_scale, cfg.model.output_offset)
     dec.load_state_dict({k[len("decoder."):]: v for k, v in weights.items() if k.startswith("decoder.")})
     return dec.eval(), ckpt["config"], ckpt
 
@@ -100,4 +112,5 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     except Exception:
         prov["fastspec_version"] = "unknown"
     wl = (sf.wavelength_start, sf.wavelength_step, sf.n_pixels, sf.wavelength_medium)
-    return export_decoder(dec, out, weight_dtype=weight_dtype, wavelength=wl, provenance=prov)
+    return export_decoder(dec, out, weight_dtype=weight_dtype, wavelength=wl, provenance=prov,
+                          epsilon=cfg["broadening"]["epsilon"], segments=cfg["broadening"]["segments"])

@@ -1,4 +1,8 @@
-"""Training loop: CVAE on intrinsic SYNSPEC spectra broadened on the fly, single process or torchrun DDP.
+"""Training loop: CVAE on intrinsic SYNSPEC spectra, single process or torchrun DDP.
+
+Two targets (`model.target`): "intrinsic" learns the spectrum at v sin i = 0, R = ∞ from (z, teff, logg, mh,
+vmic), and the inference core broadens it exactly; "broadened" (the paper's CVAE) learns all six labels
+from spectra broadened on the fly with fresh (v sin i, R) draws.
 
 Loss = MSE (mean over pixels and batch) + beta_eff * KL / n_pixels, KL summed over latent dims and averaged
 over the batch (so beta = 1 is the ELBO of a unit-variance Gaussian likelihood per pixel, up to constants;
@@ -28,7 +32,7 @@ import torch.distributed as dist
 from .broadening import Broadener
 from .config import Config
 from .data import FluxSource, SpectraFile, epoch_plan, fixed_plan, physical_labels, sha256_file, split_indices
-from .labels import LABEL_NAMES, normalise_labels
+from .labels import NETWORK_LABELS, normalise_labels
 from .model import CVAE, kl_divergence
 
 
@@ -71,10 +75,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Batcher:
-    """Turns a plan into (flux broadened, normalised labels, eps) batches on the device."""
+    """Turns a plan into (target flux, normalised labels, eps) batches on the device: the flux broadened
+    with the plan's (v sin i, R) when a broadener is given, else the intrinsic flux (intrinsic target)."""
 
-    def __init__(self, source: FluxSource, file_labels: np.ndarray, broadener: Broadener, device, block_spectra: int):
+    def __init__(self, source: FluxSource, file_labels: np.ndarray, broadener: Broadener | None, device,
+                 block_spectra: int, target: str = "broadened"):
         self.source, self.file_labels, self.br, self.device = source, file_labels, broadener, device
+        self.target = target
         self.block = max(1, block_spectra)
 
     def batches(self, plan, batch_size: int, rank: int = 0, world: int = 1):
@@ -96,9 +103,12 @@ class Batcher:
 
     def make(self, flux: np.ndarray, plan, idx: np.ndarray):
         vs, res = plan.vsini[idx], plan.resolution[idx]
-        x = self.br(torch.from_numpy(flux).to(self.device), torch.from_numpy(vs), torch.from_numpy(res))
+        x = torch.from_numpy(flux).to(self.device)
+        if self.br is not None:
+            x = self.br(x, torch.from_numpy(vs), torch.from_numpy(res))
         y = physical_labels(self.file_labels[plan.local[idx]], vs, res)
-        return x, normalise_labels(torch.from_numpy(y)).to(self.device), torch.from_numpy(plan.eps[idx]).to(self.device)
+        return (x, normalise_labels(torch.from_numpy(y), self.target).to(self.device),
+                torch.from_numpy(plan.eps[idx]).to(self.device))
 
 
 @torch.no_grad()
@@ -206,19 +216,29 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
         raise ValueError(f"{sf.path}: the split left train={split['train'].size}, val={split['val'].size} spectra")
     train_src = FluxSource(sf, split["train"], cfg.data.memory_limit_mb)
     val_src = FluxSource(sf, split["val"], cfg.data.memory_limit_mb)
-    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, epsilon=cfg.broadening.epsilon,
-                   segments=cfg.broadening.segments, max_vsini=cfg.sampling.vsini_max,
-                   min_resolution=cfg.sampling.resolution_min, device=device)
-    train_b = Batcher(train_src, labels[split["train"]], br, device, cfg.data.block_spectra)
-    val_b = Batcher(val_src, labels[split["val"]], br, device, cfg.data.block_spectra)
-    val_plan = fixed_plan(split["val"].size, cfg.data.val_draws, cfg.model.latent, cfg.sampling, tcfg.seed)
+    target = cfg.model.target
+    br = None
+    if target == "broadened":
+        br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, epsilon=cfg.broadening.epsilon,
+                       segments=cfg.broadening.segments, max_vsini=cfg.sampling.vsini_max,
+                       min_resolution=cfg.sampling.resolution_min, device=device)
+    train_b = Batcher(train_src, labels[split["train"]], br, device, cfg.data.block_spectra, target)
+    val_b = Batcher(val_src, labels[split["val"]], br, device, cfg.data.block_spectra, target)
+    # Intrinsic spectra have no (v sin i, R) draws to vary: validate each spectrum once.
+    val_plan = fixed_plan(split["val"].size, cfg.data.val_draws if br is not None else 1, cfg.model.latent,
+                          cfg.sampling, tcfg.seed)
 
-    model = CVAE(sf.n_pixels, len(LABEL_NAMES), cfg.model).to(device)
+    model = CVAE(sf.n_pixels, len(NETWORK_LABELS[target]), cfg.model).to(device)
     # Mean training spectrum (intrinsic: good enough for a starting bias), read in blocks when streaming.
     mean = np.zeros(sf.n_pixels)
     for k in range(0, split["train"].size, cfg.data.block_spectra):
         mean += train_src.get(np.arange(k, min(k + cfg.data.block_spectra, split["train"].size))).sum(0)
-    model.decoder.init_output_bias(torch.from_numpy(mean / split["train"].size).float().to(device))
+    mean /= split["train"].size
+    model.decoder.init_output_bias(torch.from_numpy(mean).float().to(device))
+    # Per-pixel loss weights (mean 1): line pixels count more when line_weight > 0.
+    pixel_weight = torch.from_numpy(1.0 + tcfg.line_weight * np.clip(1.0 - mean, 0.0, 1.0)).float().to(device)
+    pixel_weight /= pixel_weight.mean()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.autocast == "bf16")
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = _make_scheduler(opt, tcfg)
 
@@ -273,8 +293,10 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
         bar = tqdm(train_b.batches(plan, tcfg.batch_size, rank, world), total=nb, desc=f"epoch {epoch}",
                    disable=rank != 0 or quiet or not sys.stderr.isatty(), leave=False)
         for x, y, eps in bar:
-            rec, mu, logvar = ddp_model(x, y, eps)
-            mse = ((rec - x) ** 2).mean()
+            with amp:
+                rec, mu, logvar = ddp_model(x, y, eps)
+            rec, mu, logvar = rec.float(), mu.float(), logvar.float()
+            mse = (((rec - x) ** 2) * pixel_weight).mean()
             kl = kl_divergence(mu, logvar)
             loss = mse + beta * kl / n_pix
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,163 @@
+"""Held-out accuracy of an exported model, and the broadened held-out test set for `fastspec evaluate`.
+
+The test split is recomputed from the split settings in the model file's provenance (hash of the stellar
+labels, so it is the split training used and never saw). Every test spectrum gets `draws` (v sin i, R)
+pairs, seeded and stratified (Latin hypercube over the draws of one spectrum: v sin i uniform on
+[0, 300] km/s, R log-uniform on [1000, 115000]), so both ranges are covered evenly. The truth is the
+SYNSPEC spectrum broadened by `fastspec_train.broadening` (float64); the model runs at z = 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .broadening import Broadener
+from .data import SpectraFile, physical_labels, sha256_file, split_indices
+from .labels import LABEL_NAMES, STANDARD_LABELS
+
+VSINI_BINS = [0.0, 10.0, 50.0, 100.0, 200.0, 300.0]
+R_BINS = [1000.0, 3000.0, 10000.0, 30000.0, 115000.0]
+
+
+def _predictor(model_path: Path):
+    """z = 0 flux of the model file, from the C++ core (the one reader of model files)."""
+    from fastspec import _core
+
+    d = _core.Decoder(_core.Model.load(str(model_path)), threads=1)
+    return (lambda labels: np.asarray(d.forward(np.ascontiguousarray(labels, dtype=np.float64), z=None,
+                                                clip=False), dtype=np.float64)), "fastspec._core"
+
+
+def test_draws(n_spectra: int, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row positions, vsini, R) for `draws` stratified draws per test spectrum."""
+    vs_lab = next(lab for lab in STANDARD_LABELS if lab.name == "vsini")
+    r_lab = next(lab for lab in STANDARD_LABELS if lab.name == "resolution")
+    rng = np.random.default_rng([seed, 3])
+    pos, vs, rs = [], [], []
+    for i in range(n_spectra):
+        a = (rng.permutation(draws) + rng.random(draws)) / draws
+        b = (rng.permutation(draws) + rng.random(draws)) / draws
+        pos.append(np.full(draws, i))
+        vs.append(vs_lab.min + (vs_lab.max - vs_lab.min) * a)
+        lo, hi = math.log10(r_lab.min), math.log10(r_lab.max)
+        rs.append(10.0 ** (lo + (hi - lo) * b))
+    return np.concatenate(pos), np.concatenate(vs), np.minimum(np.concatenate(rs), r_lab.max)
+
+
+def _test_rows(model_path: Path, data: str | Path | None):
+    from fastspec import _core
+
+    prov = json.loads(_core.Model.load(str(model_path)).provenance)
+    data = Path(data) if data else Path(prov["training_data"]["path"])
+    sf = SpectraFile(data)
+    sp = prov.get("split")
+    if sp is None:
+        raise ValueError(f"{model_path}: provenance has no 'split'; cannot tell which spectra are held out")
+    rows = np.arange(sf.n)
+    if sp.get("max_spectra"):
+        rows = rows[: sp["max_spectra"]]
+    split = split_indices(sf.labels[rows], sp["val_fraction"], sp["test_fraction"], sp["split_seed"])
+    return sf, rows[split["test"]], prov
+
+
+def broadened_test_set(model_path, data, draws: int, seed: int):
+    """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance)."""
+    sf, test_rows, prov = _test_rows(Path(model_path), data)
+    if test_rows.size == 0:
+        raise ValueError(f"{sf.path}: the test split is empty")
+    pos, vs, rs = test_draws(test_rows.size, draws, seed)
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
+    flux = sf.read(test_rows)
+    truth = np.empty((pos.size, sf.n_pixels))
+    for k in range(0, pos.size, 64):
+        sl = slice(k, k + 64)
+        truth[sl] = br(torch.from_numpy(flux[pos[sl]]).double(), torch.from_numpy(vs[sl]), torch.from_numpy(rs[sl])).numpy()
+    labels = physical_labels(sf.labels[test_rows[pos]], vs, rs)
+    return sf, test_rows[pos], labels, truth, prov
+
+
+def _stats(abs_err: np.ndarray) -> dict:
+    per_spec = abs_err.mean(axis=1)
+    return {"n_spectra": int(abs_err.shape[0]), "median_abs_dF": float(np.median(abs_err)),
+            "per_spectrum_mean_abs_dF_p50": float(np.percentile(per_spec, 50)),
+            "per_spectrum_mean_abs_dF_p95": float(np.percentile(per_spec, 95)),
+            "per_spectrum_mean_abs_dF_max": float(per_spec.max())}
+
+
+def accuracy_report(model, data, out_dir, *, draws: int = 10, seed: int = 2026, compare=None) -> dict:
+    model = Path(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sf, rows, labels, truth, prov = broadened_test_set(model, data, draws, seed)
+    predict, backend = _predictor(model)
+    pred = np.concatenate([predict(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])
+    err = np.abs(pred - truth)
+    vs, rs = labels[:, LABEL_NAMES.index("vsini")], labels[:, LABEL_NAMES.index("resolution")]
+    report = {"model": str(model), "backend": backend, "data": str(sf.path), "data_sha256": sha256_file(sf.path),
+              "trained_on_sha256": prov.get("training_data", {}).get("sha256"),
+              "n_test_stars": int(np.unique(rows).size), "draws_per_star": draws, "seed": seed, "z": 0,
+              "overall": _stats(err), "by_vsini": {}, "by_resolution": {}}
+    for name, values, edges in (("by_vsini", vs, VSINI_BINS), ("by_resolution", rs, R_BINS)):
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (values >= lo) & ((values < hi) | (hi == edges[-1]) & (values <= hi))
+            if sel.any():
+                report[name][f"{lo:g}-{hi:g}"] = _stats(err[sel])
+    if compare:
+        other, _ = _predictor(Path(compare))
+        pred2 = np.concatenate([other(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])
+        d = np.abs(pred - pred2)
+        report["compare"] = {"model": str(compare), "max_abs_diff": float(d.max()), "median_abs_diff": float(np.median(d)),
+                             "accuracy": _stats(np.abs(pred2 - truth))}
+    (out / "accuracy.json").write_text(json.dumps(report, indent=1))
+    (out / "accuracy.md").write_text(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    def row(name, s):
+        return (f"| {name} | {s['n_spectra']} | {s['median_abs_dF']:.2e} | {s['per_spectrum_mean_abs_dF_p50']:.2e} | "
+                f"{s['per_spectrum_mean_abs_dF_p95']:.2e} | {s['per_spectrum_mean_abs_dF_max']:.2e} |")
+
+    head = ("| subset | spectra | median \\|ΔF\\| (all pixels) | per-spectrum mean \\|ΔF\\|: p50 | p95 | max |\n"
+            "|---|---|---|---|---|---|")
+    lines = [f"Held-out accuracy of `{r['model']}` ({r['backend']}, z = 0) on {r['n_test_stars']} test stars × "
+             f"{r['draws_per_star']} (v sin i, R) draws, seed {r['seed']}; data `{r['data']}`.", "", head,
+             row("all", r["overall"])]
+    lines += [row(f"v sin i {k} km/s", s) for k, s in r["by_vsini"].items()]
+    lines += [row(f"R {k}", s) for k, s in r["by_resolution"].items()]
+    if "compare" in r:
+        c = r["compare"]
+        lines += ["", f"Against `{c['model']}`: max |ΔF| between the two {c['max_abs_diff']:.2e}, median "
+                      f"{c['median_abs_diff']:.2e}; its accuracy: median {c['accuracy']['median_abs_dF']:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026) -> Path:
+    """Broadened held-out spectra in the shared layout with 6 labels (teff, logg, vsini, mh, vmic, resolution)."""
+    import h5py
+
+    sf, rows, labels, truth, prov = broadened_test_set(Path(model), data, draws, seed)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("flux", data=truth.astype(np.float32), chunks=(1, sf.n_pixels), compression="gzip")
+        d = f.create_dataset("labels", data=labels)
+        d.attrs["names"] = np.array(LABEL_NAMES, dtype=object)
+        d.attrs["units"] = np.array([lab.unit for lab in STANDARD_LABELS], dtype=object)
+        f.create_dataset("source_rows", data=rows)
+        f.attrs["wavelength_start"] = sf.wavelength_start
+        f.attrs["wavelength_step"] = sf.wavelength_step
+        f.attrs["n_pixels"] = sf.n_pixels
+        f.attrs["wavelength_medium"] = sf.wavelength_medium
+        f.attrs["source"] = str(sf.path)
+        f.attrs["source_sha256"] = sha256_file(sf.path)
+        f.attrs["note"] = (f"held-out test split (never trained on) of {sf.path.name}; each spectrum broadened by "
+                           f"fastspec_train.broadening (rotation eps=0.6 then Gaussian FWHM=lambda/R), "
+                           f"{draws} stratified (vsini, R) draws per star, seed {seed}")
+    tmp.replace(out)
+    return out

