@@ -71,6 +71,10 @@ class TrainConfig:
     # (overrides the plateau schedule in that window; 0 = off). Epoch-based, so resume stays exact.
     anneal_start_epoch: int = 0
     anneal_end_epoch: int = 0
+    # Cosine annealing over wall time instead: from the LR at the start down to min_lr at anneal_minutes of
+    # training (0 = off). Fits a CPU budget on a machine whose epoch times vary; a resumed run continues from
+    # the elapsed time in its checkpoint, so it is not bit-identical to an uninterrupted one.
+    anneal_minutes: float = 0.0
     # Warm restarts after that: [[start_epoch, end_epoch, peak_lr], ...], cosine from peak_lr to min_lr.
     lr_restarts: list = field(default_factory=list)
     scheduler: str = "plateau"  # plateau | cosine | none
@@ -178,6 +182,8 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.lr_restarts must be [[start_epoch >= 1, end_epoch > start, peak_lr > 0], ...]")
     if t.scheduler not in ("plateau", "cosine", "none"):
         raise ValueError(f"train.scheduler must be plateau, cosine or none, got {t.scheduler!r}")
+    if t.anneal_minutes < 0 or (t.anneal_minutes > 0 and t.anneal_end_epoch):
+        raise ValueError("train.anneal_minutes must be >= 0, and not combined with anneal_end_epoch")
     if t.autocast not in ("off", "bf16"):
         raise ValueError(f"train.autocast must be 'off' or 'bf16', got {t.autocast!r}")
     if t.line_weight < 0:

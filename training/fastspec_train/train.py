@@ -282,6 +282,13 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
             lr = tcfg.min_lr + (state["anneal_base_lr"] - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
             for group in opt.param_groups:
                 group["lr"] = lr
+        if tcfg.anneal_minutes > 0:
+            annealing = True
+            state.setdefault("anneal_base_lr", opt.param_groups[0]["lr"])
+            frac = min(1.0, state["elapsed_s"] / (60.0 * tcfg.anneal_minutes))
+            lr = tcfg.min_lr + (state["anneal_base_lr"] - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+            for group in opt.param_groups:
+                group["lr"] = lr
         for start, end, peak in tcfg.lr_restarts:
             if start <= epoch <= end:
                 annealing = True
