@@ -211,3 +211,20 @@ def test_beta_steps_and_lr_annealing(tmp_path):
     assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-3, 0.5 * (1e-3 + 1e-6), 1e-6, 2e-4, 1e-6])
     with pytest.raises(ValueError, match="anneal"):
         cfgmod.from_dict({"train": {"anneal_start_epoch": 5, "anneal_end_epoch": 3}})
+
+
+def test_devpack_round_trip_keeps_test_rows_home(tmp_path):
+    """The GPU script's packed data: flux within one quantum (1.7e-5), labels exact, no test-split row."""
+    from conftest import shared_file
+    from fastspec_train.devpack import QUANTUM, pack, unpack
+    from fastspec_train.data import SpectraFile, split_indices
+
+    src = shared_file("synspec_intrinsic_v2.h5")
+    info = pack(src, tmp_path / "p.fsp", max_mb=2.0)
+    assert 0 < info["spectra"] < info["of_train_val"] and info["bytes"] <= 2e6
+    out = SpectraFile(unpack(tmp_path / "p.fsp", tmp_path / "p.h5"))
+    orig = SpectraFile(src)
+    rows = [int(np.flatnonzero((orig.labels == lab).all(axis=1))[0]) for lab in out.labels]
+    test = set(split_indices(orig.labels, 0.1, 0.1, 20261125)["test"].tolist())
+    assert not test & set(rows)
+    assert np.abs(out.read(np.arange(out.n)) - orig.read(np.array(sorted(rows)))[np.argsort(np.argsort(rows))]).max() <= 0.5 / QUANTUM + 1e-7
