@@ -185,8 +185,10 @@ def test_version_2_broadening_stage(tmp_path):
     expect_rejected(p, patched(data, 104, "<d", float("nan")), "limb darkening epsilon")
     expect_rejected(p, patched(data, 112, "<I", 0), "segments = 0")
     expect_rejected(p, patched(data, 112, "<I", 5000), "segments = 5000")
-    expect_rejected(p, patched(data, 120, "<B", 1), "reserved header bytes 116-127")
-    expect_rejected(p, patched(data, 68, "<I", 0), "broadening = 0 but header bytes 104-127 are not zero")
+    expect_rejected(p, patched(data, 116, "<B", 1), "reserved header bytes 116-119")
+    expect_rejected(p, patched(data, 120, "<Q", 65), "emulator_error_offset = 65 is not 64-byte aligned")
+    expect_rejected(p, patched(data, 120, "<Q", 64), "emulator-error block at 64 lies outside")
+    expect_rejected(p, patched(data, 68, "<I", 0), "broadening = 0 but header bytes 104-119 are not zero")
     expect_rejected(p, patched(data, role(0), "<I", 3), "role = 3 is unknown")
     expect_rejected(p, patched(data, role(3), "<I", 1), "exactly one label with role vsini, the file has 2")
     expect_rejected(p, patched(data, role(5), "<I", 0), "exactly one label with role resolution, the file has 0")
@@ -233,3 +235,31 @@ def test_nonfinite_weights_are_rejected(tmp_path):
 def test_not_a_model_file(tmp_path):
     expect_rejected(tmp_path / "empty.fsm", b"")
     expect_rejected(tmp_path / "text.fsm", b"hello world\n" * 50, "bad magic")
+
+
+def test_emulator_error_block(tmp_path):
+    """Version 2's optional emulator-error block: read back exactly, interpolated bilinearly in (v sin i, log R),
+    constant beyond the nodes; damaged blocks are refused."""
+    layers = mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, n_labels=4, seed=5)
+    rms = np.random.default_rng().random((3, 2, N_PIXELS)).astype(np.float32)
+    ee = mf.EmulatorError(np.array([0.0, 50.0, 300.0]), np.array([1000.0, 100000.0]), rms)
+    data = mf.model_bytes(layers, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, broadening=mf.BroadeningStage(),
+                          wavelength=(4450.0, 0.05, N_PIXELS, "air"), emulator_error=ee)
+    p = tmp_path / "err.fsm"
+    p.write_bytes(data)
+    m = _core.Model.load(str(p))
+    assert m.has_emulator_error
+    np.testing.assert_array_equal(m.emulator_error(50.0, 1000.0), rms[1, 0])
+    np.testing.assert_array_equal(m.emulator_error(900.0, 1e7), rms[2, 1])  # clamped to the last nodes
+    np.testing.assert_allclose(m.emulator_error(25.0, 10000.0), rms[:2].mean(axis=(0, 1)), rtol=1e-6)
+    at = struct.unpack_from("<Q", data, 120)[0]
+    assert at % 64 == 0
+    expect_rejected(p, patched(data, at, "<I", 0), "nodes, each must be in [1, 64]")
+    expect_rejected(p, patched(data, at + 8, "<I", N_PIXELS + 1), "emulator error: n_pixels")
+    expect_rejected(p, patched(data, at + 16 + 8, "<d", 0.0), "nodes must be finite, increasing")
+    expect_rejected(p, patched(data, at + 16 + 8 * 3, "<d", -5.0), "nodes must be finite, increasing")
+    expect_rejected(p, patched(data, at + 16 + 8 * 5, "<f", float("nan")), "must be finite and >= 0")
+    expect_rejected(p, patched(data, 120, "<Q", at + 64 * 1000), "lies outside the data area")
+    plain = small_model_bytes(format_version=2)
+    p.write_bytes(plain)
+    assert not _core.Model.load(str(p)).has_emulator_error and _core.Model.load(str(p)).emulator_error(1, 2000) is None

@@ -165,6 +165,14 @@ PYBIND11_MODULE(_core, mod) {
         .def_property_readonly("output_offset", &Model::output_offset)
         .def_property_readonly("provenance", &Model::provenance_json)
         .def_property_readonly("parameter_count", &Model::parameter_count)
+        .def_property_readonly("has_emulator_error", &Model::has_emulator_error)
+        .def("emulator_error", [](const Model& m, double vsini, double resolution) -> py::object {
+            if (!m.has_emulator_error()) return py::none();
+            py::array_t<float> a(py::ssize_t(m.n_pixels()));
+            m.emulator_error(vsini, resolution, a.mutable_data());
+            return a;
+        }, py::arg("vsini"), py::arg("resolution"),
+           "RMS of (model - SYNSPEC) per pixel at (vsini, R), measured at export (float32 (n_pixels,)), or None.")
         .def_property_readonly("labels",
                                [](const Model& m) {
                                    py::list out;

@@ -33,6 +33,9 @@ struct Model::Impl {
     std::string provenance;
     std::vector<std::vector<float>> weights, biases;
     std::vector<std::vector<std::uint16_t>> weights16;  // as stored, for 16-bit models (else empty)
+    // Emulator error (version 2, optional): RMS (model - truth) per pixel on a (vsini, resolution) node grid.
+    std::vector<double> error_vsini, error_resolution;
+    std::vector<float> error_rms;  // (n_vsini, n_resolution, n_pixels)
 };
 
 namespace {
@@ -210,8 +213,9 @@ std::shared_ptr<Model::Impl> Reader::parse() {
     m->output_offset = f64(h + 80);
     if (!std::isfinite(m->output_scale) || m->output_scale == 0) fail("output_scale = ", m->output_scale, " must be finite and non-zero");
     if (!std::isfinite(m->output_offset)) fail("output_offset = ", m->output_offset, " is not finite");
-    if (broadening == 0 && !all_zero(h + 104, 24))
-        fail(version == 1 ? "reserved header bytes 104-127 are not zero" : "broadening = 0 but header bytes 104-127 are not zero");
+    if (version == 1 && !all_zero(h + 104, 24)) fail("reserved header bytes 104-127 are not zero");
+    if (version >= 2 && broadening == 0 && !all_zero(h + 104, 16)) fail("broadening = 0 but header bytes 104-119 are not zero");
+    const std::uint64_t error_at = version >= 2 ? u64(h + 120) : 0;  // the emulator-error block, 0 = none
     if (broadening == 1) {
         m->broadening.enabled = true;
         m->broadening.epsilon = f64(h + 104);
@@ -220,7 +224,7 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         const std::uint32_t segments = u32(h + 112);
         if (segments < 1 || segments > 4096) fail("broadening segments = ", segments, " is not in [1, 4096]");
         m->broadening.segments = int(segments);
-        if (!all_zero(h + 116, 12)) fail("reserved header bytes 116-127 are not zero");
+        if (!all_zero(h + 116, 4)) fail("reserved header bytes 116-119 are not zero");
     }
 
     // Tables: sizes are small (limits above), so this arithmetic cannot overflow.
@@ -313,6 +317,29 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         m->layers.push_back(LayerInfo{int(in), int(out), Activation(act)});
         expected_in = out;
     }
+    // The emulator-error block: u32 n_vsini, n_resolution, n_pixels, reserved; f64 nodes; f32 RMS values.
+    std::uint64_t nv = 0, nr = 0, error_values_at = 0;
+    if (error_at) {
+        if (error_at % kAlign) fail("emulator_error_offset = ", error_at, " is not 64-byte aligned");
+        if (error_at < blocks_from || error_at > payload_end || payload_end - error_at < 16)
+            fail("emulator-error block at ", error_at, " lies outside the data area [", blocks_from, ", ", payload_end, ")");
+        nv = u32(h + error_at), nr = u32(h + error_at + 4);
+        if (nv < 1 || nv > 64 || nr < 1 || nr > 64) fail("emulator error: ", nv, " x ", nr, " nodes, each must be in [1, 64]");
+        if (u32(h + error_at + 8) != m->n_pixels) fail("emulator error: n_pixels = ", u32(h + error_at + 8), ", expected ", m->n_pixels);
+        if (u32(h + error_at + 12) != 0) fail("emulator error: reserved field is not zero");
+        error_values_at = error_at + 16 + 8 * (nv + nr);
+        const std::uint64_t bytes = 16 + 8 * (nv + nr) + 4 * nv * nr * m->n_pixels;
+        if (bytes > payload_end - error_at) fail("emulator-error block (", bytes, " bytes at ", error_at, ") runs past the end of the data");
+        extents.emplace_back(error_at, error_at + bytes);
+        for (const char* name : {"vsini", "resolution"})
+            if (std::none_of(m->labels.begin(), m->labels.end(), [&](const LabelInfo& l) { return l.name == name; }))
+                fail("emulator error needs labels named 'vsini' and 'resolution'");
+        for (std::uint64_t i = 0; i < nv + nr; ++i) {
+            const double v = f64(h + error_at + 16 + 8 * i), prev = i && i != nv ? f64(h + error_at + 8 + 8 * i) : -1.0;
+            if (!std::isfinite(v) || v < 0 || (i >= nv && !(v > 0)) || (i && i != nv && !(v > prev)))
+                fail("emulator error: node ", i, " = ", v, " (nodes must be finite, increasing, vsini >= 0, resolution > 0)");
+        }
+    }
     std::sort(extents.begin(), extents.end());
     for (std::size_t i = 1; i < extents.size(); ++i)
         if (extents[i].first < extents[i - 1].second) fail("weight/bias blocks overlap at offset ", extents[i].first);
@@ -344,6 +371,15 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         }
         m->weights.push_back(std::move(wf));
         m->biases.push_back(std::move(bf));
+    }
+    if (error_at) {
+        for (std::uint64_t i = 0; i < nv; ++i) m->error_vsini.push_back(f64(h + error_at + 16 + 8 * i));
+        for (std::uint64_t i = 0; i < nr; ++i) m->error_resolution.push_back(f64(h + error_at + 16 + 8 * (nv + i)));
+        m->error_rms.resize(nv * nr * m->n_pixels);
+        for (std::size_t i = 0; i < m->error_rms.size(); ++i) {
+            m->error_rms[i] = f32(h + error_values_at + 4 * i);
+            if (!std::isfinite(m->error_rms[i]) || m->error_rms[i] < 0) fail("emulator error: value ", i, " = ", m->error_rms[i], " must be finite and >= 0");
+        }
     }
     return m;
 }
@@ -410,6 +446,36 @@ const std::uint16_t* Model::stored_weights16(std::size_t k) const {
     if (impl_->weights16.empty()) return nullptr;
     return impl_->weights16.at(k).data();
 }
+bool Model::has_emulator_error() const { return !impl_->error_rms.empty(); }
+
+bool Model::emulator_error(double vsini, double resolution, float* out) const {
+    const Impl& m = *impl_;
+    if (m.error_rms.empty()) return false;
+    if (!std::isfinite(vsini) || !(resolution > 0)) throw InputError("emulator_error: vsini and resolution must be finite, resolution > 0");
+    // Bilinear in (vsini, log10 R) between the nodes, constant beyond the outermost ones.
+    auto bracket = [](const std::vector<double>& nodes, double x, std::size_t& i, double& t) {
+        if (nodes.size() == 1 || x <= nodes.front()) { i = 0, t = 0; return; }
+        if (x >= nodes.back()) { i = nodes.size() - 2, t = 1; return; }
+        i = std::size_t(std::upper_bound(nodes.begin(), nodes.end(), x) - nodes.begin()) - 1;
+        t = (x - nodes[i]) / (nodes[i + 1] - nodes[i]);
+    };
+    std::vector<double> log_r(m.error_resolution.size());
+    for (std::size_t k = 0; k < log_r.size(); ++k) log_r[k] = std::log10(m.error_resolution[k]);
+    std::size_t iv, ir;
+    double tv, tr;
+    bracket(m.error_vsini, vsini, iv, tv);
+    bracket(log_r, std::log10(resolution), ir, tr);
+    const std::size_t nr = log_r.size(), np = m.n_pixels;
+    const std::size_t iv1 = std::min(iv + 1, m.error_vsini.size() - 1), ir1 = std::min(ir + 1, nr - 1);
+    const float* a = &m.error_rms[(iv * nr + ir) * np];
+    const float* b = &m.error_rms[(iv * nr + ir1) * np];
+    const float* c = &m.error_rms[(iv1 * nr + ir) * np];
+    const float* d = &m.error_rms[(iv1 * nr + ir1) * np];
+    for (std::size_t p = 0; p < np; ++p)
+        out[p] = float((1 - tv) * ((1 - tr) * a[p] + tr * b[p]) + tv * ((1 - tr) * c[p] + tr * d[p]));
+    return true;
+}
+
 std::size_t Model::parameter_count() const {
     std::size_t n = 0;
     for (const auto& l : impl_->layers) n += std::size_t(l.in) * l.out + l.out;

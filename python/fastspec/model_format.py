@@ -61,6 +61,23 @@ INTRINSIC_LABELS = tuple(
 
 
 @dataclass(frozen=True)
+class EmulatorError:
+    """The model's own error, measured on held-out spectra: RMS of (model − truth) per pixel, rms[i, k, p] at
+    v sin i = vsini[i] and R = resolution[k] (both increasing)."""
+
+    vsini: np.ndarray
+    resolution: np.ndarray
+    rms: np.ndarray  # (len(vsini), len(resolution), n_pixels)
+
+    def block(self, n_pixels: int) -> bytes:
+        v, r = np.asarray(self.vsini, "<f8"), np.asarray(self.resolution, "<f8")
+        rms = np.asarray(self.rms, "<f4")
+        if rms.shape != (v.size, r.size, n_pixels):
+            raise ValueError(f"emulator error rms must have shape ({v.size}, {r.size}, {n_pixels}), got {rms.shape}")
+        return struct.pack("<IIII", v.size, r.size, n_pixels, 0) + v.tobytes() + r.tobytes() + rms.tobytes()
+
+
+@dataclass(frozen=True)
 class BroadeningStage:
     """Rotation (Gray's profile, linear limb darkening epsilon, half-width λ·vsini/c), then a Gaussian of
     FWHM = λ/R, with kernel widths taken at segments + 1 nodes and blended linearly in between."""
@@ -132,6 +149,7 @@ def model_bytes(
     provenance: dict | None = None,
     broadening: BroadeningStage | None = None,
     format_version: int = FORMAT_VERSION,
+    emulator_error: EmulatorError | None = None,
 ) -> bytes:
     """Serialise a decoder into the model format. With `broadening`, the labels must name one "vsini" and one
     "resolution" role and the network takes [z, the "network" labels]; format_version 1 allows neither."""
@@ -144,6 +162,8 @@ def model_bytes(
         raise ValueError(f"label roles must be one of {sorted(ROLES)}, got {roles}")
     if broadening is None and any(r != "network" for r in roles):
         raise ValueError("labels with a vsini/resolution role need a broadening stage")
+    if emulator_error is not None and format_version < 2:
+        raise ValueError("an emulator-error block needs format version 2")
     if broadening is not None:
         if format_version < 2:
             raise ValueError("a broadening stage needs format version 2")
@@ -177,6 +197,13 @@ def model_bytes(
         cursor += len(b)
         placements.append((w_off, len(w), b_off, len(b)))
         blocks += [w, b]
+    error_offset = 0
+    if emulator_error is not None:
+        eb = emulator_error.block(n_pixels)
+        cursor += -cursor % ALIGN
+        error_offset = cursor
+        cursor += len(eb)
+        blocks.append(eb)
     file_bytes = cursor + -cursor % ALIGN + 8
 
     buf = bytearray()
@@ -188,9 +215,8 @@ def model_bytes(
     buf += struct.pack("<ddII", wl_start, wl_step, n_pixels, MEDIA[medium])
     buf += struct.pack("<IIdd", 1, 1 if broadening else 0, output_scale, output_offset)
     buf += struct.pack("<QQ", tables_end, len(prov))
-    if broadening is not None:
-        buf += struct.pack("<dI", broadening.epsilon, broadening.segments)
-    buf += b"\0" * (HEADER_BYTES - len(buf))
+    buf += struct.pack("<dI4xQ", broadening.epsilon, broadening.segments, error_offset) if broadening is not None \
+        else struct.pack("<16xQ", error_offset)
     for label in labels:
         offset, scale = label.normalisation()
         buf += _fixed_ascii(label.name, 16, "label name") + _fixed_ascii(label.unit, 16, "label unit")

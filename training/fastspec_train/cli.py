@@ -24,7 +24,7 @@ def _train(a) -> int:
 def _export(a) -> int:
     from .export import export_run
 
-    path = export_run(a.run, a.out, weight_dtype=a.dtype, which=a.which)
+    path = export_run(a.run, a.out, weight_dtype=a.dtype, which=a.which, emulator_error=a.emulator_error)
     print(path)
     return 0
 
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="model file to write")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     e.add_argument("--which", default="best", choices=["best", "last"], help="best.pt or checkpoint.pt weights")
+    e.add_argument("--emulator-error", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the model's error on the validation split and store it in the file, for "
+                        "fastspec.fit(model_error=True) (default: on; a minute or two)")
     e.set_defaults(func=_export)
 
     for name, helptext in (("accuracy", "held-out accuracy of an exported model"),

@@ -41,9 +41,41 @@ def decoder_layers(decoder: Decoder) -> list:
                      "sigmoid" if k == n - 1 else "relu") for k, layer in enumerate(decoder.layers)]
 
 
+# Where the emulator error is measured: v sin i and R nodes spanning the label ranges (denser where the
+# spectra change fastest, at small v sin i and high R).
+ERROR_VSINI_NODES = (0.0, 5.0, 15.0, 40.0, 100.0, 200.0, 300.0)
+ERROR_RESOLUTION_NODES = (1000.0, 3000.0, 10000.0, 30000.0, 60000.0, 115000.0)
+
+
+def measure_emulator_error(model_path: str | Path, data: str | Path | None = None, split: str = "val",
+                           vsini_nodes=ERROR_VSINI_NODES, resolution_nodes=ERROR_RESOLUTION_NODES) -> mf.EmulatorError:
+    """RMS over the held-out stars of (model at z = 0 − SYNSPEC broadened in float64) per pixel, at every
+    (v sin i, R) node: the block `fit(model_error=True)` adds to the variance. Uses the validation split by
+    default (the test split stays for checking the uncertainties it leads to)."""
+    from fastspec import _core
+
+    from .accuracy import _split_rows
+    from .broadening import Broadener
+
+    sf, rows, _ = _split_rows(Path(model_path), data, split)
+    dec = _core.Decoder(_core.Model.load(str(model_path)))
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
+    flux = torch.from_numpy(sf.read(rows)).double()
+    file_labels = sf.labels[rows]
+    rms = np.zeros((len(vsini_nodes), len(resolution_nodes), sf.n_pixels))
+    for i, v in enumerate(vsini_nodes):
+        for k, r in enumerate(resolution_nodes):
+            n = rows.size
+            truth = br(flux, torch.full((n,), v, dtype=torch.float64), torch.full((n,), r, dtype=torch.float64)).numpy()
+            labels = np.column_stack([file_labels[:, 0], file_labels[:, 1], np.full(n, v), file_labels[:, 2],
+                                      file_labels[:, 3], np.full(n, r)])
+            rms[i, k] = np.sqrt(((dec.forward(labels) - truth) ** 2).mean(axis=0))
+    return mf.EmulatorError(np.array(vsini_nodes), np.array(resolution_nodes), rms.astype(np.float32))
+
+
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
                    wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None,
-                   epsilon: float = EPSILON, segments: int = 8) -> Path:
+                   epsilon: float = EPSILON, segments: int = 8, emulator_error: mf.EmulatorError | None = None) -> Path:
     """Write `decoder` as a model file. The decoder takes [z, 6 standard labels] (the paper's CVAE, format
     version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage)."""
     n_pixels = decoder.layers[-1].out_features
@@ -69,7 +101,8 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                           labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
                           wavelength=tuple(wavelength), output_scale=decoder.output_scale,
                           output_offset=decoder.output_offset, provenance=prov, broadening=stage,
-                          format_version=2 if intrinsic else 1)
+                          format_version=2 if intrinsic or emulator_error is not None else 1,
+                          emulator_error=emulator_error)
 
 
 def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dict, dict]:
@@ -85,7 +118,10 @@ def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dic
     return dec.eval(), ckpt["config"], ckpt
 
 
-def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", which: str = "best") -> Path:
+def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", which: str = "best",
+               emulator_error: bool = False) -> Path:
+    """Export a run's decoder; with emulator_error, measure its error on the validation split (as exported, in
+    its dtype) and write the file again with that block."""
     from .data import SpectraFile, sha256_file
 
     run = Path(run)
@@ -112,5 +148,13 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     except Exception:
         prov["fastspec_version"] = "unknown"
     wl = (sf.wavelength_start, sf.wavelength_step, sf.n_pixels, sf.wavelength_medium)
-    return export_decoder(dec, out, weight_dtype=weight_dtype, wavelength=wl, provenance=prov,
-                          epsilon=cfg["broadening"]["epsilon"], segments=cfg["broadening"]["segments"])
+    kw = dict(weight_dtype=weight_dtype, wavelength=wl, epsilon=cfg["broadening"]["epsilon"],
+              segments=cfg["broadening"]["segments"])
+    path = export_decoder(dec, out, provenance=prov, **kw)
+    if emulator_error:
+        err = measure_emulator_error(path)
+        prov["emulator_error"] = {"split": "val", "n_stars": int(prov["split"]["sizes"]["val"]) if prov["split"].get("sizes") else None,
+                                  "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
+                                  "median_rms": float(np.median(err.rms))}
+        path = export_decoder(dec, out, provenance=prov, emulator_error=err, **kw)
+    return path

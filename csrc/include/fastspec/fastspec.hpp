@@ -122,6 +122,13 @@ public:
     const std::uint16_t* stored_weights16(std::size_t k) const;
     std::size_t parameter_count() const;
 
+    // The emulator's own error, measured at export on held-out spectra (docs/model-format.md): the RMS of
+    // (model - SYNSPEC) per pixel at a given (vsini, resolution), bilinear in vsini and log10 R between the
+    // measured nodes and constant beyond them. Writes n_pixels floats and returns true, or returns false
+    // (out untouched) when the file carries none.
+    bool has_emulator_error() const;
+    bool emulator_error(double vsini, double resolution, float* out) const;
+
     struct Impl;
 
 private:
