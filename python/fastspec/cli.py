@@ -3,6 +3,7 @@
     fastspec generate --teff 5777 --logg 4.44 --vsini 2 --mh 0 --vmic 1 --resolution 50000 -o sun.csv --plot sun.png
     fastspec batch labels.csv -o spectra.h5
     fastspec info [model.fsm]
+    fastspec fit spectrum.fits --medium vacuum -o result.json --plot fit.png
     fastspec evaluate --model M --data D --out report/
 """
 
@@ -11,7 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import signal
 import sys
+import threading
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +31,29 @@ LABEL_HELP = {
     "vmic": "microturbulence [km/s]",
     "resolution": "resolving power R = λ/FWHM",
 }
+OUTPUT_FORMATS = (".csv", ".txt", ".npy", ".h5", ".hdf5")  # what `generate -o` can write
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fastspec info | head`). As in the Python docs' "Note on SIGPIPE": point stdout
+        # at devnull so that the flush at exit does not fail again, and exit as a process killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
+    except KeyboardInterrupt:
+        print(f"fastspec {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what shells report for Ctrl-C
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
-        # User errors (bad labels, bad files) get one clear line, not a traceback.
-        print(f"fastspec {args.command}: error: {exc}", file=sys.stderr)
+        # User errors (bad labels, bad files) get one clear line, not a traceback. The core's range message
+        # names the Python API's clip=True; here that is the --clip option.
+        message = str(exc).replace("pass clip=true", "pass --clip")
+        print(f"fastspec {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 
@@ -47,19 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in LABEL_HELP.items():
         gen.add_argument(f"--{name}", type=float, required=True, help=text)
     _model_options(gen)
-    gen.add_argument("-o", "--output", type=Path, help="write to .csv, .txt or .npy (default: CSV on stdout)")
+    gen.add_argument("-o", "--output", type=Path,
+                     help="write to .csv or .txt (CSV text), .npy (N, 2) or .h5/.hdf5 (the layout of `batch`, "
+                          "one row); default: CSV on stdout")
     gen.add_argument("--plot", type=Path, help="also save a PNG plot of the spectrum (needs matplotlib)")
     gen.add_argument("--sample", action="store_true", help="draw z ~ N(0, I) instead of the prior mean z = 0")
-    gen.add_argument("--seed", type=int, help="random seed for --sample")
+    gen.add_argument("--seed", type=int, help="random seed for --sample (only with --sample)")
     gen.set_defaults(func=cmd_generate)
 
     batch = sub.add_parser("batch", help="many spectra from a table of labels, written to HDF5")
     batch.add_argument("labels", type=Path,
-                       help="CSV with a header naming the six labels (any column order) or an .npy array (N, 6) "
-                            "in the order teff, logg, vsini, mh, vmic, resolution")
+                       help="CSV with a header naming the six labels (any column order, no other columns; lines "
+                            "starting with # are skipped) or an .npy array (N, 6) in the order teff, logg, vsini, "
+                            "mh, vmic, resolution")
     batch.add_argument("-o", "--output", type=Path, required=True, help="HDF5 file to write")
     _model_options(batch)
-    batch.add_argument("--chunk", type=int, default=256, help="spectra per call to the core (default 256)")
+    batch.add_argument("--chunk", type=_positive_int, default=256, help="spectra per call to the core (default 256)")
     batch.set_defaults(func=cmd_batch)
 
     info = sub.add_parser("info", help="describe a model file (default: the embedded model)")
@@ -67,13 +88,45 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
 
-    try:
-        from .evaluate.cli import add_parser as add_evaluate_parser
-    except ImportError:
-        pass  # the evaluation suite is optional (it needs matplotlib)
-    else:
-        add_evaluate_parser(sub)
+    fit = sub.add_parser("fit", help="fit the labels, RV and continuum of an observed spectrum",
+                         description="Fit an observed spectrum (fastspec.fit): prints the labels with uncertainties; "
+                                     "exit status 0 when the fit passed its quality checks, 3 when it ran but did not "
+                                     "(see 'quality' in the output), 1 on an error.")
+    fit.add_argument("spectrum", type=Path,
+                     help="CSV/text (header naming wavelength, flux[, error], or those three columns), FITS (a 1-D "
+                          "table, or a 1-D image with CRVAL1/CDELT1; needs astropy) or HDF5 (datasets wavelength, "
+                          "flux[, error])")
+    fit.add_argument("--medium", choices=["air", "vacuum"], default="air", help="of the observed wavelengths (default air)")
+    fit.add_argument("--model", type=Path, help="model file (default: the embedded model)")
+    fit.add_argument("--error", type=float, help="one error for every pixel (default: the file's, else estimated)")
+    fit.add_argument("--rv-bounds", type=float, nargs=2, default=(-300.0, 300.0), metavar=("LO", "HI"), help="km/s")
+    fit.add_argument("--no-rv", action="store_true", help="do not fit a radial velocity")
+    fit.add_argument("--continuum-degree", type=int, default=2, help="Legendre degree of the continuum; -1: none")
+    fit.add_argument("--bound", action="append", default=[], metavar="LABEL=LO:HI",
+                     help="narrow a label's range, e.g. --bound vmic=1:3 (repeatable)")
+    fit.add_argument("--clip", type=float, metavar="SIGMA", help="reject outliers beyond SIGMA robust standard deviations")
+    fit.add_argument("--loss", default="linear", help="least-squares loss: linear, soft_l1, huber, cauchy, arctan")
+    fit.add_argument("--no-model-error", action="store_true", help="leave the emulator error out of the variance")
+    fit.add_argument("-o", "--output", type=Path, help="write the result as JSON")
+    fit.add_argument("--plot", type=Path, help="save a PNG of data, model and residuals (needs matplotlib)")
+    fit.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    fit.set_defaults(func=cmd_fit)
+
+    # Always registered: it says itself when matplotlib is missing.
+    from .evaluate.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -83,26 +136,83 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
+    # Refuse what cannot be done before any work is done.
+    if args.seed is not None and not args.sample:
+        raise ValueError("--seed only makes sense with --sample")
+    suffix = args.output.suffix.lower() if args.output is not None else None
+    if suffix is not None and suffix not in OUTPUT_FORMATS:
+        raise ValueError(f"{args.output}: unknown output format {suffix or '(no extension)'}; "
+                         f"use one of {', '.join(OUTPUT_FORMATS)}")
+    if args.plot:
+        _require_matplotlib("--plot")
     decoder = Decoder.load(args.model, threads=args.threads)
     labels = {name: getattr(args, name) for name in LABEL_HELP}
-    flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed if args.sample else None)
+    flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed)
     wave = decoder.wavelength
     medium = decoder.info["medium"]
     header = ("fastspec " + " ".join(f"{k}={v:g}" for k, v in labels.items())
               + f" z={'sampled' if args.sample else '0'}; wavelength in Å ({medium}), flux normalised to the continuum")
-    if args.output is None:
-        _write_csv(sys.stdout, wave, flux, header)
-    elif args.output.suffix == ".npy":
-        np.save(args.output, np.column_stack([wave, flux]))
-    else:
-        with open(args.output, "w", newline="") as f:
-            _write_csv(f, wave, flux, header)
-    if args.plot:
-        plot_spectrum(wave, flux, labels, args.plot, medium)
+    # The output and the plot appear together, complete, or not at all.
+    with ExitStack() as outputs:
+        if args.output is None:
+            _write_csv(sys.stdout, wave, flux, header)
+        else:
+            tmp = outputs.enter_context(_atomic_output(args.output))
+            if suffix == ".npy":
+                with open(tmp, "wb") as f:  # a file, not a name: np.save would append .npy to the name
+                    np.save(f, np.column_stack([wave, flux]))
+            elif suffix in (".h5", ".hdf5"):
+                import h5py
+
+                with h5py.File(tmp, "w") as f:
+                    dset = _create_hdf5(f, decoder, np.array([list(labels.values())]), args.clip)
+                    dset[0] = flux
+                    f.attrs["z"] = "sampled" if args.sample else "0"
+            else:
+                with open(tmp, "w", newline="") as f:
+                    _write_csv(f, wave, flux, header)
+        if args.plot:
+            plot_spectrum(wave, flux, labels, outputs.enter_context(_atomic_output(args.plot)), medium,
+                          fmt=args.plot.suffix[1:] or "png")  # the temporary name says no format
     if args.output is not None:
         print(f"wrote {args.output} ({flux.size} pixels, {wave[0]:.2f}-{wave[-1]:.2f} Å {medium})",
               file=sys.stderr)
     return 0
+
+
+@contextmanager
+def _atomic_output(path: Path):
+    """A temporary name beside `path`, renamed to `path` on success and removed on any failure (also Ctrl-C),
+    so that a file under `path` is always complete."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _deferred_sigint():
+    """Ctrl-C only sets the yielded event; the caller stops between chunks of work. A KeyboardInterrupt raised at
+    an arbitrary point can land in one of h5py's weakref callbacks, which print "Exception ignored" and go on."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
+def _require_matplotlib(what: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError(f"{what} needs matplotlib: pip install 'fastspec[plot]'") from None
 
 
 def _write_csv(f, wave: np.ndarray, flux: np.ndarray, header: str) -> None:
@@ -111,11 +221,11 @@ def _write_csv(f, wave: np.ndarray, flux: np.ndarray, header: str) -> None:
     np.savetxt(f, np.column_stack([wave, flux]), fmt=["%.3f", "%.7f"], delimiter=",")
 
 
-def plot_spectrum(wave, flux, labels: dict, path: Path, medium: str = "air") -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'fastspec[plot]'") from None
+def plot_spectrum(wave, flux, labels: dict, path: Path, medium: str = "air", fmt: str | None = None) -> None:
+    """Save a plot; `fmt` (png, pdf, ...) when `path` does not end in it."""
+    _require_matplotlib("--plot")
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,7 +236,7 @@ def plot_spectrum(wave, flux, labels: dict, path: Path, medium: str = "air") -> 
     ax.set_title(f"Teff {labels['teff']:g} K, log g {labels['logg']:g}, v sin i {labels['vsini']:g} km/s, "
                  f"[M/H] {labels['mh']:+g}, v_mic {labels['vmic']:g} km/s, R {labels['resolution']:g}", fontsize=10)
     ax.set_xlim(wave[0], wave[-1])
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=fmt)
     plt.close(fig)
 
 
@@ -138,19 +248,34 @@ def read_label_table(path: Path, names: tuple[str, ...]) -> np.ndarray:
             raise ValueError(f"{path}: expected an array of shape (N, {len(names)}) with columns "
                              f"{', '.join(names)}; got {table.shape}")
         return np.asarray(table, dtype=np.float64)
-    with open(path, newline="") as f:
-        rows = [row for row in csv.reader(line for line in f if not line.lstrip().startswith("#")) if row]
+    # utf-8-sig: spreadsheets start the file with a byte-order mark; universal newlines take CRLF too.
+    with open(path, encoding="utf-8-sig") as f:
+        rows = [(number, next(csv.reader([line]))) for number, line in enumerate(f, start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
         raise ValueError(f"{path}: no rows")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.strip().lower() for h in rows[0][1]]
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: duplicate column {', '.join(duplicates)} in the header row")
     missing = [n for n in names if n not in header]
     if missing:
         raise ValueError(f"{path}: the header row must name the columns {', '.join(names)}; missing {', '.join(missing)}")
+    unknown = [h for h in header if h not in names]
+    if unknown:
+        raise ValueError(f"{path}: unknown column {', '.join(map(repr, unknown))}; the header row must name "
+                         f"exactly the columns {', '.join(names)}")
     columns = [header.index(n) for n in names]
-    try:
-        return np.array([[float(row[c]) for c in columns] for row in rows[1:]], dtype=np.float64).reshape(-1, len(names))
-    except (ValueError, IndexError) as exc:
-        raise ValueError(f"{path}: could not read the label table: {exc}") from None
+    table = np.empty((len(rows) - 1, len(names)))
+    for i, (number, row) in enumerate(rows[1:]):
+        if len(row) != len(header):
+            raise ValueError(f"{path}: line {number}: {len(row)} values for the {len(header)} columns of the header")
+        for j, c in enumerate(columns):
+            try:
+                table[i, j] = float(row[c])
+            except ValueError:
+                raise ValueError(f"{path}: line {number}: {names[j]} = {row[c]!r} is not a number") from None
+    return table
 
 
 def cmd_batch(args) -> int:
@@ -161,28 +286,36 @@ def cmd_batch(args) -> int:
     labels = read_label_table(args.labels, decoder.label_names)
     _check_rows(labels, decoder, args.labels, args.clip)
     n = len(labels)
-    tmp = args.output.with_name(args.output.name + ".partial")
-    with h5py.File(tmp, "w") as f:
-        flux = f.create_dataset("flux", shape=(n, decoder.n_pixels), dtype="f4",
-                                chunks=(1, decoder.n_pixels) if n else None, compression="gzip")
-        dset = f.create_dataset("labels", data=labels)
-        dset.attrs["names"] = list(decoder.label_names)
-        dset.attrs["units"] = list(decoder.label_units)
-        info = decoder.info
-        f.attrs["wavelength_start"] = info["wavelength_start"]
-        f.attrs["wavelength_step"] = info["wavelength_step"]
-        f.attrs["n_pixels"] = decoder.n_pixels
-        f.attrs["wavelength_medium"] = info["medium"]
-        f.attrs["model"] = json.dumps({"path": info["path"], "provenance": info["provenance"]})
-        f.attrs["clip"] = bool(args.clip)
+    with _deferred_sigint() as interrupted, _atomic_output(args.output) as tmp, h5py.File(tmp, "w") as f:
+        flux = _create_hdf5(f, decoder, labels, args.clip)
         with tqdm(total=n, unit="spectra", desc="fastspec batch") as bar:
             for start in range(0, n, args.chunk):
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 stop = min(start + args.chunk, n)
                 flux[start:stop] = decoder(labels[start:stop], clip=args.clip)
                 bar.update(stop - start)
-    tmp.replace(args.output)
     print(f"wrote {n} spectra to {args.output}", file=sys.stderr)
     return 0
+
+
+def _create_hdf5(f, decoder: Decoder, labels: np.ndarray, clip: bool):
+    """The output layout of `batch` in the open file `f`: labels and grid written, flux (N, n_pixels) returned
+    empty for the caller to fill."""
+    n = len(labels)
+    flux = f.create_dataset("flux", shape=(n, decoder.n_pixels), dtype="f4",
+                            chunks=(1, decoder.n_pixels) if n else None, compression="gzip")
+    dset = f.create_dataset("labels", data=labels)
+    dset.attrs["names"] = list(decoder.label_names)
+    dset.attrs["units"] = list(decoder.label_units)
+    info = decoder.info
+    f.attrs["wavelength_start"] = info["wavelength_start"]
+    f.attrs["wavelength_step"] = info["wavelength_step"]
+    f.attrs["n_pixels"] = decoder.n_pixels
+    f.attrs["wavelength_medium"] = info["medium"]
+    f.attrs["model"] = json.dumps({"path": info["path"], "provenance": info["provenance"]})
+    f.attrs["clip"] = bool(clip)
+    return flux
 
 
 def _check_rows(labels: np.ndarray, decoder: Decoder, path: Path, clip: bool) -> None:
@@ -208,18 +341,116 @@ def cmd_info(args) -> int:
         return 0
     size = Path(info["path"]).stat().st_size
     print(f"model        {info['path']} ({size / 1e6:.1f} MB, weights {info['weight_dtype']})")
-    dims = [info["latent_dim"] + len(info["labels"])] + [layer["out"] for layer in info["layers"]]
+    # Only the labels of role "network" go into the network; v sin i and R of a version 2 model go to the
+    # broadening stage after it.
+    n_network = sum(lab.get("role", "network") == "network" for lab in info["labels"])
+    dims = [layer["out"] for layer in info["layers"]]
     acts = [layer["activation"] for layer in info["layers"]]
-    print(f"decoder      [z({info['latent_dim']}), labels({len(info['labels'])})] -> "
-          + " -> ".join(f"{d}({a})" for d, a in zip(dims[1:], acts)))
+    print(f"decoder      [z({info['latent_dim']}), labels({n_network})] -> "
+          + " -> ".join(f"{d}({a})" for d, a in zip(dims, acts)))
+    stage = info.get("broadening")
+    if stage:
+        print(f"broadening   rotation (eps={stage['epsilon']:g}) then Gaussian FWHM = lambda/R, "
+              f"{stage['segments']} segments (applied by the core)")
+    else:
+        print(f"broadening   none (format version {info.get('format_version', 1)}: "
+              "the network outputs the broadened spectrum)")
     print(f"spectrum     {info['n_pixels']} pixels, {info['wavelength_start']:.3f} Å + {info['wavelength_step']:g} Å steps, "
           f"{info['medium']}; output {info['output_transform']['scale']:g}·sigmoid + {info['output_transform']['offset']:g}")
-    print("labels       name        unit    min        max        scaling")
+    print("labels       name        unit    min        max        scaling  role")
     for lab in info["labels"]:
-        print(f"             {lab['name']:<11} {lab['unit']:<7} {lab['min']:<10g} {lab['max']:<10g} {lab['scaling']}")
+        print(f"             {lab['name']:<11} {lab['unit']:<7} {lab['min']:<10g} {lab['max']:<10g} "
+              f"{lab['scaling']:<8} {lab.get('role', 'network')}")
     prov = info["provenance"]
     if prov:
         print("provenance   " + json.dumps(prov, indent=2, default=str).replace("\n", "\n             "))
     bi = build_info()
     print(f"build        {', '.join(f'{k}={v}' for k, v in bi.items())}")
     return 0
+
+
+def _parse_bounds(items: list[str]) -> dict:
+    bounds = {}
+    for item in items:
+        name, sep, rng = item.partition("=")
+        lo, sep2, hi = rng.partition(":")
+        try:
+            if not (sep and sep2):
+                raise ValueError
+            bounds[name.strip()] = (float(lo), float(hi))
+        except ValueError:
+            raise ValueError(f"--bound {item!r} must look like LABEL=LO:HI, e.g. vmic=1:3") from None
+    return bounds
+
+
+def cmd_fit(args) -> int:
+    import warnings
+
+    from .fit import FitQualityWarning, fit
+    from .observations import read_spectrum
+
+    for path, what in ((args.output, ".json"), (args.plot, ".png")):
+        if path is not None and path.suffix.lower() != what:
+            raise ValueError(f"{path}: the {'result' if what == '.json' else 'plot'} is written as {what}")
+    if args.plot:
+        _require_matplotlib("--plot")
+    spec = read_spectrum(args.spectrum)
+    decoder = Decoder.load(args.model, threads=args.threads)
+    error = args.error if args.error is not None else spec.error
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)  # reported below, with the result
+        result = fit(spec.wavelength, spec.flux, error, decoder, rv=not args.no_rv,
+                     continuum_degree=None if args.continuum_degree < 0 else args.continuum_degree,
+                     rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound), medium=args.medium,
+                     clip=args.clip, loss=args.loss, model_error=False if args.no_model_error else "auto")
+    print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_trimmed} outside the model's "
+          f"reach trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
+          f"emulator error {'in' if result.model_error else 'not in'} the variance"
+          + (f"; noise estimated {result.error_estimate:.4g}" if result.error_estimate is not None else ""))
+    print(result)
+    for q in result.quality:
+        print(f"warning: {q}", file=sys.stderr)
+    with ExitStack() as outputs:
+        if args.output:
+            doc = {"spectrum": spec.source, "model": decoder.info["path"], "medium": args.medium,
+                   "labels": result.labels, "uncertainties": result.uncertainties, "rv": result.rv,
+                   "rv_uncertainty": result.rv_uncertainty, "continuum": result.continuum.tolist(),
+                   "parameter_names": result.parameter_names, "covariance": result.covariance.tolist(),
+                   "chi2": result.chi2, "reduced_chi2": result.reduced_chi2, "success": result.success,
+                   "converged": result.converged, "quality": result.quality, "n_pixels_used": result.n_pixels_used,
+                   "n_pixels_trimmed": result.n_pixels_trimmed, "n_pixels_clipped": result.n_pixels_clipped,
+                   "error_estimate": result.error_estimate, "model_error": result.model_error}
+            with open(outputs.enter_context(_atomic_output(args.output)), "w") as f:
+                json.dump(doc, f, indent=1)
+        if args.plot:
+            plot_fit(spec, result, outputs.enter_context(_atomic_output(args.plot)))
+    return 0 if result.success else 3
+
+
+def plot_fit(spec, result, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, axr) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, height_ratios=[3, 1], constrained_layout=True)
+    used = result.mask
+    ax.plot(spec.wavelength, spec.flux, lw=0.5, color="0.6", label="data")
+    ax.plot(spec.wavelength[used], result.model_flux[used], lw=0.7, color="C3", label="model")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.set_ylabel("flux")
+    lab = result.labels
+    ax.set_title(f"Teff {lab['teff']:.0f} ± {result.uncertainties['teff']:.0f} K, log g {lab['logg']:.2f}, "
+                 f"[M/H] {lab['mh']:+.2f}, v sin i {lab['vsini']:.1f}, v_mic {lab['vmic']:.2f}, R {lab['resolution']:.0f}"
+                 + (f", RV {result.rv:.2f} km/s" if result.rv is not None else "")
+                 + f"; reduced χ² {result.reduced_chi2:.2f}", fontsize=9)
+    axr.plot(spec.wavelength[used], (spec.flux - result.model_flux)[used], lw=0.5, color="k")
+    axr.axhline(0, color="C3", lw=0.7)
+    axr.set_ylabel("data − model")
+    axr.set_xlabel(f"wavelength [Å, {result.medium}]")
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

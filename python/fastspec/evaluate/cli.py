@@ -92,13 +92,21 @@ def options_from_args(args) -> dict:
 
 
 def run(args) -> int:
+    try:
+        import matplotlib  # noqa: F401  (the figures need it: say so before any work)
+    except ImportError:
+        print("fastspec evaluate needs matplotlib: pip install 'fastspec[plot]'", file=sys.stderr)
+        return 1
     from fastspec import Decoder
 
-    from .data import DataError
+    from .data import DataError, EvalData
     from .pipeline import evaluate
 
     decoder = Decoder.load(args.model, threads=args.threads)
     try:
+        # Check the data before evaluate() creates --out, so that a bad input leaves no empty folder behind.
+        EvalData(args.data, decoder.label_names, decoder.wavelength, args.max_spectra,
+                 medium=decoder.info.get("medium")).close()
         m = evaluate(decoder, args.data, args.out, **options_from_args(args))
     except DataError as exc:
         print(f"fastspec evaluate: {exc}", file=sys.stderr)
