@@ -166,17 +166,31 @@ def test_clear_errors(small_model):
     decoder = Decoder.load(small_model)
     wl = decoder.wavelength
     flux, error = np.ones(wl.size), np.full(wl.size, 0.01)
-    with pytest.raises(ValueError, match=r"span 4450.000-5399.950 Å but the model covers 4450.000-5399.950 Å"):
-        fastspec.fit(wl, flux, error, decoder)  # the full grid leaves no room for an RV shift
-    with pytest.raises(ValueError, match="must lie within"):
-        fastspec.fit(wl + 100, flux, error, decoder, rv=False)
+    # Pixels that some allowed RV moves off the model grid are trimmed, not refused: at ±300 km/s the usable
+    # range is 4454.50-5394.50 Å (90 pixels at the blue end, 109 at the red).
+    from fastspec.fit import _Problem
+    prob = _Problem(decoder, wl, flux, error, None, True, 2, None, (-300.0, 300.0))
+    assert prob.n_trimmed == 90 + 109 and prob.wl.min() == pytest.approx(4454.5) and prob.wl.max() == pytest.approx(5394.5)
+    assert _Problem(decoder, wl + 100, flux, error, None, False, 2, None, (0, 0)).n_trimmed == 2000
+    with pytest.raises(ValueError, match=r"only 0 usable pixels .* within 4454.4\d+-5394.5\d+ Å \(air\)"):
+        fastspec.fit(wl + 1000, flux, error, decoder)
+    with pytest.raises(ValueError, match=r"bounds\['teff'\] = 'hot' must be two numbers"):
+        fastspec.fit(wl, flux, error, decoder, rv=False, bounds={"teff": "hot"})
+    with pytest.raises(ValueError, match="medium must be 'air' or 'vacuum'"):
+        fastspec.fit(wl, flux, error, decoder, medium="water")
+    with pytest.raises(ValueError, match="model_error=True but .* carries no emulator error"):
+        fastspec.fit(wl, flux, error, decoder, model_error=True)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fastspec.fit(wl, flux, error, decoder, loss="l1")
+    with pytest.raises(TypeError, match="decoder must be a fastspec.Decoder, a model file path or None"):
+        fastspec.fit(wl, flux, error, decoder=3)
     with pytest.raises(ValueError, match="only 5 usable pixels"):
         fastspec.fit(wl[:5], flux[:5], error[:5], decoder, rv=False)
     nan_flux = np.full(wl.size, np.nan)
     nan_flux[:12] = 1.0
     with pytest.raises(ValueError, match="only 12 usable pixels"):
         fastspec.fit(wl, nan_flux, error, decoder, rv=False)
-    with pytest.raises(ValueError, match="1-D arrays of one length"):
+    with pytest.raises(ValueError, match="1-D arrays of one length|scalar or a 1-D array"):
         fastspec.fit(wl, flux[:-1], error, decoder, rv=False)
     with pytest.raises(ValueError, match="wavelength contains NaN"):
         fastspec.fit(np.where(np.arange(wl.size) == 3, np.nan, wl), flux, error, decoder, rv=False)

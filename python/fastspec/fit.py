@@ -12,28 +12,70 @@ RV column from the model spectrum's wavelength gradient, and the polynomial basi
 
 Labels are optimised in a normalised coordinate u ∈ [−1, 1] over the allowed range (log10 for R, as the
 model's input scaling), so the six directions have comparable scales; results are reported in physical units.
+
+Variance per pixel: σ_obs² + (C · σ_model)², where σ_model is the model file's emulator error (its measured
+RMS against SYNSPEC on held-out spectra at the current v sin i and R, interpolated like F): at SNR ≥ 50 the
+emulator's own error is comparable to the noise, and uncertainties that ignore it are several times too small.
+It is evaluated at each least-squares run's start and again at the solution (iteratively reweighted).
+
+Observations as they come: vacuum wavelengths (``medium="vacuum"``) are converted to the model's medium;
+pixels that no allowed RV maps into the model grid are trimmed (and counted); a scalar error applies to every
+pixel; masked arrays' masks are honoured.
+No error at all: a first fit with unit errors gives the residuals, their RMS (less the emulator error's share)
+is taken as the noise of every pixel, and the fit is repeated with it (``error_estimate``). Outliers (cosmic rays, bad pixels): ``clip`` rejects pixels whose
+normalised residual exceeds clip·σ and refits, ``loss`` passes a robust loss to least_squares.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .decoder import Decoder
+from .wavelength import vacuum_to_air, air_to_vacuum
 
 C_KMS = 299792.458
+LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
+
+
+class FitQualityWarning(UserWarning):
+    """The fit converged but its result should not be trusted as is (see FitResult.quality)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_decoder(path: str | None) -> Decoder:
+    """Decoders loaded by fit() itself, kept for the next call (loading the default model takes ~0.3 s)."""
+    return Decoder.load(path)
+
+
+def _as_decoder(decoder) -> Decoder:
+    if decoder is None:
+        return _cached_decoder(None)
+    if isinstance(decoder, (str, Path)):
+        return _cached_decoder(str(Path(decoder).resolve()))
+    if not isinstance(decoder, Decoder):
+        raise TypeError(f"decoder must be a fastspec.Decoder, a model file path or None, not {type(decoder).__name__}")
+    return decoder
+
+
 
 
 @dataclass
 class FitResult:
     """The best of the least-squares runs.
 
-    labels / uncertainties: physical units, from the covariance (J^T J)^-1 at the solution (errors taken
-    at face value: multiply by sqrt(reduced_chi2) if the error array is known to be off by a factor).
-    covariance: over ``parameter_names`` (the free labels, then 'rv' if fitted, then the continuum
-    coefficients 'c0', 'c1', ...). A label that ends on a bound of its range has an uncertainty that
-    only describes the curvature there.
+    labels / uncertainties: physical units, from the covariance (J^T J)^-1 at the solution, with the
+    variance σ_obs² + (emulator error)² when ``model_error`` was used. covariance: over ``parameter_names``
+    (the free labels, then 'rv' if fitted, then the continuum coefficients 'c0', 'c1', ...).
+
+    success: the optimiser converged AND no quality check failed; converged: the optimiser's own verdict;
+    quality: what failed (reduced χ² far from 1, a label on a bound of its range, a degenerate covariance),
+    each also issued as a FitQualityWarning. A label on a bound has an uncertainty that only describes the
+    curvature there.
     """
 
     labels: dict
@@ -53,10 +95,17 @@ class FitResult:
     model_flux: np.ndarray = field(repr=False)  # best-fit model on the observed grid (NaN where masked)
     mask: np.ndarray = field(repr=False)  # the pixels that were fitted
     runs: list = field(repr=False, default_factory=list)  # (end labels, rv, chi2) of every least-squares run
+    converged: bool = True
+    quality: list = field(default_factory=list)  # failed quality checks (empty: none)
+    medium: str = "air"  # of the observed wavelengths as given
+    n_pixels_trimmed: int = 0  # outside what the model grid covers at the allowed RVs
+    n_pixels_clipped: int = 0  # rejected as outliers by `clip`
+    error_estimate: float | None = None  # the noise estimated from the spectrum, when no error was given
+    model_error: bool = False  # whether the emulator error was added to the variance
 
     def __str__(self) -> str:
         lines = [f"chi2 = {self.chi2:.6g} on {self.n_pixels_used} pixels (reduced {self.reduced_chi2:.4g}), "
-                 f"success={self.success}"]
+                 f"success={self.success}" + ("" if not self.quality else " (" + "; ".join(self.quality) + ")")]
         for name, value in self.labels.items():
             lines.append(f"  {name:>10} = {value:.6g} ± {self.uncertainties[name]:.3g}")
         if self.rv is not None:
@@ -67,7 +116,8 @@ class FitResult:
 class _Problem:
     """The observed spectrum, the parameterisation and the residual / Jacobian functions."""
 
-    def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds):
+    def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds,
+                 medium="air", model_error=False):
         self.decoder = decoder
         self.names = list(decoder.label_names)
         nl = len(self.names)
@@ -78,9 +128,13 @@ class _Problem:
         lo = np.array([decoder.label_ranges[n][0] for n in self.names], dtype=np.float64)
         hi = np.array([decoder.label_ranges[n][1] for n in self.names], dtype=np.float64)
         self.model_lo, self.model_hi = lo.copy(), hi.copy()
-        for name, (b_lo, b_hi) in (bounds or {}).items():
+        for name, pair in (bounds or {}).items():
             if name not in self.names:
                 raise ValueError(f"bounds: unknown label {name!r}; labels are {', '.join(self.names)}")
+            try:
+                b_lo, b_hi = (float(x) for x in pair)
+            except (TypeError, ValueError):
+                raise ValueError(f"bounds[{name!r}] = {pair!r} must be two numbers (lo, hi)") from None
             j = self.names.index(name)
             if not (lo[j] <= b_lo < b_hi <= hi[j]):
                 raise ValueError(f"bounds[{name!r}] = ({b_lo}, {b_hi}) must satisfy {lo[j]} <= lo < hi <= {hi[j]} "
@@ -90,16 +144,29 @@ class _Problem:
         self.s_lo[self.is_log], self.s_hi[self.is_log] = np.log10(lo[self.is_log]), np.log10(hi[self.is_log])
         self.lo, self.hi = lo, hi
 
-        # the data
-        wl = np.asarray(wavelength, dtype=np.float64)
-        fl = np.asarray(flux, dtype=np.float64)
-        er = np.asarray(error, dtype=np.float64)
-        if wl.ndim != 1 or fl.shape != wl.shape or er.shape != wl.shape:
-            raise ValueError(f"wavelength, flux and error must be 1-D arrays of one length; got shapes "
-                             f"{wl.shape}, {fl.shape}, {er.shape}")
+        # the data: masked arrays' masks, a scalar error or none (estimated), wavelengths in the model's medium
+        masked = [np.ma.getmaskarray(a) for a in (wavelength, flux) if np.ma.isMaskedArray(a)]
+        if np.ma.isMaskedArray(error):
+            masked.append(np.ma.getmaskarray(error))
+        wl = np.ma.getdata(np.asarray(wavelength) if not np.ma.isMaskedArray(wavelength) else wavelength).astype(np.float64)
+        fl = np.ma.getdata(flux).astype(np.float64) if np.ma.isMaskedArray(flux) else np.asarray(flux, dtype=np.float64)
+        if wl.ndim != 1 or fl.shape != wl.shape:
+            raise ValueError(f"wavelength and flux must be 1-D arrays of one length; got shapes {wl.shape}, {fl.shape}")
+        er = np.ma.getdata(error).astype(np.float64) if np.ma.isMaskedArray(error) else np.asarray(error, dtype=np.float64)
+        if er.ndim == 0:
+            er = np.full(wl.shape, float(er))
+        if er.shape != wl.shape:
+            raise ValueError(f"error must be a scalar or a 1-D array like flux; got shape {er.shape} for {wl.shape}")
         if not np.all(np.isfinite(wl)):
             raise ValueError("wavelength contains NaN or infinite values")
+        if medium not in ("air", "vacuum"):
+            raise ValueError(f"medium must be 'air' or 'vacuum', not {medium!r}")
+        model_medium = decoder.info["medium"]
+        if medium != model_medium:  # the fit runs in the model's medium; RV is unaffected (both scale alike)
+            wl = vacuum_to_air(wl) if model_medium == "air" else air_to_vacuum(wl)
         good = np.isfinite(fl) & np.isfinite(er) & (er > 0)
+        for m_ in masked:
+            good &= ~m_
         if mask is not None:
             mask = np.asarray(mask)
             if mask.shape != wl.shape or mask.dtype != bool:
@@ -110,28 +177,26 @@ class _Problem:
         if self.degree < -1:
             raise ValueError("continuum_degree must be >= 0, or None for no continuum polynomial")
         self.n_params = nl + int(self.fit_rv) + self.degree + 1
-        min_pixels = max(10, 2 * self.n_params)
-        if good.sum() < min_pixels:
-            raise ValueError(f"only {int(good.sum())} usable pixels (finite flux, finite error > 0, inside the mask); "
-                             f"at least {min_pixels} are needed")
-        self.mask = good
-        self.wl, self.flux, self.ivar_sqrt = wl[good], fl[good], 1.0 / er[good]
 
-        # the model grid must cover every fitted pixel at every allowed RV
+        # Trim the pixels that some allowed RV would map outside the model grid (reported, not an error).
         self.w0, self.dw, self.n_model = decoder._model.wavelength_start, decoder._model.wavelength_step, decoder.n_pixels
         w_end = self.w0 + self.dw * (self.n_model - 1)
         self.rv_bounds = (float(rv_bounds[0]), float(rv_bounds[1])) if self.fit_rv else (0.0, 0.0)
         if self.fit_rv and not (-C_KMS / 10 < self.rv_bounds[0] < self.rv_bounds[1] < C_KMS / 10):
             raise ValueError(f"rv_bounds = {rv_bounds} must be increasing and within ±{C_KMS / 10:.0f} km/s")
-        need_lo = self.wl.min() / (1 + self.rv_bounds[1] / C_KMS)
-        need_hi = self.wl.max() / (1 + self.rv_bounds[0] / C_KMS)
-        if need_lo < self.w0 or need_hi > w_end:
+        reach = (wl / (1 + self.rv_bounds[1] / C_KMS) >= self.w0) & (wl / (1 + self.rv_bounds[0] / C_KMS) <= w_end)
+        self.n_trimmed = int((good & ~reach).sum())
+        good &= reach
+        min_pixels = max(10, 2 * self.n_params)
+        if good.sum() < min_pixels:
             allowed = (self.w0 * (1 + self.rv_bounds[1] / C_KMS), w_end * (1 + self.rv_bounds[0] / C_KMS))
-            raise ValueError(
-                f"the fitted pixels span {self.wl.min():.3f}-{self.wl.max():.3f} Å but the model covers "
-                f"{self.w0:.3f}-{w_end:.3f} Å ({decoder.info['medium']}); with RV in {self.rv_bounds} km/s the "
-                f"observed wavelengths must lie within {allowed[0]:.3f}-{allowed[1]:.3f} Å. Trim the spectrum, "
-                "pass mask=, or narrow rv_bounds")
+            raise ValueError(f"only {int(good.sum())} usable pixels (finite flux, finite error > 0, inside the mask "
+                             f"and within {allowed[0]:.3f}-{allowed[1]:.3f} Å ({model_medium}), where the model "
+                             f"covers every RV in {self.rv_bounds} km/s); at least {min_pixels} are needed")
+        self.mask = good
+        self.wl, self.flux, self.sigma_obs = wl[good], fl[good], er[good]
+        self.ivar_sqrt = 1.0 / self.sigma_obs
+        self.model_error = bool(model_error)
 
         # continuum basis on the fitted pixels
         span = self.wl.max() - self.wl.min()
@@ -169,6 +234,29 @@ class _Problem:
         pos = (rest - self.w0) / self.dw
         k = np.clip(np.floor(pos).astype(np.int64), 0, self.n_model - 2)
         return k, pos - k
+
+    def reweight(self, theta):
+        """Variance σ_obs² + (C·σ_model)² with the emulator error at these labels (no-op without model_error)."""
+        if not self.model_error:
+            return
+        u, rv, c = self.split(theta)
+        lab = self.labels_of(u)
+        err = self.decoder._model.emulator_error(float(lab[self.names.index("vsini")]),
+                                                 float(lab[self.names.index("resolution")])).astype(np.float64)
+        k, w = self._interp(rv)
+        cont = self.basis @ c if self.degree >= 0 else 1.0
+        sig_model = cont * ((1 - w) * err[k] + w * err[k + 1])
+        self.ivar_sqrt = 1.0 / np.sqrt(self.sigma_obs**2 + sig_model**2)
+
+    def drop(self, reject):
+        """Leave out fitted pixels (indices into the fitted set), e.g. outliers."""
+        keep = np.ones(self.wl.size, bool)
+        keep[reject] = False
+        where = np.flatnonzero(self.mask)
+        self.mask[where[~keep]] = False
+        self.wl, self.flux, self.sigma_obs = self.wl[keep], self.flux[keep], self.sigma_obs[keep]
+        self.ivar_sqrt, self.basis = self.ivar_sqrt[keep], self.basis[keep]
+        self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(self.wl.size, -1)
 
     def residuals(self, theta):
         u, rv, c = self.split(theta)
@@ -227,20 +315,29 @@ class _Problem:
         return (((f - self.flux) * self.ivar_sqrt) ** 2).sum(axis=1), np.zeros((len(f), 0))
 
 
-def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = True, continuum_degree: int | None = 2,
-        n_starts: int = 3, n_candidates: int = 128, bounds: dict | None = None, rv_bounds=(-300.0, 300.0),
-        mask=None, initial: dict | None = None, seed: int | None = 0, jac: str = "analytic", diff_step: float | None = None,
-        max_nfev: int | None = 200) -> FitResult:
+def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = None, *, rv: bool = True,
+        continuum_degree: int | None = 2, n_starts: int = 3, n_candidates: int = 128, bounds: dict | None = None,
+        rv_bounds=(-300.0, 300.0), mask=None, initial: dict | None = None, seed: int | None = 0,
+        jac: str = "analytic", diff_step: float | None = None, max_nfev: int | None = 200, medium: str = "air",
+        model_error="auto", loss: str = "linear", f_scale: float = 1.0, clip: float | None = None,
+        clip_iterations: int = 5) -> FitResult:
     """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum.
 
-    wavelength: Å in the model's medium (air for the shipped models), any order; flux and error: same
-    shape. Pixels with NaN/inf flux, NaN/inf or non-positive error, or ``mask`` False are left out.
-    Every fitted pixel must stay inside the model's wavelength grid for every RV in ``rv_bounds``
-    (ValueError otherwise). ``decoder``: a `fastspec.Decoder` (default: the embedded model).
+    wavelength: Å, any order, in ``medium`` ("air" or "vacuum"; converted to the model's medium, air for the
+    shipped models). flux: same shape (NumPy or masked array). error: same shape, a scalar for every pixel, or
+    None to estimate the noise from the spectrum (DER_SNR; reported as ``error_estimate``). Pixels with NaN/inf
+    flux, NaN/inf or non-positive error, masked, or ``mask`` False are left out, and so are pixels that some RV in
+    ``rv_bounds`` would move outside the model grid (counted in ``n_pixels_trimmed``: with the default ±300 km/s
+    the usable range of the shipped grid is 4454.5-5394.6 Å). ``decoder``: a `fastspec.Decoder`, a model file
+    path, or None for the embedded model (loaded once and reused).
     ``rv``: fit a radial velocity [km/s] (λ_obs = λ_rest (1 + v/c)); ``continuum_degree``: degree of the
     multiplicative Legendre polynomial (None: none, the spectrum is taken as continuum-normalised).
     ``bounds``: {label: (lo, hi)} to narrow the model's label ranges. ``initial``: {label: value} of a
     start to include (every label; it replaces the middle of the box among the candidates).
+    ``model_error``: add the model file's emulator error to the variance ("auto": when the file has one; True:
+    required; False: never). ``loss``/``f_scale``: a robust loss of scipy.optimize.least_squares ("soft_l1",
+    "huber", "cauchy", "arctan"; residuals in units of σ). ``clip``: reject pixels whose normalised residual
+    lies more than clip robust standard deviations from the median, then refit (up to ``clip_iterations``).
 
     Starts: ``n_candidates`` seeded random label vectors are ranked by χ² (each with its best continuum,
     and its best RV on a scan when ``rv``); least squares runs from the best ``n_starts`` to a loose
@@ -254,13 +351,27 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
     except ImportError:
         raise ImportError("fastspec.fit needs SciPy (scipy.optimize.least_squares): pip install scipy") from None
 
-    if decoder is None:
-        decoder = Decoder.load()
+    decoder = _as_decoder(decoder)
+    if error is None:
+        return _fit_estimating_the_noise(wavelength, flux, decoder, locals())
     if n_starts < 1 or n_candidates < n_starts:
         raise ValueError("need 1 <= n_starts <= n_candidates")
     if jac not in ("analytic", "2-point", "3-point"):
         raise ValueError(f"jac must be 'analytic', '2-point' or '3-point', not {jac!r}")
-    prob = _Problem(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    if not f_scale > 0:
+        raise ValueError(f"f_scale must be > 0, got {f_scale}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be None or > 0 (in robust standard deviations), got {clip}")
+    has_error_model = decoder._model.has_emulator_error
+    if model_error not in (True, False, "auto"):
+        raise ValueError(f"model_error must be True, False or 'auto', not {model_error!r}")
+    if model_error is True and not has_error_model:
+        raise ValueError(f"model_error=True but {decoder.info['path']} carries no emulator error (format version 2 "
+                         "files exported with it do); pass model_error=False")
+    prob = _Problem(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds,
+                    medium=medium, model_error=bool(model_error) and has_error_model)
     nl = len(prob.names)
     rng = np.random.default_rng(seed)
 
@@ -294,9 +405,11 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
     x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
 
     def solve(theta0, tol):
+        prob.reweight(theta0)  # the emulator error at this start's v sin i and R
         return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                             bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev,
-                             ftol=tol, xtol=tol, gtol=tol, diff_step=None if jac == "analytic" else diff_step)
+                             bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
+                             f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
+                             diff_step=None if jac == "analytic" else diff_step)
 
     # Each start runs to a loose tolerance (enough to tell the basins apart), then the best is polished.
     runs = []
@@ -306,6 +419,25 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
         runs.append(solve(theta0, 1e-4))
     best = solve(min(runs, key=lambda r: r.cost).x, 1e-8)
     runs.append(best)
+    # Outliers: reject pixels far out in the robust spread of the normalised residuals, then polish again.
+    n_clipped = 0
+    for _ in range(clip_iterations if clip is not None else 0):
+        prob.reweight(best.x)
+        r = prob.residuals(best.x)
+        prob.n_model_calls -= 1
+        med = np.median(r)
+        spread = 1.482602 * np.median(np.abs(r - med))
+        reject = np.flatnonzero(np.abs(r - med) > clip * spread)
+        if reject.size == 0 or prob.wl.size - reject.size < max(10, 2 * prob.n_params):
+            break
+        prob.drop(reject)
+        n_clipped += reject.size
+        best = solve(best.x, 1e-8)
+        runs.append(best)
+    if prob.model_error:  # weights at the solution; polish once more if they moved it
+        best = solve(best.x, 1e-8)
+        runs.append(best)
+    prob.reweight(best.x)
     u, rv_best, c = prob.split(best.x)
     labels = prob.labels_of(u)
     # Covariance from the analytic Jacobian at the solution (whatever jac= drove the fit), inverted in the
@@ -313,15 +445,38 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
     # pseudo-inverse would discard the weak R direction), then scaled to physical units.
     j_theta = prob.jacobian(best.x)
     to_phys = np.concatenate([prob.dlabel_du(u), np.ones(j_theta.shape[1] - nl)])
-    cov = np.linalg.pinv(j_theta.T @ j_theta, hermitian=True) * np.outer(to_phys, to_phys)
+    jtj = j_theta.T @ j_theta
+    cov = np.linalg.pinv(jtj, hermitian=True) * np.outer(to_phys, to_phys)
     cov = 0.5 * (cov + cov.T)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
-    chi2_best = 2.0 * best.cost
+    resid = prob.residuals(best.x)
+    chi2_best = float(resid @ resid)
     dof = max(prob.flux.size - prob.n_params, 1)
     names = prob.names + (["rv"] if prob.fit_rv else []) + [f"c{k}" for k in range(prob.degree + 1)]
 
+    # Quality: success must not mean "good" when it is not.
+    quality = []
+    if best.status <= 0:
+        quality.append(f"the optimiser did not converge ({best.message})")
+    red = chi2_best / dof
+    if red > 2.0:
+        quality.append(f"reduced chi2 = {red:.3g}: the model does not describe the data within the errors "
+                       "(errors too small, outliers (try clip=5), or a star outside the model's grid)")
+    elif red < 0.3:
+        quality.append(f"reduced chi2 = {red:.3g}: the errors look overestimated")
+    for j, name in enumerate(prob.names):
+        if abs(u[j]) > 1 - 1e-3 and prob.s_hi[j] > prob.s_lo[j]:
+            quality.append(f"{name} = {labels[j]:.6g} is on a bound of its allowed range "
+                           f"[{prob.lo[j]:.6g}, {prob.hi[j]:.6g}]: its uncertainty is not meaningful")
+    eig = np.linalg.eigvalsh(jtj)
+    if not np.all(np.isfinite(sig)) or eig[0] <= eig[-1] * 1e-14:
+        quality.append("degenerate: some parameter combination is not constrained by the data "
+                       "(uncertainties are not meaningful)")
+    for q in quality:
+        warnings.warn(q, FitQualityWarning, stacklevel=2)
+
     model_flux = np.full(prob.mask.shape, np.nan)
-    model_flux[prob.mask] = prob.residuals(best.x) / prob.ivar_sqrt + prob.flux
+    model_flux[prob.mask] = resid / prob.ivar_sqrt + prob.flux
     prob.n_model_calls -= 1  # that call was bookkeeping, not part of the fit
     return FitResult(
         labels={n: float(v) for n, v in zip(prob.names, labels)},
@@ -331,15 +486,45 @@ def fit(wavelength, flux, error, decoder: Decoder | None = None, *, rv: bool = T
         continuum=np.asarray(c, dtype=np.float64),
         covariance=cov,
         parameter_names=names,
-        chi2=float(chi2_best),
-        reduced_chi2=float(chi2_best / dof),
+        chi2=chi2_best,
+        reduced_chi2=float(red),
         n_pixels_used=int(prob.flux.size),
-        success=bool(best.success),
+        success=bool(best.status > 0 and not quality),
         message=str(best.message),
         n_evaluations=int(prob.n_model_calls),
         n_jacobian_evaluations=int(prob.n_jac_calls - 1),
         model_flux=model_flux,
         mask=prob.mask,
         runs=[(dict(zip(prob.names, map(float, prob.labels_of(prob.split(r.x)[0])))), float(prob.split(r.x)[1]),
-                 float(2 * r.cost)) for r in runs],
+               float(2 * r.cost)) for r in runs],
+        converged=bool(best.status > 0),
+        quality=quality,
+        medium=medium,
+        n_pixels_trimmed=prob.n_trimmed,
+        n_pixels_clipped=int(n_clipped),
+        model_error=prob.model_error,
     )
+
+
+def _fit_estimating_the_noise(wavelength, flux, decoder, args: dict) -> FitResult:
+    """fit(error=None): fit with unit errors, take the residuals' RMS (less the emulator error's share) as every
+    pixel's noise, and fit again from that solution with it."""
+    kw = {k: v for k, v in args.items() if k not in ("wavelength", "flux", "error", "decoder", "least_squares")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)  # unit errors: the χ² of this pass means nothing
+        first = fit(wavelength, flux, 1.0, decoder, **{**kw, "model_error": False})
+    data = np.ma.getdata(flux).astype(np.float64)
+    resid = (data - first.model_flux)[first.mask]
+    n_params = len(first.parameter_names)
+    var = float(resid @ resid) / max(resid.size - n_params, 1)
+    use_model_error = args["model_error"] is not False and decoder._model.has_emulator_error
+    if use_model_error:  # the emulator error explains part of the scatter
+        err = decoder._model.emulator_error(first.labels["vsini"], first.labels["resolution"]).astype(np.float64)
+        var = max(var - float(np.mean(err**2)), 0.01 * var)
+    sigma = float(np.sqrt(var))
+    if not sigma > 0:
+        raise ValueError("error=None: the residuals of the fit are 0, so the noise cannot be estimated; give the errors")
+    again = {**kw, "initial": first.labels, "n_starts": 1}
+    result = fit(wavelength, flux, sigma, decoder, **again)
+    result.error_estimate = sigma
+    return result

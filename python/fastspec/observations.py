@@ -1,0 +1,145 @@
+"""Reading an observed spectrum from a file: CSV/text, FITS (a 1-D table, or a 1-D image with a linear or
+log-linear wavelength solution; needs astropy) or HDF5. One function, `read_spectrum`, for `fastspec fit`.
+
+Columns are found by name (case-insensitive): wavelength (`wavelength`, `wave`, `lambda`, `wl`, `loglam` as
+log10 Å), flux (`flux`, `f`), error (`error`, `err`, `sigma`, `uncertainty`, `ivar` as 1/σ²). A CSV without a
+header row is read as wavelength, flux[, error]. The error is optional everywhere (None: fit estimates it).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "loglam")
+FLUX_NAMES = ("flux", "f")
+ERROR_NAMES = ("error", "err", "sigma", "uncertainty", "ivar")
+
+
+@dataclass
+class Spectrum:
+    wavelength: np.ndarray  # Å
+    flux: np.ndarray
+    error: np.ndarray | None
+    source: str
+
+
+def _pick(names, wanted, what, path, required=True):
+    lower = [n.lower() for n in names]
+    for w in wanted:
+        if w in lower:
+            return names[lower.index(w)]
+    if required:
+        raise ValueError(f"{path}: no {what} column; looked for {', '.join(wanted)} among {', '.join(names)}")
+    return None
+
+
+def _from_columns(columns: dict, path) -> Spectrum:
+    names = list(columns)
+    wname = _pick(names, WAVE_NAMES, "wavelength", path)
+    fname = _pick(names, FLUX_NAMES, "flux", path)
+    ename = _pick(names, ERROR_NAMES, "error", path, required=False)
+    wave = np.asarray(columns[wname], dtype=np.float64)
+    if wname.lower() == "loglam":
+        wave = 10.0**wave
+    error = None
+    if ename is not None:
+        error = np.asarray(columns[ename], dtype=np.float64)
+        if ename.lower() == "ivar":
+            with np.errstate(divide="ignore"):
+                error = np.where(error > 0, 1.0 / np.sqrt(error), np.inf)  # ivar 0: no information
+    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path))
+
+
+def _read_csv(path: Path) -> Spectrum:
+    with open(path, encoding="utf-8-sig") as f:
+        # comma-separated, else whitespace-separated (np.savetxt's default)
+        rows = [(k, next(csv.reader([line])) if "," in line else line.split()) for k, line in enumerate(f, start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    first = [c.strip() for c in rows[0][1]]
+    try:
+        [float(c) for c in first]
+        header = ["wavelength", "flux", "error"][: len(first)] if len(first) in (2, 3) else None
+        if header is None:
+            raise ValueError(f"{path}: without a header row the columns must be wavelength, flux[, error]")
+        body = rows
+    except ValueError:
+        header, body = first, rows[1:]
+    values = np.empty((len(body), len(header)))
+    for i, (line, row) in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path}: line {line}: {len(row)} values for {len(header)} columns")
+        try:
+            values[i] = [float(c) if c.strip() else np.nan for c in row]
+        except ValueError:
+            raise ValueError(f"{path}: line {line}: not a number in {row}") from None
+    return _from_columns({h: values[:, j] for j, h in enumerate(header)}, path)
+
+
+def _read_fits(path: Path) -> Spectrum:
+    try:
+        from astropy.io import fits
+    except ImportError:
+        raise RuntimeError(f"{path}: reading FITS needs astropy: pip install 'fastspec[fits]'") from None
+    with fits.open(path) as hdul:
+        for hdu in hdul:  # the first table with wavelength and flux columns
+            if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)) and hdu.data is not None:
+                names = list(hdu.columns.names)
+                if _pick(names, WAVE_NAMES, "", path, False) and _pick(names, FLUX_NAMES, "", path, False):
+                    return _from_columns({n: np.ravel(hdu.data[n]) for n in names}, path)
+        for k, hdu in enumerate(hdul):  # else the first 1-D image, its wavelengths from the header
+            if hdu.is_image and hdu.data is not None and np.squeeze(hdu.data).ndim == 1:
+                flux = np.squeeze(hdu.data).astype(np.float64)
+                h = hdu.header
+                if "CRVAL1" not in h or not ("CDELT1" in h or "CD1_1" in h):
+                    raise ValueError(f"{path}: HDU {k} is a 1-D image without a wavelength solution (CRVAL1 and CDELT1 or CD1_1)")
+                pix = np.arange(flux.size) + 1.0 - float(h.get("CRPIX1", 1.0))
+                x = float(h["CRVAL1"]) + float(h.get("CDELT1", h.get("CD1_1"))) * pix
+                log = int(h.get("DC-FLAG", 0)) == 1 or "LOG" in str(h.get("CTYPE1", "")).upper()
+                wave = 10.0**x if log else x
+                unit = str(h.get("CUNIT1", "Angstrom")).strip().lower()
+                wave = wave * {"nm": 10.0, "um": 1e4, "m": 1e10}.get(unit, 1.0)
+                error = None
+                for other in hdul[k + 1:]:
+                    if other.is_image and other.data is not None and other.name.lower() in ERROR_NAMES \
+                            and np.squeeze(other.data).shape == flux.shape:
+                        error = np.squeeze(other.data).astype(np.float64)
+                        if other.name.lower() == "ivar":
+                            with np.errstate(divide="ignore"):
+                                error = np.where(error > 0, 1.0 / np.sqrt(error), np.inf)
+                        break
+                return Spectrum(wave, flux, error, str(path))
+    raise ValueError(f"{path}: no table with wavelength and flux columns and no 1-D image")
+
+
+def _read_hdf5(path: Path) -> Spectrum:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        columns = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset) and f[k].ndim == 1}
+    return _from_columns(columns, path)
+
+
+def read_spectrum(path: str | Path) -> Spectrum:
+    """An observed spectrum from a .csv/.txt/.dat, .fits/.fit/.fits.gz or .h5/.hdf5 file (see the module doc)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    name = path.name.lower()
+    if name.endswith((".fits", ".fit", ".fits.gz", ".fts")):
+        spec = _read_fits(path)
+    elif name.endswith((".h5", ".hdf5")):
+        spec = _read_hdf5(path)
+    elif name.endswith((".csv", ".txt", ".dat", ".tsv")):
+        spec = _read_csv(path)
+    else:
+        raise ValueError(f"{path}: unknown spectrum format; use .csv/.txt/.dat, .fits or .h5")
+    if spec.wavelength.ndim != 1 or spec.flux.shape != spec.wavelength.shape or (
+            spec.error is not None and spec.error.shape != spec.wavelength.shape):
+        raise ValueError(f"{path}: wavelength, flux and error must be 1-D and of one length")
+    return spec
