@@ -158,6 +158,7 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
         std::vector<double> flux, dv, dr;
     };
     std::vector<Parts> parts(nodes_.size());
+    k.node_half.assign(nodes_.size(), 0);
     int half = 0;
     for (std::size_t s = 0; s < nodes_.size(); ++s) {
         const double lam = nodes_[s].wavelength;
@@ -178,6 +179,7 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
             const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
             for (double& x : parts[s].dr) x *= ds_dr;
         }
+        k.node_half[s] = hr + hg;
         half = std::max(half, hr + hg);
     }
     k.half = half;
@@ -220,8 +222,9 @@ void BroadeningStage::apply(const Kernels& k, Which which, const float* x, float
     for (std::size_t s = 0; s < nodes_.size(); ++s) {
         const Node& nd = nodes_[s];
         const int len = nd.hi - nd.lo + 1;
-        // Output pixel i needs x[i - m], m in [-h, h]: x[i] sits at xe[i + h].
-        cpu::correlate(xe + h + nd.lo, len, taps.data() + s * ntaps, h, yn);
+        // Output pixel i needs x[i - m], m in [-hs, hs]: x[i] sits at xe[i + h]. Only the node's own taps.
+        const int hs = k.node_half[s];
+        cpu::correlate(xe + h + nd.lo, len, taps.data() + s * ntaps + (h - hs), hs, yn);
         for (int i = 0; i < len; ++i) acc[nd.lo + i] += nd.hat[i] * yn[i];
     }
     std::copy(acc, acc + n, y);

@@ -29,6 +29,7 @@ public:
     // zero-padded to the widest), and with `derivatives` their derivatives by vsini and by R.
     struct Kernels {
         int half = 0;
+        std::vector<int> node_half;  // each node's own half-width (<= half): the taps beyond it are zero
         std::vector<float> flux, d_vsini, d_resolution;  // (nodes, 2 * half + 1) each
     };
     enum class Which { flux, d_vsini, d_resolution };

@@ -5,7 +5,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-data="${1:-$repo/../shared/data/synspec_intrinsic_v1.h5}"
+data="${1:-$repo/../shared/data/synspec_intrinsic_v2.h5}"
 out="${OUT:-$here}"
 model="$repo/python/fastspec/data/default.fsm"
 testset="${TMPDIR:-/tmp}/fastspec_default_testset.h5"

@@ -12,11 +12,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._core import build_info, cuda_available
 from .decoder import LABEL_ORDER, Decoder, default_model_path
-from .fit import FitResult, fit
+from . import wavelength
+from .fit import FitQualityWarning, FitResult, fit
 
 try:
     __version__ = version("fastspec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "unknown"
-__all__ = ["Decoder", "FitResult", "LABEL_ORDER", "build_info", "cuda_available", "default_model_path", "fit",
+__all__ = ["Decoder", "FitQualityWarning", "FitResult", "LABEL_ORDER", "wavelength", "build_info", "cuda_available", "default_model_path", "fit",
            "__version__"]

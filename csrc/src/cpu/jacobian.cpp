@@ -64,11 +64,22 @@ void few_rows_xwt(const float* x, std::size_t rows, const float* W, int in, int 
     }
 }
 
+// The same from 16-bit weights (f16, or bf16 when bf16) with the AVX-512 GEMV: half the bytes of the float32
+// copy, and the last layer's weights are most of a batch-1 Jacobian's memory traffic.
+void few_rows_xwt16(const float* x, std::size_t rows, const std::uint16_t* W, bool bf16, int in, int out, float* y) {
+    constexpr int block = 256;
+    for (int o = 0; o < out; o += block) {
+        const int nb = std::min(block, out - o);
+        for (std::size_t r = 0; r < rows; ++r)
+            detail::cpu::gemv16(W + std::size_t(o) * in, bf16, in, nb, x + r * in, y + r * out + o);
+    }
+}
+
 // The network's Jacobian: jacobian (n, n_pixels, n_labels) gets d(network output)/d(label) in the columns of the
 // network labels and 0 in the others (a broadening stage's, filled by the caller). flux is the network's output
 // for these inputs (already computed and validated): the sigmoid's derivative is read from it.
-void network_jacobian(const Model& m, const DecoderOptions& options, const double* labels, std::size_t n,
-                      const float* flux, float* jacobian, const float* z, bool clip) {
+void network_jacobian(const Model& m, const DecoderOptions& options, bool direct16, const double* labels,
+                      std::size_t n, const float* flux, float* jacobian, const float* z, bool clip) {
     const auto& layers = m.layers();
     const auto& info = m.labels();
     const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), in0 = m.input_dim();
@@ -115,7 +126,10 @@ void network_jacobian(const Model& m, const DecoderOptions& options, const doubl
                 const LayerInfo& L = layers[k];
                 if (k + 1 == layers.size()) {
                     float* tl = ws->last.data();
-                    if (rows == 1)
+                    if (rows == 1 && direct16)
+                        few_rows_xwt16(tg, nt, m.stored_weights16(k), m.weight_dtype() == WeightDtype::bf16, L.in,
+                                       L.out, tl);
+                    else if (rows == 1)
                         few_rows_xwt(tg, nt, m.weights(k), L.in, L.out, tl);
                     else
                         gemm_xwt(tg, rows * nt, m.weights(k), L.in, L.out, tl);
@@ -170,7 +184,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     if (!impl_->stage) {
         // The flux is forward()'s, bit for bit (it validates every input before writing anything).
         forward(labels, n, out, z, clip);
-        network_jacobian(m, options(), labels, n, out, jacobian, z, clip);
+        network_jacobian(m, options(), impl_->direct16, labels, n, out, jacobian, z, clip);
         return;
     }
     // With a broadening stage: the network's intrinsic flux and its Jacobian first, then every row's flux and
@@ -182,7 +196,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     auto ws = impl_->acquire();
     try {
         impl_->run_network(labels, n, intrinsic.data(), z, clip, *ws);
-        network_jacobian(m, options(), labels, n, intrinsic.data(), jacobian, z, clip);
+        network_jacobian(m, options(), impl_->direct16, labels, n, intrinsic.data(), jacobian, z, clip);
         const BroadeningInfo& b = m.broadening();
         const auto& info = m.labels();
         using W = detail::BroadeningStage::Which;
