@@ -54,7 +54,6 @@ def evaluate(
 
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     names = tuple(decoder.label_names)
     wavelength = np.asarray(decoder.wavelength, dtype=np.float64)
     ranges = {n: tuple(float(v) for v in decoder.label_ranges[n]) for n in names}
@@ -65,6 +64,7 @@ def evaluate(
 
     medium = (getattr(decoder, "info", {}) or {}).get("medium")
     with EvalData(data_path, names, wavelength, max_spectra, medium=medium) as data:
+        out.mkdir(parents=True, exist_ok=True)  # only once the data opened: a bad input leaves no folder behind
         labels = data.labels
         n = data.n
         lo = np.array([ranges[k][0] for k in names])
