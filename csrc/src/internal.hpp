@@ -7,6 +7,16 @@
 
 #include "fastspec/fastspec.hpp"
 
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC/Clang function
+// multiversioning), so a portable build still runs them at full width. Off under the sanitizers and where the
+// C library lacks ifunc (CMake's FASTSPEC_NO_MULTIVERSION).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__) && \
+    !defined(FASTSPEC_NO_MULTIVERSION)
+#define FASTSPEC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define FASTSPEC_MULTIVERSION
+#endif
+
 namespace fastspec::detail {
 
 // CRC-32 (IEEE 802.3, the zlib polynomial) of a byte range.

@@ -4,13 +4,8 @@
 // the label ranges (v sin i = 300 km/s and R = 1000: 775 taps) takes about as long as the FFTs of the
 // segment windows would, and the usual kernels (tens of taps) take a small fraction of it.
 #include "../broadening.hpp"
+#include "../internal.hpp"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__) && \
-    !defined(FASTSPEC_NO_MULTIVERSION)
-#define FASTSPEC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define FASTSPEC_MULTIVERSION
-#endif
 
 namespace fastspec::detail::cpu {
 

@@ -8,14 +8,6 @@
 
 #include "../internal.hpp"
 
-// The epilogues are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC/Clang
-// function multiversioning), so a portable build still runs them at full width.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__) && \
-    !defined(FASTSPEC_NO_MULTIVERSION)
-#define FASTSPEC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define FASTSPEC_MULTIVERSION
-#endif
 
 namespace fastspec::detail::cpu {
 
