@@ -122,3 +122,50 @@ def test_emulator_error_widens_the_uncertainties(tmp_path, rng):
     assert 0.9 < with_err.reduced_chi2 < 1.1 and 1.8 < without.reduced_chi2 < 2.2
     for name in truth:
         assert with_err.uncertainties[name] == pytest.approx(np.sqrt(2) * without.uncertainties[name], rel=0.05)
+
+
+def test_specutils_spectrum_in_and_out(small_model, rng):
+    u = pytest.importorskip("astropy.units", reason="needs astropy (the test extra has it)")
+    specutils = pytest.importorskip("specutils", reason="needs specutils (the test extra has it)")
+    from astropy.nddata import StdDevUncertainty
+
+    from fastspec.fit import model_spectrum
+
+    decoder = Decoder.load(small_model)
+    truth = random_truth(rng)
+    wl = decoder.wavelength[300:-300]
+    flux, error = observe(decoder, truth, 0.0, [1.0], 100.0, rng, wl)
+    bad = np.zeros(wl.size, bool)
+    bad[rng.choice(wl.size, 200, replace=False)] = True
+    garbage = np.where(bad, 40.0, flux)
+    spec = specutils.Spectrum(flux=garbage * u.dimensionless_unscaled, spectral_axis=(wl / 10) * u.nm,
+                              uncertainty=StdDevUncertainty(error), mask=bad)
+    r = fastspec.fit(spec, decoder=decoder, rv=False, continuum_degree=0, initial=truth, **FAST)
+    ref = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, mask=~bad, **FAST)
+    assert r.n_pixels_used == wl.size - 200
+    for name in truth:
+        assert r.labels[name] == pytest.approx(ref.labels[name], rel=1e-6, abs=1e-9)
+    m = model_spectrum(r, spec)
+    assert isinstance(m, specutils.Spectrum) and np.allclose(m.spectral_axis.to_value(u.nm), wl / 10)
+    np.testing.assert_array_equal(np.isnan(m.flux.value), bad)
+
+
+def test_pixel_integration_for_coarse_data(small_model, rng):
+    """Data binned to 0.55 Å pixels (11 model pixels each): integrate=True models them (reduced χ² ~ 1, labels
+    within their errors); sampling the model at the pixel centres does not."""
+    decoder = Decoder.load(small_model)
+    truth = random_truth(rng)
+    model = decoder([truth[n] for n in decoder.label_names]).astype(np.float64)
+    centres = np.arange(400, decoder.n_pixels - 400, 11)
+    flux = np.array([model[a - 5:a + 6].mean() for a in centres])
+    wl = decoder.wavelength[centres]
+    error = np.full(wl.size, 0.003)
+    flux = flux + rng.normal(size=wl.size) * error
+    r = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, integrate=True, **FAST)
+    assert 0.8 < r.reduced_chi2 < 1.25, r
+    for name, value in truth.items():
+        assert abs(r.labels[name] - value) <= 5 * r.uncertainties[name], (name, r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)
+        point = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, **FAST)
+    assert point.reduced_chi2 > 3 * r.reduced_chi2

@@ -52,6 +52,38 @@ def _cached_decoder(path: str | None) -> Decoder:
     return Decoder.load(path)
 
 
+def _from_specutils(spectrum):
+    """(wavelength Å, flux, error or None, bad-pixel mask or None) of a specutils Spectrum (or Spectrum1D)."""
+    import astropy.units as u
+    from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
+
+    wave = spectrum.spectral_axis.to(u.AA, equivalencies=u.spectral()).value
+    flux = np.asarray(spectrum.flux.value, dtype=np.float64)
+    unc, error = spectrum.uncertainty, None
+    if isinstance(unc, StdDevUncertainty):
+        error = np.asarray(unc.array, dtype=np.float64)
+    elif isinstance(unc, VarianceUncertainty):
+        error = np.sqrt(np.asarray(unc.array, dtype=np.float64))
+    elif isinstance(unc, InverseVariance):
+        with np.errstate(divide="ignore"):
+            error = 1.0 / np.sqrt(np.asarray(unc.array, dtype=np.float64))
+    elif unc is not None:
+        raise ValueError(f"unsupported uncertainty type {type(unc).__name__}: use StdDev, Variance or InverseVariance")
+    if isinstance(unc, StdDevUncertainty) and unc.unit is not None:  # in the flux's unit
+        error = np.asarray(unc.quantity.to_value(spectrum.flux.unit), dtype=np.float64)
+    bad = None if spectrum.mask is None else np.asarray(spectrum.mask, bool)  # specutils: True = bad
+    return wave, flux, error, bad
+
+
+def model_spectrum(result: "FitResult", spectrum):
+    """The best-fit model on the grid of a specutils Spectrum, as a specutils Spectrum (NaN where not fitted)."""
+    import astropy.units as u
+    from specutils import Spectrum
+
+    return Spectrum(flux=result.model_flux * spectrum.flux.unit, spectral_axis=spectrum.spectral_axis,
+                    mask=~result.mask)
+
+
 def _as_decoder(decoder) -> Decoder:
     if decoder is None:
         return _cached_decoder(None)
@@ -117,7 +149,7 @@ class _Problem:
     """The observed spectrum, the parameterisation and the residual / Jacobian functions."""
 
     def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds,
-                 medium="air", model_error=False):
+                 medium="air", model_error=False, integrate=False):
         self.decoder = decoder
         self.names = list(decoder.label_names)
         nl = len(self.names)
@@ -197,6 +229,12 @@ class _Problem:
         self.wl, self.flux, self.sigma_obs = wl[good], fl[good], er[good]
         self.ivar_sqrt = 1.0 / self.sigma_obs
         self.model_error = bool(model_error)
+        # Pixel integration: the model averaged over the observed pixel width (the median spacing, in model
+        # pixels, odd), before it is sampled at the observed wavelengths.
+        self.box = 1
+        if integrate:
+            spacing = np.median(np.abs(np.diff(np.sort(self.wl)))) if self.wl.size > 1 else self.dw
+            self.box = max(1, int(round(spacing / self.dw)) | 1)
 
         # continuum basis on the fitted pixels
         span = self.wl.max() - self.wl.min()
@@ -222,6 +260,14 @@ class _Problem:
         s = np.array(labels, dtype=np.float64)
         s[..., self.is_log] = np.log10(s[..., self.is_log])
         return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
+
+    def integrated(self, spec):
+        """The model spectrum (n_model, ...) averaged over an observed pixel (identity without integrate)."""
+        if self.box == 1:
+            return spec
+        from scipy.ndimage import uniform_filter1d
+
+        return uniform_filter1d(spec, self.box, axis=0, mode="nearest")
 
     def split(self, theta):
         nl = len(self.names)
@@ -261,7 +307,7 @@ class _Problem:
     def residuals(self, theta):
         u, rv, c = self.split(theta)
         self.n_model_calls += 1
-        spec = self.decoder(self.labels_of(u)).astype(np.float64)
+        spec = self.integrated(self.decoder(self.labels_of(u)).astype(np.float64))
         k, w = self._interp(rv)
         f = (1 - w) * spec[k] + w * spec[k + 1]
         cont = self.basis @ c if self.degree >= 0 else 1.0
@@ -271,7 +317,7 @@ class _Problem:
         u, rv, c = self.split(theta)
         self.n_jac_calls += 1
         spec, jac = self.decoder.jacobian(self.labels_of(u))
-        spec, jac = spec.astype(np.float64), jac.astype(np.float64)
+        spec, jac = self.integrated(spec.astype(np.float64)), self.integrated(jac.astype(np.float64))
         k, w = self._interp(rv)
         f = (1 - w) * spec[k] + w * spec[k + 1]
         cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)
@@ -301,11 +347,13 @@ class _Problem:
     def chi2_of_spectra(self, spectra, rv):
         """χ² of model spectra (N, n_model) at one RV, each with its best continuum."""
         k, w = self._interp(rv)
+        spectra = np.stack([self.integrated(sp) for sp in spectra]) if self.box > 1 else spectra
         return self._chi2_interpolated((1 - w) * spectra[:, k] + w * spectra[:, k + 1])
 
     def chi2_of_rvs(self, spectrum, rvs):
         """χ² of one model spectrum (n_model,) at each RV of rvs (R,), with its best continuum."""
         k, w = self._interp(np.asarray(rvs, dtype=np.float64)[:, None])
+        spectrum = self.integrated(spectrum)
         return self._chi2_interpolated(spectrum[k] + w * np.diff(spectrum)[k])[0]
 
     def _chi2_interpolated(self, f):
@@ -315,16 +363,17 @@ class _Problem:
         return (((f - self.flux) * self.ivar_sqrt) ** 2).sum(axis=1), np.zeros((len(f), 0))
 
 
-def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = None, *, rv: bool = True,
+def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None = None, *, rv: bool = True,
         continuum_degree: int | None = 2, n_starts: int = 3, n_candidates: int = 128, bounds: dict | None = None,
         rv_bounds=(-300.0, 300.0), mask=None, initial: dict | None = None, seed: int | None = 0,
         jac: str = "analytic", diff_step: float | None = None, max_nfev: int | None = 200, medium: str = "air",
         model_error="auto", loss: str = "linear", f_scale: float = 1.0, clip: float | None = None,
-        clip_iterations: int = 5) -> FitResult:
+        clip_iterations: int = 5, integrate: bool = False) -> FitResult:
     """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum.
 
     wavelength: Å, any order, in ``medium`` ("air" or "vacuum"; converted to the model's medium, air for the
-    shipped models). flux: same shape (NumPy or masked array). error: same shape, a scalar for every pixel, or
+    shipped models); or a specutils ``Spectrum`` (its spectral axis in any unit, its uncertainty and mask are
+    used; `fastspec.fit.model_spectrum(result, spectrum)` returns the model likewise). flux: same shape (NumPy or masked array). error: same shape, a scalar for every pixel, or
     None to estimate the noise from the spectrum (DER_SNR; reported as ``error_estimate``). Pixels with NaN/inf
     flux, NaN/inf or non-positive error, masked, or ``mask`` False are left out, and so are pixels that some RV in
     ``rv_bounds`` would move outside the model grid (counted in ``n_pixels_trimmed``: with the default ±300 km/s
@@ -338,6 +387,10 @@ def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = Non
     required; False: never). ``loss``/``f_scale``: a robust loss of scipy.optimize.least_squares ("soft_l1",
     "huber", "cauchy", "arctan"; residuals in units of σ). ``clip``: reject pixels whose normalised residual
     lies more than clip robust standard deviations from the median, then refit (up to ``clip_iterations``).
+    ``integrate``: average the model over each observed pixel instead of sampling it at the pixel centre — for
+    data sampled much more coarsely than the model's 0.05 Å: a running mean over the observed median pixel
+    spacing, rounded to an odd number of model pixels, before the model is interpolated at the observed
+    wavelengths (exact for pixels of that width centred on model pixels).
 
     Starts: ``n_candidates`` seeded random label vectors are ranked by χ² (each with its best continuum,
     and its best RV on a scan when ``rv``); least squares runs from the best ``n_starts`` to a loose
@@ -352,6 +405,12 @@ def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = Non
         raise ImportError("fastspec.fit needs SciPy (scipy.optimize.least_squares): pip install scipy") from None
 
     decoder = _as_decoder(decoder)
+    if hasattr(wavelength, "spectral_axis") and hasattr(wavelength, "flux"):  # a specutils Spectrum
+        if flux is not None:
+            raise TypeError("fit(spectrum): with a specutils Spectrum, give no separate flux")
+        wavelength, flux, spec_error, bad = _from_specutils(wavelength)
+        error = spec_error if error is None else error
+        mask = ~bad if mask is None and bad is not None else mask if bad is None else np.asarray(mask, bool) & ~bad
     if error is None:
         return _fit_estimating_the_noise(wavelength, flux, decoder, locals())
     if n_starts < 1 or n_candidates < n_starts:
@@ -371,7 +430,7 @@ def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = Non
         raise ValueError(f"model_error=True but {decoder.info['path']} carries no emulator error (format version 2 "
                          "files exported with it do); pass model_error=False")
     prob = _Problem(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds,
-                    medium=medium, model_error=bool(model_error) and has_error_model)
+                    medium=medium, model_error=bool(model_error) and has_error_model, integrate=integrate)
     nl = len(prob.names)
     rng = np.random.default_rng(seed)
 
@@ -509,7 +568,8 @@ def fit(wavelength, flux, error=None, decoder: Decoder | str | Path | None = Non
 def _fit_estimating_the_noise(wavelength, flux, decoder, args: dict) -> FitResult:
     """fit(error=None): fit with unit errors, take the residuals' RMS (less the emulator error's share) as every
     pixel's noise, and fit again from that solution with it."""
-    kw = {k: v for k, v in args.items() if k not in ("wavelength", "flux", "error", "decoder", "least_squares")}
+    kw = {k: v for k, v in args.items() if k not in ("wavelength", "flux", "error", "decoder", "least_squares",
+                                                     "spec_error", "bad")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitQualityWarning)  # unit errors: the χ² of this pass means nothing
         first = fit(wavelength, flux, 1.0, decoder, **{**kw, "model_error": False})
