@@ -54,25 +54,49 @@ def run_checked(cmd, **kwargs):
     return result
 
 
+def _cmake_env():
+    return {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
+
+
+def _generator():
+    import shutil
+
+    return ["-G", "Ninja"] if shutil.which("ninja") else []
+
+
 @pytest.fixture(scope="session")
-def cpp_examples(tmp_path_factory) -> Path:
-    """The folder of the built examples/cpp programs, built as a C++ user would: the core configured with
-    plain CMake and installed into a prefix, then the examples found through find_package(fastspec)."""
+def installed_core(tmp_path_factory) -> Path:
+    """An install prefix of the core, configured with plain CMake as a C/C++/Fortran user would."""
     import shutil
 
     if shutil.which("cmake") is None:
         pytest.fail("cmake is needed to build the C++ examples")
-    tmp = tmp_path_factory.mktemp("cpp")
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    prefix, core_build, ex_build = tmp / "prefix", tmp / "core-build", tmp / "example-build"
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2"}
-    run_checked(["cmake", "-S", REPO, "-B", core_build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DFASTSPEC_PYTHON=OFF",
-                 "-DFASTSPEC_BUILD_TESTS=OFF", "-DFASTSPEC_CUDA=OFF", f"-DPython_EXECUTABLE={sys.executable}",
-                 f"-DCMAKE_INSTALL_PREFIX={prefix}"], env=env)
-    run_checked(["cmake", "--build", core_build], env=env)
-    run_checked(["cmake", "--install", core_build], env=env)
+    tmp = tmp_path_factory.mktemp("core")
+    prefix, core_build = tmp / "prefix", tmp / "core-build"
+    run_checked(["cmake", "-S", REPO, "-B", core_build, *_generator(), "-DCMAKE_BUILD_TYPE=Release",
+                 "-DFASTSPEC_PYTHON=OFF", "-DFASTSPEC_BUILD_TESTS=OFF", "-DFASTSPEC_CUDA=OFF",
+                 f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_INSTALL_PREFIX={prefix}"], env=_cmake_env())
+    run_checked(["cmake", "--build", core_build], env=_cmake_env())
+    run_checked(["cmake", "--install", core_build], env=_cmake_env())
     assert (prefix / "include" / "fastspec" / "fastspec.hpp").exists()
-    run_checked(["cmake", "-S", REPO / "examples" / "cpp", "-B", ex_build, *gen, "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={prefix}"], env=env)
-    run_checked(["cmake", "--build", ex_build], env=env)
-    return ex_build
+    assert (prefix / "include" / "fastspec" / "fastspec.h").exists()
+    return prefix
+
+
+def _build_examples(folder: Path, prefix: Path, build: Path) -> Path:
+    run_checked(["cmake", "-S", folder, "-B", build, *_generator(), "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={prefix}"], env=_cmake_env())
+    run_checked(["cmake", "--build", build], env=_cmake_env())
+    return build
+
+
+@pytest.fixture(scope="session")
+def cpp_examples(installed_core, tmp_path_factory) -> Path:
+    """The folder of the built examples/cpp programs, found through find_package(fastspec)."""
+    return _build_examples(REPO / "examples" / "cpp", installed_core, tmp_path_factory.mktemp("cpp-examples"))
+
+
+@pytest.fixture(scope="session")
+def c_examples(installed_core, tmp_path_factory) -> Path:
+    """The folder of the built examples/c (C) and examples/fortran (Fortran, through ISO_C_BINDING) programs."""
+    return _build_examples(REPO / "examples" / "c", installed_core, tmp_path_factory.mktemp("c-examples"))
