@@ -122,6 +122,14 @@ def test_emulator_error_widens_the_uncertainties(tmp_path, rng):
     assert 0.9 < with_err.reduced_chi2 < 1.1 and 1.8 < without.reduced_chi2 < 2.2
     for name in truth:
         assert with_err.uncertainties[name] == pytest.approx(np.sqrt(2) * without.uncertainties[name], rel=0.05)
+    # label systematics measured at export (provenance) are added in quadrature to the covariance
+    sys_ = {"teff": 40.0, "logg": 0.05, "vsini": 0.3, "mh": 0.02, "vmic": 0.04, "resolution_dex": 0.01}
+    path2 = mf.write_model(tmp_path / "s.fsm", layers, latent_dim=4, labels=mf.INTRINSIC_LABELS,
+                           broadening=mf.BroadeningStage(), emulator_error=ee, provenance={"label_systematics": sys_})
+    with_sys = fastspec.fit(wl, flux, 0.01, Decoder.load(path2), rv=False, continuum_degree=None, initial=truth, **FAST)
+    for name in truth:
+        extra = sys_[name] if name != "resolution" else sys_["resolution_dex"] * with_sys.labels[name] * np.log(10)
+        assert with_sys.uncertainties[name] == pytest.approx(np.hypot(with_err.uncertainties[name], extra), rel=0.02)
 
 
 def test_specutils_spectrum_in_and_out(small_model, rng):

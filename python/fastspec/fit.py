@@ -13,10 +13,13 @@ RV column from the model spectrum's wavelength gradient, and the polynomial basi
 Labels are optimised in a normalised coordinate u ∈ [−1, 1] over the allowed range (log10 for R, as the
 model's input scaling), so the six directions have comparable scales; results are reported in physical units.
 
-Variance per pixel: σ_obs² + (C · σ_model)², where σ_model is the model file's emulator error (its measured
-RMS against SYNSPEC on held-out spectra at the current v sin i and R, interpolated like F): at SNR ≥ 50 the
-emulator's own error is comparable to the noise, and uncertainties that ignore it are several times too small.
-It is evaluated at each least-squares run's start and again at the solution (iteratively reweighted).
+The emulator's own error, in two parts (``model_error``, on by default when the model file has them):
+the variance per pixel is σ_obs² + (C · σ_model)², σ_model the file's emulator error (its measured RMS against
+SYNSPEC on held-out spectra at the current v sin i and R, interpolated like F; re-evaluated at each run's start
+and at the solution); and because that error is correlated over pixels (a star's residual pattern is fixed, so
+it does not average down like noise), the label systematics measured at export (the spread of noise-free fits
+of held-out spectra) are added in quadrature to the label covariance. Without them the reported uncertainties
+were 3-6× smaller than the actual scatter at SNR 50-100 (benchmarks/results/fit-2026-12-01.md).
 
 Observations as they come: vacuum wavelengths (``medium="vacuum"``) are converted to the model's medium;
 pixels that no allowed RV maps into the model grid are trimmed (and counted); a scalar error applies to every
@@ -507,6 +510,17 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     jtj = j_theta.T @ j_theta
     cov = np.linalg.pinv(jtj, hermitian=True) * np.outer(to_phys, to_phys)
     cov = 0.5 * (cov + cov.T)
+    # The emulator's error is correlated over pixels (a star's residual pattern is fixed), so beyond its share
+    # of the variance it biases the labels by an amount that does not average down: the model file's measured
+    # label systematics (noise-free held-out fits) are added in quadrature.
+    systematics = decoder.info["provenance"].get("label_systematics") if prob.model_error else None
+    if systematics:
+        for j, name in enumerate(prob.names):
+            s_sys = systematics.get(name)
+            if name == "resolution" and "resolution_dex" in systematics:
+                s_sys = systematics["resolution_dex"] * labels[j] * np.log(10.0)
+            if s_sys:
+                cov[j, j] += float(s_sys) ** 2
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     resid = prob.residuals(best.x)
     chi2_best = float(resid @ resid)

@@ -21,14 +21,19 @@ from .export import export_run
 def score(run: Path, draws: int, seed: int) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     history = json.loads((run / "history.json").read_text())
+    cache = run / f"ablation_val_{draws}_{seed}.json"  # a finished run's score does not change
+    if cache.is_file() and json.loads(cache.read_text()).get("best_epoch") == summary["best_epoch"]:
+        return json.loads(cache.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         model = export_run(run, Path(tmp) / "m.fsm", weight_dtype="f32")
         report = accuracy_report(model, None, Path(tmp) / "acc", draws=draws, seed=seed, split="val")
     cfg = summary["config"]
-    return {"run": run.name, "target": cfg["model"]["target"], "decoder": cfg["model"]["decoder"],
+    result = {"run": run.name, "target": cfg["model"]["target"], "decoder": cfg["model"]["decoder"],
             "autocast": cfg["train"]["autocast"], "line_weight": cfg["train"]["line_weight"],
             "epochs": summary["epochs"], "best_epoch": summary["best_epoch"],
             "minutes": round(sum(h["seconds"] for h in history) / 60, 1), "report": report}
+    cache.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def markdown(rows: list[dict]) -> str:
