@@ -236,9 +236,9 @@ def outliers(decoder, path: Path, n: int = 24, snr: float = 100.0, n_hits: int =
         for p in rng.choice(wl.size - 3, n_hits, replace=False):
             hit[i, p:p + rng.integers(1, 4)] += rng.uniform(0.3, 3.0)
     error = np.full(wl.size, 1.0 / snr)
-    cases = {"clean, plain": (clean, {}), "clean, clip=5": (clean, dict(clip=5.0)),
-             "rays, plain": (hit, {}), "rays, clip=5": (hit, dict(clip=5.0)),
-             "rays, soft_l1 (f_scale 3)": (hit, dict(loss="soft_l1", f_scale=3.0))}
+    cases = {"clean, plain": (clean, dict(clip=None)), "clean, clip=5": (clean, dict(clip=5.0)),
+             "rays, plain": (hit, dict(clip=None)), "rays, clip=5": (hit, dict(clip=5.0)),
+             "rays, soft_l1 (f_scale 3)": (hit, dict(loss="soft_l1", f_scale=3.0, clip=None))}
     out = {}
     for name, (data, kw) in cases.items():
         fits, sigmas, success, red, clipped = [], [], [], [], []
@@ -287,6 +287,9 @@ def write_report(path: Path, decoder, calls: dict, timing: dict, rec: dict | Non
              f"--n-timing {args.n_timing} --n-synspec {args.n_synspec}`.", "",
              "## Decoder calls (ms per spectrum, median)", "", "| call | ms |", "|---|---|",
              *[f"| {k} | {v:.2f} |" for k, v in calls.items()],
+             *([f"\nSide by side: `{args.compare_model}` ({fastspec.Decoder.load(args.compare_model)!r}); its Jacobian / "
+                f"forward at batch 1: {calls[f'jacobian, batch 1 [{Path(args.compare_model).name}]'] / calls[f'forward, batch 1 [{Path(args.compare_model).name}]']:.1f}×."]
+              if args.compare_model else []),
              "", f"Jacobian / forward: {calls['jacobian, batch 1'] / calls['forward, batch 1']:.1f}× at batch 1, "
              f"{calls['jacobian, batch 32'] / calls['forward, batch 32']:.1f}× at batch 32 (a finite-difference "
              "Jacobian over the 6 labels costs 6 to 12 forward passes).", "",
@@ -348,12 +351,20 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="model file (default: $FASTSPEC_MODEL or the packaged default)")
     ap.add_argument("--n-timing", type=int, default=8, help="model-generated problems for the timing comparison")
     ap.add_argument("--n-synspec", type=int, default=72, help="held-out SYNSPEC spectra (0: skip the recovery)")
+    ap.add_argument("--compare-model", help="a second model file whose forward/Jacobian times are measured in the same "
+                                              "run, side by side (e.g. the previous default)")
     ap.add_argument("--n-outliers", type=int, default=24, help="held-out spectra for the cosmic-ray and vacuum tests")
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--out", type=Path, help="write the report (Markdown, plus .json beside it)")
     args = ap.parse_args(argv)
     decoder = load_decoder(args.model)
     calls = time_calls(decoder)
+    if args.compare_model:  # round-robin with the model under test, so both see the same machine load
+        other = fastspec.Decoder.load(args.compare_model)
+        before = time_calls(other)
+        again = time_calls(decoder)
+        calls = {k: min(calls[k], again[k]) for k in calls} | {f"{k} [{Path(args.compare_model).name}]": v
+                                                                 for k, v in before.items()}
     print(calls)
     timing = time_fits(decoder, args.n_timing, args.seed)
     rec, extra = None, {}

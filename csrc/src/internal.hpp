@@ -41,6 +41,8 @@ void dense_sigmoid_output(const float* x, std::size_t rows, const float* W, cons
 // call it only when have_avx512f() (cpu/gemv16_avx512.cpp).
 bool have_avx512f() noexcept;
 void gemv16(const std::uint16_t* W, bool bf16, int in, int out, const float* x, float* y);
+// Y (k, out) = X (k, in) W^T for k vectors at once, W read from memory once (AVX-512F only, like gemv16).
+void gemv16_multi(const std::uint16_t* W, bool bf16, int in, int out, const float* X, int k, float* Y);
 // The same dense layers at batch 1 from 16-bit weights (gemv16 + the fused epilogues).
 void dense_relu_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out, float* y);
 void dense_sigmoid_output_16(const float* x, const std::uint16_t* W, bool bf16, const float* b, int in, int out,

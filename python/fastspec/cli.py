@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--continuum-degree", type=int, default=2, help="Legendre degree of the continuum; -1: none")
     fit.add_argument("--bound", action="append", default=[], metavar="LABEL=LO:HI",
                      help="narrow a label's range, e.g. --bound vmic=1:3 (repeatable)")
-    fit.add_argument("--clip", type=float, metavar="SIGMA", help="reject outliers beyond SIGMA robust standard deviations")
+    fit.add_argument("--clip", type=float, default=5.0, metavar="SIGMA",
+                     help="reject outliers beyond SIGMA robust standard deviations (default 5; 0: off)")
     fit.add_argument("--loss", default="linear", help="least-squares loss: linear, soft_l1, huber, cauchy, arctan")
     fit.add_argument("--no-model-error", action="store_true", help="leave the emulator error out of the variance")
     fit.add_argument("-o", "--output", type=Path, help="write the result as JSON")
@@ -402,7 +403,7 @@ def cmd_fit(args) -> int:
         result = fit(spec.wavelength, spec.flux, error, decoder, rv=not args.no_rv,
                      continuum_degree=None if args.continuum_degree < 0 else args.continuum_degree,
                      rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound), medium=args.medium,
-                     clip=args.clip, loss=args.loss, model_error=False if args.no_model_error else "auto")
+                     clip=args.clip or None, loss=args.loss, model_error=False if args.no_model_error else "auto")
     print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_trimmed} outside the model's "
           f"reach trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
           f"emulator error {'in' if result.model_error else 'not in'} the variance"

@@ -64,15 +64,11 @@ void few_rows_xwt(const float* x, std::size_t rows, const float* W, int in, int 
     }
 }
 
-// The same from 16-bit weights (f16, or bf16 when bf16) with the AVX-512 GEMV: half the bytes of the float32
-// copy, and the last layer's weights are most of a batch-1 Jacobian's memory traffic.
+// The same from 16-bit weights (f16, or bf16 when bf16) with the AVX-512 multi-vector GEMV: every weight is
+// read once, in half the bytes of the float32 copy, for all the rows (the last layer's weights are most of a
+// batch-1 Jacobian's memory traffic).
 void few_rows_xwt16(const float* x, std::size_t rows, const std::uint16_t* W, bool bf16, int in, int out, float* y) {
-    constexpr int block = 256;
-    for (int o = 0; o < out; o += block) {
-        const int nb = std::min(block, out - o);
-        for (std::size_t r = 0; r < rows; ++r)
-            detail::cpu::gemv16(W + std::size_t(o) * in, bf16, in, nb, x + r * in, y + r * out + o);
-    }
+    detail::cpu::gemv16_multi(W, bf16, in, out, x, int(rows), y);
 }
 
 // The network's Jacobian: jacobian (n, n_pixels, n_labels) gets d(network output)/d(label) in the columns of the
