@@ -174,6 +174,21 @@ def test_generate_out_of_range_says_clip_option(small_model, tmp_path, capsys):
     assert "--clip" in err and "clip=true" not in err
 
 
+def test_generate_clip_reports_the_clamped_labels(small_model, tmp_path, capsys):
+    """--clip computes the spectrum at the range's edge: the header says so, and stderr names the clamped label."""
+    out = tmp_path / "c.csv"
+    assert main(["generate", "--teff", "3000", "--logg", "4.44", "--vsini", "2", "--mh", "0", "--vmic", "1",
+                 "--resolution", "50000", "--model", str(small_model), "--clip", "-o", str(out)]) == 0
+    assert "teff = 3000 is outside [4000, 11000]; clamped to 4000" in capsys.readouterr().err
+    header = out.read_text().splitlines()[0]
+    assert "teff=4000" in header and "teff=3000" not in header
+
+
+def test_generate_unknown_plot_format_is_refused(small_model, tmp_path):
+    assert main(["generate", *SUN_ARGS, "--model", str(small_model), "--plot", str(tmp_path / "p.xyz")]) == 1
+    assert not list(tmp_path.iterdir())
+
+
 def test_generate_seed_needs_sample(small_model, capsys):
     assert main(["generate", *SUN_ARGS, "--model", str(small_model), "--seed", "3"]) != 0
     captured = capsys.readouterr()

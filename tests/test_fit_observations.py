@@ -43,6 +43,10 @@ def test_vacuum_wavelengths_give_the_right_rv(small_model, rng):
         warnings.simplefilter("ignore", FitQualityWarning)
         wrong = fastspec.fit(wl_vac, flux, error, decoder, **FAST)  # vacuum data taken for air: ~ +83 km/s off
     assert abs(wrong.rv - 40.0) > 50
+    # at rest, vacuum data taken for air sit at the air/vacuum offset: a warning names the likely cause
+    flux0, error0 = observe(decoder, truth, 0.0, [1.0], 100.0, rng, wl_air)
+    with pytest.warns(FitQualityWarning, match="air/vacuum offset"):
+        fastspec.fit(wl_vac, flux0, error0, decoder, **FAST)
 
 
 def test_scalar_and_absent_errors(small_model, rng):

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path,
                      help="write to .csv or .txt (CSV text), .npy (N, 2) or .h5/.hdf5 (the layout of `batch`, "
                           "one row); default: CSV on stdout")
-    gen.add_argument("--plot", type=Path, help="also save a PNG plot of the spectrum (needs matplotlib)")
+    gen.add_argument("--plot", type=Path, help="also save a plot of the spectrum, in the format of its extension "
+                                                "(.png, .pdf, ...; needs matplotlib)")
     gen.add_argument("--sample", action="store_true", help="draw z ~ N(0, I) instead of the prior mean z = 0")
     gen.add_argument("--seed", type=int, help="random seed for --sample (only with --sample)")
     gen.set_defaults(func=cmd_generate)
@@ -146,9 +147,22 @@ def cmd_generate(args) -> int:
                          f"use one of {', '.join(OUTPUT_FORMATS)}")
     if args.plot:
         _require_matplotlib("--plot")
+    if args.plot:
+        import matplotlib.figure
+
+        known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+        if args.plot.suffix.lower().lstrip(".") not in known:
+            raise ValueError(f"{args.plot}: unknown plot format; use one of {', '.join('.' + k for k in sorted(known))}")
     decoder = Decoder.load(args.model, threads=args.threads)
     labels = {name: getattr(args, name) for name in LABEL_HELP}
     flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed)
+    if args.clip:  # say what was computed: the header and the plot carry the clamped labels
+        for name, value in labels.items():
+            lo, hi = decoder.label_ranges[name]
+            if not lo <= value <= hi:
+                labels[name] = min(max(value, lo), hi)
+                print(f"fastspec generate: {name} = {value:g} is outside [{lo:g}, {hi:g}]; clamped to {labels[name]:g}",
+                      file=sys.stderr)
     wave = decoder.wavelength
     medium = decoder.info["medium"]
     header = ("fastspec " + " ".join(f"{k}={v:g}" for k, v in labels.items())

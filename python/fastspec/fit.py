@@ -536,7 +536,7 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     red = chi2_best / dof
     if red > 2.0:
         quality.append(f"reduced chi2 = {red:.3g}: the model does not describe the data within the errors "
-                       "(errors too small, outliers (try clip=5), or a star outside the model's grid)")
+                       "(errors too small, outliers that clipping left in, or a star outside the model's grid)")
     elif red < 0.3:
         quality.append(f"reduced chi2 = {red:.3g}: the errors look overestimated")
     for j, name in enumerate(prob.names):
@@ -549,6 +549,16 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
                        "(uncertainties are not meaningful)")
     for q in quality:
         warnings.warn(q, FitQualityWarning, stacklevel=2)
+    # An RV within a few km/s of the air/vacuum offset (~83.5 km/s on this grid) most often means the wavelengths
+    # are in the other medium. A warning only: a star may really move at that speed.
+    if prob.fit_rv:
+        lam = 0.5 * (prob.wl.min() + prob.wl.max())
+        offset = C_KMS * (air_to_vacuum(lam) / lam - 1.0)
+        sign = 1.0 if medium == "air" else -1.0  # vacuum data taken for air show +offset, and the reverse
+        if abs(float(rv_best) - sign * offset) < 3.0:
+            warnings.warn(f"RV = {float(rv_best):.2f} km/s is the air/vacuum offset ({sign * offset:+.1f} km/s here): "
+                          f"are the wavelengths in {'vacuum' if medium == 'air' else 'air'}? Pass medium="
+                          f"'{'vacuum' if medium == 'air' else 'air'}' if so", FitQualityWarning, stacklevel=2)
 
     model_flux = np.full(prob.mask.shape, np.nan)
     model_flux[prob.mask] = resid / prob.ivar_sqrt + prob.flux
