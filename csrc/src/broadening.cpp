@@ -145,6 +145,11 @@ BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step
     }
 }
 
+BroadeningStage::BroadeningStage(const Model& m)
+    : BroadeningStage(m.wavelength_start(), m.wavelength_step(), m.n_pixels(), m.broadening().epsilon,
+                      m.broadening().segments, m.labels()[m.broadening().vsini_label].max,
+                      m.labels()[m.broadening().resolution_label].min) {}
+
 void BroadeningStage::check(double vsini, double resolution) const {
     if (!(vsini >= 0 && vsini <= max_vsini_ * (1 + 1e-12)))
         throw InputError("vsini = " + num(vsini) + " km/s is outside [0, " + num(max_vsini_) + "]");
@@ -245,13 +250,10 @@ Broadening::Broadening(double wavelength_start, double wavelength_step, std::siz
                                                            segments, max_vsini, min_resolution))) {}
 
 Broadening::Broadening(const Model& model) {
-    const BroadeningInfo& b = model.broadening();
-    if (!b.enabled) throw Error(model.path() + ": this model has no broadening stage (format version " +
-                                std::to_string(model.format_version()) + ")");
-    const auto& labels = model.labels();
-    impl_ = std::make_unique<Impl>(detail::BroadeningStage(model.wavelength_start(), model.wavelength_step(),
-                                                           model.n_pixels(), b.epsilon, b.segments,
-                                                           labels[b.vsini_label].max, labels[b.resolution_label].min));
+    if (!model.broadening().enabled)
+        throw Error(model.path() + ": this model has no broadening stage (format version " +
+                    std::to_string(model.format_version()) + ")");
+    impl_ = std::make_unique<Impl>(detail::BroadeningStage(model));
 }
 
 Broadening::~Broadening() = default;
@@ -266,10 +268,11 @@ void Broadening::apply(const float* in, double vsini, double resolution, float* 
     using W = detail::BroadeningStage::Which;
     detail::BroadeningStage::Kernels k;
     impl_->stage.make_kernels(vsini, resolution, d_vsini || d_resolution, k);
-    std::vector<float> scratch, x(in, in + impl_->stage.n_pixels());  // in may alias out
-    if (d_vsini) impl_->stage.apply(k, W::d_vsini, x.data(), d_vsini, scratch);
-    if (d_resolution) impl_->stage.apply(k, W::d_resolution, x.data(), d_resolution, scratch);
-    impl_->stage.apply(k, W::flux, x.data(), out, scratch);
+    std::vector<float> scratch;
+    // The flux last: `out` may be `in` (the stage reads its input in full before it writes).
+    if (d_vsini) impl_->stage.apply(k, W::d_vsini, in, d_vsini, scratch);
+    if (d_resolution) impl_->stage.apply(k, W::d_resolution, in, d_resolution, scratch);
+    impl_->stage.apply(k, W::flux, in, out, scratch);
 }
 
 }  // namespace fastspec

@@ -24,6 +24,9 @@ class BroadeningStage {
 public:
     BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
                     int segments, double max_vsini, double min_resolution);
+    // The stage a version-2 model describes: its grid, epsilon, segments and the ranges of its v sin i and R
+    // labels (model.broadening().enabled must be true).
+    explicit BroadeningStage(const Model& model);
 
     // The kernels of one (vsini, R): for every node, 2 * half + 1 float taps (nodes with narrower kernels are
     // zero-padded to the widest), and with `derivatives` their derivatives by vsini and by R.

@@ -7,12 +7,7 @@
 namespace fastspec {
 
 Decoder::Impl::Impl(Model m, DecoderOptions o) : model(std::move(m)), options(o) {
-    const BroadeningInfo& b = model.broadening();
-    if (b.enabled) {
-        const auto& labels = model.labels();
-        stage.emplace(model.wavelength_start(), model.wavelength_step(), model.n_pixels(), b.epsilon, b.segments,
-                      labels[b.vsini_label].max, labels[b.resolution_label].min);
-    }
+    if (model.broadening().enabled) stage.emplace(model);
 }
 
 std::unique_ptr<DecoderWorkspace> Decoder::Impl::acquire() const {

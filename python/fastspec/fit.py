@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from .decoder import Decoder
-from .wavelength import vacuum_to_air, air_to_vacuum
+from .observations import sigma_from_ivar
+from .wavelength import air_to_vacuum, vacuum_to_air
 
 C_KMS = 299792.458
 LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
@@ -68,8 +69,7 @@ def _from_specutils(spectrum):
     elif isinstance(unc, VarianceUncertainty):
         error = np.sqrt(np.asarray(unc.array, dtype=np.float64))
     elif isinstance(unc, InverseVariance):
-        with np.errstate(divide="ignore"):
-            error = 1.0 / np.sqrt(np.asarray(unc.array, dtype=np.float64))
+        error = sigma_from_ivar(unc.array)
     elif unc is not None:
         raise ValueError(f"unsupported uncertainty type {type(unc).__name__}: use StdDev, Variance or InverseVariance")
     if isinstance(unc, StdDevUncertainty) and unc.unit is not None:  # in the flux's unit

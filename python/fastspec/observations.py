@@ -27,6 +27,13 @@ class Spectrum:
     source: str
 
 
+def sigma_from_ivar(ivar) -> np.ndarray:
+    """1-σ errors from inverse variances; ivar ≤ 0 (no information) gives an infinite error, which fit leaves out."""
+    ivar = np.asarray(ivar, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ivar > 0, 1.0 / np.sqrt(ivar), np.inf)
+
+
 def _pick(names, wanted, what, path, required=True):
     lower = [n.lower() for n in names]
     for w in wanted:
@@ -49,8 +56,7 @@ def _from_columns(columns: dict, path) -> Spectrum:
     if ename is not None:
         error = np.asarray(columns[ename], dtype=np.float64)
         if ename.lower() == "ivar":
-            with np.errstate(divide="ignore"):
-                error = np.where(error > 0, 1.0 / np.sqrt(error), np.inf)  # ivar 0: no information
+            error = sigma_from_ivar(error)
     return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path))
 
 
@@ -110,8 +116,7 @@ def _read_fits(path: Path) -> Spectrum:
                             and np.squeeze(other.data).shape == flux.shape:
                         error = np.squeeze(other.data).astype(np.float64)
                         if other.name.lower() == "ivar":
-                            with np.errstate(divide="ignore"):
-                                error = np.where(error > 0, 1.0 / np.sqrt(error), np.inf)
+                            error = sigma_from_ivar(error)
                         break
                 return Spectrum(wave, flux, error, str(path))
     raise ValueError(f"{path}: no table with wavelength and flux columns and no 1-D image")

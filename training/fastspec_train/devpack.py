@@ -53,12 +53,16 @@ def pack(data: str | Path, out: str | Path, *, max_mb: float, val_fraction=0.1, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "wb") as fh:
-        h = json.dumps(header).encode()
-        fh.write(MAGIC + len(h).to_bytes(8, "little") + h)
-        for _, c in chunks:
-            fh.write(c)
-    tmp.replace(out)
+    try:
+        with open(tmp, "wb") as fh:
+            h = json.dumps(header).encode()
+            fh.write(MAGIC + len(h).to_bytes(8, "little") + h)
+            for _, c in chunks:
+                fh.write(c)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {"spectra": len(kept), "of_train_val": int(rows.size), "bytes": out.stat().st_size}
 
 

@@ -1,10 +1,11 @@
 // Decoder::forward_jacobian: flux and dF/d(labels) in one call, by forward-mode differentiation.
 //
 // For every spectrum we carry one tangent row per network label next to the primal activations. The tangent of
-// the decoder input is d(normalised label)/d(label) in that label's input column (z has no tangent). Each layer multiplies the tangents by W (one BLAS GEMM over all rows * n_labels tangent rows,
-// no bias), hidden layers then apply the ReLU mask of the primal, and the last layer multiplies by the
-// derivative of scale * sigmoid(a) + offset. Cost: one forward pass for the flux plus one GEMM pass over
-// n_labels times as many rows, about (1 + n_labels) forward passes.
+// the decoder input is d(normalised label)/d(label) in that label's input column (z has no tangent). Each layer
+// multiplies the tangents by W (one BLAS GEMM over all rows * network-label tangent rows, no bias; at batch 1 one
+// multi-vector GEMV), hidden layers then apply the ReLU mask of the primal, and the last layer multiplies by the
+// derivative of scale * sigmoid(a) + offset. A broadening stage then broadens the flux and the network columns
+// and gives the v sin i and R columns from its kernels' derivatives.
 #include <cblas.h>
 
 #include <algorithm>
