@@ -32,8 +32,12 @@ def markdown(m: dict, ctx: dict) -> str:
     L.append("# fastspec model evaluation against SYNSPEC\n")
     prov = info.get("provenance") or {}
     arch = "-".join(str(layer.get("out")) for layer in info.get("layers", []) if isinstance(layer, dict))
+    # Network inputs: labels of role "network" (all of them in a version-1 file); then the broadening stage, if any.
+    n_in = sum(1 for lab in info.get("labels", []) if isinstance(lab, dict) and lab.get("role", "network") == "network")
+    stage = " + broadening stage" if info.get("broadening") else ""
     L.append(f"- model: `{model.get('path') or 'embedded default'}`"
-             + (f", decoder {info.get('latent_dim')}+{len(names)} → {arch} ({info.get('weight_dtype')})" if arch else "")
+             + (f", decoder {info.get('latent_dim')}+{n_in or len(names)} → {arch}{stage} ({info.get('weight_dtype')})"
+                if arch else "")
              + (f", created {prov.get('created')}" if prov.get("created") else "")
              + (f", git {prov.get('git_revision')}" if prov.get("git_revision") else ""))
     L.append(f"- data: `{m['data']['path']}`: {m['data']['n_spectra_used']} spectra used of {m['data']['n_spectra_in_file']}")
