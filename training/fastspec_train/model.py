@@ -53,15 +53,21 @@ class CVAE(nn.Module):
         self.mu = nn.Linear(mcfg.encoder[-1], mcfg.latent)
         self.logvar = nn.Linear(mcfg.encoder[-1], mcfg.latent)
         self.decoder = Decoder(mcfg.latent, n_labels, mcfg.decoder, n_pixels, mcfg.output_scale, mcfg.output_offset)
+        if mcfg.zero_init_latent:
+            with torch.no_grad():
+                self.decoder.layers[0].weight[:, :mcfg.latent].zero_()
 
     def encode(self, flux: torch.Tensor, labels_norm: torch.Tensor):
         h = self.encoder(torch.cat([flux, labels_norm], dim=1))
         return self.mu(h), self.logvar(h)
 
-    def forward(self, flux: torch.Tensor, labels_norm: torch.Tensor, eps: torch.Tensor):
-        """Reconstruction with z = mu + sigma * eps (eps given, so runs are reproducible), mu, logvar."""
-        mu, logvar = self.encode(flux, labels_norm)
-        z = mu + torch.exp(0.5 * logvar) * eps
+    def forward(self, flux: torch.Tensor, labels_norm: torch.Tensor, eps: torch.Tensor, n_z0: int = 0):
+        """Reconstruction with z = mu + sigma * eps (eps given, so runs are reproducible), mu, logvar.
+        The first n_z0 rows are decoded at z = 0 and not encoded: mu and logvar cover rows n_z0: only."""
+        mu, logvar = self.encode(flux[n_z0:], labels_norm[n_z0:])
+        z = mu + torch.exp(0.5 * logvar) * eps[n_z0:]
+        if n_z0:
+            z = torch.cat([torch.zeros(n_z0, z.shape[1], dtype=z.dtype, device=z.device), z])
         return self.decoder(z, labels_norm), mu, logvar
 
 

@@ -5,7 +5,7 @@ vmic), and the inference core broadens it exactly; "broadened" (the paper's CVAE
 from spectra broadened on the fly with fresh (v sin i, R) draws.
 
 Loss = MSE (mean over pixels and batch) + beta_eff * KL / n_pixels, KL summed over latent dims and averaged
-over the batch (so beta = 1 is the ELBO of a unit-variance Gaussian likelihood per pixel, up to constants;
+over the (encoded) batch; `train.z0_fraction` of each batch is decoded at z = 0 without the encoder (so beta = 1 is the ELBO of a unit-variance Gaussian likelihood per pixel, up to constants;
 see training/README.md for why that is a good choice here). Adam; LR schedule ReduceLROnPlateau on the
 validation metric (or cosine); early stopping with patience on the validation reconstruction MSE of the
 decoder at z = 0 (what the shipped model runs) by default.
@@ -301,7 +301,7 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
                    disable=rank != 0 or quiet or not sys.stderr.isatty(), leave=False)
         for x, y, eps in bar:
             with amp:
-                rec, mu, logvar = ddp_model(x, y, eps)
+                rec, mu, logvar = ddp_model(x, y, eps, int(round(tcfg.z0_fraction * x.shape[0])))
             rec, mu, logvar = rec.float(), mu.float(), logvar.float()
             mse = (((rec - x) ** 2) * pixel_weight).mean()
             kl = kl_divergence(mu, logvar)
