@@ -35,7 +35,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--labels-from", metavar="FILE",
                    help="take labels (teff, logg, mh, vmic) from an HDF5 file with a 'labels' dataset, .npy or a text table")
     b.add_argument("--rows", metavar="I,J,K|A:B", help="only these rows of --labels-from")
-    b.add_argument("--workers", type=int, default=1, help="parallel SYNSPEC processes (default 1)")
+    b.add_argument("--workers", type=int, help="parallel SYNSPEC processes on this machine (default 1)")
+    b.add_argument("--scheduler", metavar="ADDRESS|FILE|local:N",
+                   help="compute on a Dask cluster instead (needs the [cluster] extra): a scheduler address "
+                        "(tcp://HOST:8786), a scheduler file, or local:N for N local Dask worker processes; "
+                        "this process alone writes --out. See the grid README for starting workers")
+    b.add_argument("--in-flight", type=int, metavar="K",
+                   help="with --scheduler: tasks submitted at a time (default: 2 per worker thread)")
     b.add_argument("--wavelength", type=_range, metavar="START:END[:STEP]",
                    help="output grid in Å (default 4450:5399.95:0.05, the model's 19000 pixels)")
     b.add_argument("--linelist", metavar="FILE",
@@ -80,7 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
                            synspec_vmic=args.synspec_vmic, linelist=args.linelist,
                            keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden)
-        result = B.build(args.out, labels, cfg, workers=args.workers, progress=not args.no_progress)
+        if args.scheduler:
+            if args.workers is not None:
+                raise ValueError("--workers is for this machine's processes; with --scheduler use local:N or "
+                                 "start workers on the cluster")
+            from . import cluster  # Dask is imported only here
+
+            result = cluster.build(args.out, labels, cfg, args.scheduler, progress=not args.no_progress,
+                                   in_flight=args.in_flight)
+        else:
+            if args.in_flight is not None:
+                raise ValueError("--in-flight goes with --scheduler")
+            result = B.build(args.out, labels, cfg, workers=1 if args.workers is None else args.workers,
+                             progress=not args.no_progress)
     except (GridSetupError, ValueError) as exc:
         print(f"fastspec-grid: error: {exc}", file=sys.stderr)
         return 2
