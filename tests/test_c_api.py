@@ -54,3 +54,25 @@ def test_fortran_example_matches_python(c_examples, model):
     np.testing.assert_allclose(data[:, 1], flux, rtol=1e-7, atol=1e-7)
     bad = subprocess.run([str(binary), str(model), "5777", "7", "2", "0", "1", "50000"], capture_output=True, text=True)
     assert bad.returncode == 1 and "label 'logg' = 7 is outside [2, 5]" in bad.stderr
+
+
+def test_pkg_config_build_and_the_installed_default_model(installed_core, tmp_path):
+    """A C program built with nothing but pkg-config, from a shell with no Python: it links, runs, and reads
+    the default model the install put under share/fastspec (the one the package ships, byte for byte)."""
+    from conftest import clean_env
+
+    from fastspec.decoder import default_model_path
+
+    if shutil.which("pkg-config") is None:
+        pytest.fail("pkg-config is needed (apt-get install pkg-config)")
+    env = clean_env(PKG_CONFIG_PATH=str(installed_core / "lib" / "pkgconfig"))
+    pc = lambda *a: run_checked(["pkg-config", *a, "fastspec"], env=env).stdout.split()  # noqa: E731
+    model_path = pc("--variable=default_model")[0]
+    assert open(model_path, "rb").read() == default_model_path().read_bytes()
+    exe = tmp_path / "generate_spectrum_pc"
+    src = os.path.join(os.path.dirname(__file__), "..", "examples", "c", "generate_spectrum.c")
+    run_checked(["cc", "-O2", "-o", exe, src, *pc("--cflags", "--libs"), "-lstdc++"], env=env)
+    labels = [5777.0, 4.44, 2.0, 0.0, 1.0, 50000.0]
+    out = run_checked([exe, model_path, *map(str, labels)], env=env).stdout
+    data = np.array([[float(x) for x in line.split()] for line in out.splitlines()])
+    np.testing.assert_allclose(data[:, 1], Decoder.load()(labels)[: data.shape[0]], rtol=1e-6, atol=1e-6)

@@ -15,7 +15,7 @@ namespace fastspec {
 
 BuildInfo build_info() {
     BuildInfo info;
-    info.blas = "OpenBLAS (scipy-openblas32)";
+    info.blas = FASTSPEC_BLAS_NAME;
     info.blas_config = detail::cpu::blas_config();
     info.compiler = FASTSPEC_COMPILER;
     info.cxx_flags = FASTSPEC_CXX_FLAGS;

@@ -11,13 +11,23 @@
 
 namespace fastspec {
 
-// Buffers for one forward pass over up to max_chunk rows: the input rows and two ping-pong buffers for the
-// hidden activations (the last layer writes straight into the caller's output), and the broadening stage's
-// kernels and scratch.
+namespace detail {
+class DeviceBackend;  // backend.hpp
+}
+
+// Buffers of one call, pooled per decoder (forward and forward_jacobian share the pool; concurrent calls take
+// separate workspaces, and a workspace lives as long as its decoder). forward: the input rows and two
+// ping-pong buffers for the hidden activations (the last layer writes straight into the caller's output), and
+// the broadening stage's kernels and scratch. forward_jacobian adds its tangents (grown on first use).
+struct JacobianBuffers {
+    std::vector<float> input, tangent_in, h[2], t[2], last;  // network pass over <= 32 rows: primal + tangents
+    std::vector<float> column;                               // broadening stage: one Jacobian column
+};
 struct DecoderWorkspace {
     std::vector<float> input, a, b;
     detail::BroadeningStage::Kernels kernels;
     std::vector<float> broadening_scratch;
+    JacobianBuffers jac;
 };
 
 struct Decoder::Impl {

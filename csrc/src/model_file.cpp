@@ -10,12 +10,17 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <tuple>
 
 #include "fastspec/fastspec.hpp"
 #include "internal.hpp"
+
+#ifdef FASTSPEC_HAVE_ZLIB
+#include <zlib.h>
+#endif
 
 namespace fastspec {
 
@@ -31,8 +36,14 @@ struct Model::Impl {
     Medium medium = Medium::air;
     WeightDtype dtype = WeightDtype::f32;
     std::string provenance;
-    std::vector<std::vector<float>> weights, biases;
+    std::vector<std::vector<float>> biases;
     std::vector<std::vector<std::uint16_t>> weights16;  // as stored, for 16-bit models (else empty)
+    // float32 weights: read at load for f32 models; for 16-bit ones widened on the first call of weights()
+    // (batched forward passes need them, batch-1 calls and fits read weights16 directly), so a process that
+    // never runs a batch holds the 16-bit copy only.
+    mutable std::vector<std::vector<float>> weights;
+    mutable std::once_flag widen_once;
+    const std::vector<float>& weights32(std::size_t k) const;
     // Emulator error (version 2, optional): RMS (model - truth) per pixel on a (vsini, resolution) node grid.
     std::vector<double> error_vsini, error_resolution;
     std::vector<float> error_rms;  // (n_vsini, n_resolution, n_pixels)
@@ -344,32 +355,40 @@ std::shared_ptr<Model::Impl> Reader::parse() {
     for (std::size_t i = 1; i < extents.size(); ++i)
         if (extents[i].first < extents[i - 1].second) fail("weight/bias blocks overlap at offset ", extents[i].first);
 
-    // All checks passed: decode weights (16-bit widened to float32) and biases.
+    // All checks passed: decode weights (16-bit ones kept as stored, see Impl::weights) and biases.
     for (std::uint64_t k = 0; k < n_layers; ++k) {
         const std::uint8_t* r = h + layers_at + kLayerBytes * k;
         const std::uint64_t count = std::uint64_t(m->layers[k].in) * m->layers[k].out;
         const std::uint8_t* w = h + u64(r + 16);
-        std::vector<float> wf(count);
         if (m->dtype == WeightDtype::f32) {
+            std::vector<float> wf(count);
             for (std::uint64_t i = 0; i < count; ++i) wf[i] = f32(w + 4 * i);
+            for (std::uint64_t i = 0; i < count; ++i)
+                if (!std::isfinite(wf[i])) fail("layer ", k, ": weight ", i, " is not finite");
+            m->weights.push_back(std::move(wf));
         } else {
             std::vector<std::uint16_t> raw(count);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+            std::memcpy(raw.data(), w, 2 * count);  // the file is little-endian too
+#else
             for (std::uint64_t i = 0; i < count; ++i) raw[i] = std::uint16_t(w[2 * i] | w[2 * i + 1] << 8);
-            if (m->dtype == WeightDtype::f16)
-                for (std::uint64_t i = 0; i < count; ++i) wf[i] = half_to_float(raw[i]);
-            else
-                for (std::uint64_t i = 0; i < count; ++i) wf[i] = bf16_to_float(raw[i]);
+#endif
+            // Inf or NaN: all exponent bits set (binary16: 5 bits, bfloat16: 8 bits). A branch-free count first
+            // (it vectorises), the index only for the message.
+            const std::uint16_t exp_mask = m->dtype == WeightDtype::f16 ? 0x7c00u : 0x7f80u;
+            std::uint64_t bad = 0;
+            for (std::uint64_t i = 0; i < count; ++i) bad += (raw[i] & exp_mask) == exp_mask;
+            if (bad)
+                for (std::uint64_t i = 0; i < count; ++i)
+                    if ((raw[i] & exp_mask) == exp_mask) fail("layer ", k, ": weight ", i, " is not finite");
             m->weights16.push_back(std::move(raw));
         }
-        for (std::uint64_t i = 0; i < count; ++i)
-            if (!std::isfinite(wf[i])) fail("layer ", k, ": weight ", i, " is not finite");
         const std::uint8_t* b = h + u64(r + 32);
         std::vector<float> bf(m->layers[k].out);
         for (std::size_t i = 0; i < bf.size(); ++i) {
             bf[i] = f32(b + 4 * i);
             if (!std::isfinite(bf[i])) fail("layer ", k, ": bias ", i, " is not finite");
         }
-        m->weights.push_back(std::move(wf));
         m->biases.push_back(std::move(bf));
     }
     if (error_at) {
@@ -386,7 +405,38 @@ std::shared_ptr<Model::Impl> Reader::parse() {
 
 }  // namespace
 
+const std::vector<float>& Model::Impl::weights32(std::size_t k) const {
+    if (k >= layers.size()) throw std::out_of_range("Model::weights: layer " + std::to_string(k) + " of " + std::to_string(layers.size()));
+    if (!weights16.empty()) {
+        std::call_once(widen_once, [this] {
+            for (const auto& raw : weights16) {
+                std::vector<float> wf(raw.size());
+                if (dtype == WeightDtype::f16)
+                    for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = half_to_float(raw[i]);
+                else
+                    for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = bf16_to_float(raw[i]);
+                weights.push_back(std::move(wf));
+            }
+        });
+    }
+    return weights[k];
+}
+
+#ifdef FASTSPEC_HAVE_ZLIB
 std::uint32_t detail::crc32(const std::uint8_t* data, std::size_t n) {
+    // zlib's crc32 (vectorised; the same polynomial and conventions as the trailer's CRC-32), fed in pieces
+    // because its length argument is 32-bit.
+    uLong c = ::crc32(0L, Z_NULL, 0);
+    for (std::size_t done = 0; done < n;) {
+        const uInt piece = uInt(std::min<std::size_t>(n - done, std::size_t(1) << 30));
+        c = ::crc32(c, data + done, piece);
+        done += piece;
+    }
+    return std::uint32_t(c);
+}
+#else
+std::uint32_t detail::crc32(const std::uint8_t* data, std::size_t n) {
+    // Without zlib (the build found no zlib.h): the table-driven reference, byte by byte.
     static const auto table = [] {
         std::array<std::uint32_t, 256> t{};
         for (std::uint32_t i = 0; i < 256; ++i) {
@@ -400,6 +450,7 @@ std::uint32_t detail::crc32(const std::uint8_t* data, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) c = table[(c ^ data[i]) & 0xff] ^ (c >> 8);
     return c ^ 0xffffffffu;
 }
+#endif
 
 Model Model::load(const std::string& path) {
     errno = 0;
@@ -440,7 +491,7 @@ double Model::output_scale() const { return impl_->output_scale; }
 double Model::output_offset() const { return impl_->output_offset; }
 const std::string& Model::provenance_json() const { return impl_->provenance; }
 const std::string& Model::path() const { return impl_->path; }
-const float* Model::weights(std::size_t k) const { return impl_->weights.at(k).data(); }
+const float* Model::weights(std::size_t k) const { return impl_->weights32(k).data(); }
 const float* Model::biases(std::size_t k) const { return impl_->biases.at(k).data(); }
 const std::uint16_t* Model::stored_weights16(std::size_t k) const {
     if (impl_->weights16.empty()) return nullptr;

@@ -1,12 +1,13 @@
-// CPU backend: dense layers through OpenBLAS (the scipy-openblas32 build, `scipy_` symbol prefix),
-// each followed by one fused pass over its output for bias + activation (+ output transform).
-#include <cblas.h>
-
+// CPU backend: dense layers through BLAS (blas.hpp), each followed by one fused pass over its output for
+// bias + activation (+ output transform).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "../internal.hpp"
+#include "blas.hpp"
 
 
 namespace fastspec::detail::cpu {
@@ -16,10 +17,9 @@ namespace {
 // and was measured 2.6x slower on the paper-size decoder.
 void matmul(const float* x, std::size_t rows, const float* W, int in, int out, float* y) {
     if (rows == 1) {
-        scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, out, in, 1.0f, W, in, x, 1, 0.0f, y, 1);
+        blas::gemv(W, out, in, in, x, y);
     } else {
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(rows), out, in, 1.0f, x, in, W, in, 0.0f,
-                          y, out);
+        blas::gemm_xwt(x, int(rows), W, in, out, y);
     }
 }
 }  // namespace

@@ -6,8 +6,6 @@
 // multi-vector GEMV), hidden layers then apply the ReLU mask of the primal, and the last layer multiplies by the
 // derivative of scale * sigmoid(a) + offset. A broadening stage then broadens the flux and the network columns
 // and gives the v sin i and R columns from its kernels' derivatives.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -15,32 +13,11 @@
 #include <vector>
 
 #include "../decoder_impl.hpp"
+#include "blas.hpp"
 
 namespace fastspec {
 
 namespace {
-
-// Buffers of one Jacobian pass over a chunk of rows. Grown on demand and pooled process-wide (like
-// forward's workspaces), so repeated calls allocate nothing once warm; concurrent calls take separate ones.
-struct JacobianWorkspace {
-    std::vector<float> input, tangent_in, h[2], t[2], last;
-};
-
-std::mutex g_pool_mutex;
-std::vector<std::unique_ptr<JacobianWorkspace>> g_pool;
-
-std::unique_ptr<JacobianWorkspace> acquire() {
-    std::lock_guard<std::mutex> lock(g_pool_mutex);
-    if (g_pool.empty()) return std::make_unique<JacobianWorkspace>();
-    auto ws = std::move(g_pool.back());
-    g_pool.pop_back();
-    return ws;
-}
-
-void release(std::unique_ptr<JacobianWorkspace> ws) {
-    std::lock_guard<std::mutex> lock(g_pool_mutex);
-    g_pool.push_back(std::move(ws));
-}
 
 void grow(std::vector<float>& v, std::size_t n) {
     if (v.size() < n) v.resize(n);
@@ -48,8 +25,7 @@ void grow(std::vector<float>& v, std::size_t n) {
 
 // y (rows, out) = x (rows, in) W^T, W row-major (out, in): the tangent GEMM, no bias.
 void gemm_xwt(const float* x, std::size_t rows, const float* W, int in, int out, float* y) {
-    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blasint(rows), out, in, 1.0f, x, in, W, in, 0.0f, y,
-                      out);
+    detail::blas::gemm_xwt(x, int(rows), W, in, out, y);
 }
 
 // The same product for a handful of rows (one spectrum's n_labels tangents): GEMVs over blocks of 256
@@ -60,8 +36,7 @@ void few_rows_xwt(const float* x, std::size_t rows, const float* W, int in, int 
     for (int o = 0; o < out; o += block) {
         const int nb = std::min(block, out - o);
         for (std::size_t r = 0; r < rows; ++r)
-            scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, nb, in, 1.0f, W + std::size_t(o) * in, in, x + r * in, 1,
-                              0.0f, y + r * out + o, 1);
+            detail::blas::gemv(W + std::size_t(o) * in, nb, in, in, x + r * in, y + r * out + o);
     }
 }
 
@@ -76,7 +51,7 @@ void few_rows_xwt16(const float* x, std::size_t rows, const std::uint16_t* W, bo
 // network labels and 0 in the others (a broadening stage's, filled by the caller). flux is the network's output
 // for these inputs (already computed and validated): the sigmoid's derivative is read from it.
 void network_jacobian(const Model& m, const DecoderOptions& options, bool direct16, const double* labels,
-                      std::size_t n, const float* flux, float* jacobian, const float* z, bool clip) {
+                      std::size_t n, const float* flux, float* jacobian, const float* z, bool clip, JacobianBuffers& ws) {
     const auto& layers = m.layers();
     const auto& info = m.labels();
     const std::size_t nl = m.n_labels(), nz = m.latent_dim(), np = m.n_pixels(), in0 = m.input_dim();
@@ -92,20 +67,19 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
         1, std::min({options.max_chunk, std::size_t(32), std::size_t(0x7fffffff) / (nt * std::max<std::size_t>(np, widest))}));
     const double scale = m.output_scale(), offset = m.output_offset();
 
-    auto ws = acquire();
-    try {
-        grow(ws->input, chunk * in0);
-        grow(ws->tangent_in, chunk * nt * in0);
-        for (auto* v : {&ws->h[0], &ws->h[1]}) grow(*v, chunk * widest);
-        for (auto* v : {&ws->t[0], &ws->t[1]}) grow(*v, chunk * nt * widest);
-        grow(ws->last, chunk * nt * np);
+    {
+        grow(ws.input, chunk * in0);
+        grow(ws.tangent_in, chunk * nt * in0);
+        for (auto* v : {&ws.h[0], &ws.h[1]}) grow(*v, chunk * widest);
+        for (auto* v : {&ws.t[0], &ws.t[1]}) grow(*v, chunk * nt * widest);
+        grow(ws.last, chunk * nt * np);
 
         for (std::size_t r0 = 0; r0 < n; r0 += chunk) {
             const std::size_t rows = std::min(chunk, n - r0);
             const double* lab = labels + r0 * nl;
-            detail::make_input_rows(m, lab, z ? z + r0 * nz : nullptr, rows, clip, ws->input.data());
+            detail::make_input_rows(m, lab, z ? z + r0 * nz : nullptr, rows, clip, ws.input.data());
             // Input tangents: tangent row (r, t) is d(input row r)/d(label net[t]), nonzero in one column only.
-            float* tin = ws->tangent_in.data();
+            float* tin = ws.tangent_in.data();
             std::fill(tin, tin + rows * nt * in0, 0.0f);
             for (std::size_t r = 0; r < rows; ++r)
                 for (std::size_t t = 0; t < nt; ++t) {
@@ -117,12 +91,12 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
                     tin[(r * nt + t) * in0 + nz + t] = float(ds / l.norm_scale);
                 }
 
-            const float* x = ws->input.data();
+            const float* x = ws.input.data();
             const float* tg = tin;
             for (std::size_t k = 0; k < layers.size(); ++k) {
                 const LayerInfo& L = layers[k];
                 if (k + 1 == layers.size()) {
-                    float* tl = ws->last.data();
+                    float* tl = ws.last.data();
                     if (rows == 1 && direct16)
                         few_rows_xwt16(tg, nt, m.stored_weights16(k), m.weight_dtype() == WeightDtype::bf16, L.in,
                                        L.out, tl);
@@ -144,8 +118,8 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
                         }
                     }
                 } else {
-                    float* h = ws->h[k % 2].data();
-                    float* tk = ws->t[k % 2].data();
+                    float* h = ws.h[k % 2].data();
+                    float* tk = ws.t[k % 2].data();
                     detail::cpu::dense_relu(x, rows, m.weights(k), m.biases(k), L.in, L.out, h);
                     gemm_xwt(tg, rows * nt, m.weights(k), L.in, L.out, tk);
                     // ReLU: derivative 1 where the output is positive, else 0 (also at the kink a = 0,
@@ -163,11 +137,7 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
                 }
             }
         }
-    } catch (...) {
-        release(std::move(ws));
-        throw;
     }
-    release(std::move(ws));
 }
 
 }  // namespace
@@ -181,7 +151,14 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     if (!impl_->stage) {
         // The flux is forward()'s, bit for bit (it validates every input before writing anything).
         forward(labels, n, out, z, clip);
-        network_jacobian(m, options(), impl_->direct16, labels, n, out, jacobian, z, clip);
+        auto ws = impl_->acquire();
+        try {
+            network_jacobian(m, options(), impl_->direct16, labels, n, out, jacobian, z, clip, ws->jac);
+        } catch (...) {
+            impl_->release(std::move(ws));
+            throw;
+        }
+        impl_->release(std::move(ws));
         return;
     }
     // With a broadening stage: the network's intrinsic flux and its Jacobian first, then every row's flux and
@@ -189,11 +166,15 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     // and R columns are the intrinsic flux under the kernels' derivatives.
     detail::validate_inputs(m, labels, n, z, clip);
     detail::cpu::ensure_blas_threads(options().threads);
-    std::vector<float> intrinsic(n * np), column(np);
     auto ws = impl_->acquire();
     try {
+        // The whole batch's network flux (one call, so the flux is forward()'s bit for bit); per call, so that a
+        // large batch leaves no large buffer in the pool.
+        std::vector<float> intrinsic(n * np);
+        std::vector<float>& column = ws->jac.column;
+        grow(column, np);
         impl_->run_network(labels, n, intrinsic.data(), z, clip, *ws);
-        network_jacobian(m, options(), impl_->direct16, labels, n, intrinsic.data(), jacobian, z, clip);
+        network_jacobian(m, options(), impl_->direct16, labels, n, intrinsic.data(), jacobian, z, clip, ws->jac);
         const BroadeningInfo& b = m.broadening();
         const auto& info = m.labels();
         using W = detail::BroadeningStage::Which;
