@@ -45,9 +45,9 @@ def _gray(x, eps=EPSILON):
     return (2 * (1 - eps) * np.sqrt(1 - x**2) + math.pi * eps / 2 * (1 - x**2)) / (math.pi * (1 - eps / 3))
 
 
-def test_kernel_weights_match_float64_quadrature():
+def test_kernel_weights_match_float64_quadrature(test_seed):
     """K(m) = ∫ Λ(x − m) p(x) dx from the closed forms vs scipy quadrature, fresh random widths."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(test_seed)
     for w in rng.uniform(0.3, 40.0, 3):
         k = rotation_kernel(torch.tensor([w], dtype=torch.float64), 45)[0].numpy()
         for m in [0, 1, int(w) // 2, int(w), int(w) + 1]:
@@ -71,8 +71,8 @@ def test_zero_width_kernels_are_delta_without_nan():
         assert torch.allclose(k, torch.nn.functional.one_hot(torch.tensor([5, 5, 5]), 11).double(), atol=1e-7)
 
 
-def test_identity_at_zero_vsini_and_infinite_resolution():
-    rng = np.random.default_rng()
+def test_identity_at_zero_vsini_and_infinite_resolution(test_seed):
+    rng = np.random.default_rng(test_seed)
     flux = torch.from_numpy(rng.uniform(0.2, 1.0, (3, N)).astype(np.float32))
     br = Broadener(START, STEP, N)
     out = torch.full_like(flux, float("nan"))
@@ -127,8 +127,8 @@ def test_rotation_profile_shape_and_half_width(br64, vsini):
     assert depth[np.abs(dx) < half_width - 1.5 * STEP].min() > 0.05 * expected.max()
 
 
-def test_batch_equals_per_sample_and_fft_equals_direct():
-    rng = np.random.default_rng()
+def test_batch_equals_per_sample_and_fft_equals_direct(test_seed):
+    rng = np.random.default_rng(test_seed)
     flux = torch.from_numpy(rng.uniform(0.3, 1.0, (4, N)))
     vs = torch.tensor(rng.uniform(0, 300, 4))
     rs = torch.tensor(10 ** rng.uniform(3, 5, 4))
@@ -168,11 +168,20 @@ def test_against_rotin_reference(rotin_h5):
     br = Broadener(START, step, N, dtype=torch.float64)
     results = {}
     for j, v in enumerate(vsinis):
-        out = br(flux, float(v), float("inf")).numpy()
-        results[f"rotation {v:g} km/s"] = float(np.median(np.abs(out[:, inner] - rot[:, j, inner])))
+        d = np.abs(br(flux, float(v), float("inf")).numpy()[:, inner] - rot[:, j, inner])
+        results[f"rotation {v:g} km/s"] = (float(np.median(d)), float(np.percentile(d, 99)))
     for j, fw in enumerate(fwhms):
-        out = gaussian_constant_fwhm(flux, float(fw) / step).numpy()
-        results[f"gaussian {fw:g} A"] = float(np.median(np.abs(out[:, inner] - gau[:, j, inner])))
-    print("median |dF| vs ROTIN:", results)
-    for name, value in results.items():
-        assert value <= 1e-3, (name, value)
+        d = np.abs(gaussian_constant_fwhm(flux, float(fw) / step).numpy()[:, inner] - gau[:, j, inner])
+        results[f"gaussian {fw:g} A"] = (float(np.median(d)), float(np.percentile(d, 99)))
+    print("(median, p99) |dF| vs ROTIN:", results)
+    # Measured (median, 99th percentile of |dF|; training/README.md has the medians): rotation 5 / 30 / 100 /
+    # 300 km/s: 3.4e-5 / 3.9e-5 / 6.9e-5 / 7.9e-5 and 2.3e-3 / 2.9e-3 / 3.5e-3 / 2.5e-3; Gaussian 0.05 / 0.25 / 1 /
+    # 4.45 A: 3.2e-5 / 3.6e-5 / 3.6e-5 / 3.7e-5 and 1.1e-3 / 1.3e-3 / 1.0e-3 / 5.8e-4. Bounds: 2x each (the
+    # median bound was 1e-3 for all, 13-31x the measured values).
+    measured = {"rotation 5 km/s": (3.4e-5, 2.3e-3), "rotation 30 km/s": (3.9e-5, 2.9e-3),
+                "rotation 100 km/s": (6.9e-5, 3.5e-3), "rotation 300 km/s": (7.9e-5, 2.5e-3),
+                "gaussian 0.05 A": (3.2e-5, 1.1e-3), "gaussian 0.25 A": (3.6e-5, 1.3e-3),
+                "gaussian 1 A": (3.6e-5, 1.0e-3), "gaussian 4.45 A": (3.7e-5, 5.8e-4)}
+    assert results.keys() == measured.keys()
+    for name, (median, p99) in results.items():
+        assert median <= 2 * measured[name][0] and p99 <= 2 * measured[name][1], (name, median, p99)

@@ -11,7 +11,7 @@ import torch
 from fastspec import _core
 from fastspec import model_format as mf
 from fastspec_train.broadening import Broadener
-from test_core import reference_forward, rng  # noqa: F401 (rng is a fixture)
+from test_core import reference_forward
 
 START, STEP, N = 4450.0, 0.05, 19000
 NETWORK = tuple(lab for lab in mf.INTRINSIC_LABELS if lab.role == "network")

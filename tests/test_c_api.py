@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import run_checked
+from conftest import run_checked, seed_for
 
 from fastspec import Decoder
 from fastspec import model_format as mf
@@ -21,7 +21,7 @@ LABELS = [6100.0, 3.9, 45.0, -0.4, 2.2, 20000.0]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     layers = mf.random_decoder([48, 96], latent_dim=8, n_labels=4, n_pixels=900,
-                               seed=int.from_bytes(os.urandom(4), "little"))
+                               seed=seed_for("tests/test_c_api.py::model"))
     return mf.write_model(tmp_path_factory.mktemp("capi") / "m.fsm", layers, latent_dim=8, labels=mf.INTRINSIC_LABELS,
                           broadening=mf.BroadeningStage(), wavelength=(4450.0, 0.05, 900, "air"), output_scale=1.05)
 

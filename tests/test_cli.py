@@ -40,8 +40,8 @@ def test_generate_out_of_range_is_one_clear_line(small_model, tmp_path, capsys):
     assert main([*args, "--clip"]) == 0
 
 
-def test_batch_csv_and_npy_to_hdf5(small_model, tmp_path):
-    rng = np.random.default_rng()
+def test_batch_csv_and_npy_to_hdf5(small_model, tmp_path, test_seed):
+    rng = np.random.default_rng(test_seed)
     decoder = fastspec.Decoder.load(small_model)
     labels = np.array([[rng.uniform(*decoder.label_ranges[k]) for k in decoder.label_names] for _ in range(7)])
     # Columns shuffled: the header decides which column is which label.

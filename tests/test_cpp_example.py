@@ -4,7 +4,6 @@ output with the float64 reference."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import numpy as np
@@ -21,8 +20,8 @@ def example_binary(cpp_examples):
     return cpp_examples / "generate_spectrum"
 
 
-def test_example_matches_reference(example_binary, tmp_path):
-    layers = mf.random_decoder([48, 96], latent_dim=8, n_pixels=700, seed=int.from_bytes(os.urandom(4), "little"))
+def test_example_matches_reference(example_binary, tmp_path, test_seed):
+    layers = mf.random_decoder([48, 96], latent_dim=8, n_pixels=700, seed=test_seed)
     model = mf.write_model(tmp_path / "model.fsm", layers, latent_dim=8, output_scale=1.2, output_offset=-0.1,
                            wavelength=(4450.0, 0.05, 700, "air"))
     labels = [6100.0, 3.9, 120.0, -0.4, 2.2, 20000.0]

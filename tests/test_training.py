@@ -50,8 +50,7 @@ def tiny_config(**train_kw):
     return cfg
 
 
-def test_normalise_labels_matches_the_file_format():
-    rng = np.random.default_rng()
+def test_normalise_labels_matches_the_file_format(rng):
     phys = np.column_stack([rng.uniform(lab.min, lab.max, 50) if lab.scaling == "linear"
                             else 10 ** rng.uniform(np.log10(lab.min), np.log10(lab.max), 50) for lab in STANDARD_LABELS])
     ref = np.empty_like(phys)

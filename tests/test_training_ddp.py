@@ -32,4 +32,6 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     a, b = _weights(ddp_out / "checkpoint.pt"), _weights(single_out / "checkpoint.pt")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     print(f"max |w_ddp - w_single| = {worst:.2e}")
-    assert worst < 1e-5, worst
+    # Measured 2.4e-7 (3 runs on this tree, deterministic; training/README.md's 6e-8 is from an older model
+    # code); bound 1e-6 (was 1e-5).
+    assert worst < 1e-6, worst

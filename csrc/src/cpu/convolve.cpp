@@ -11,8 +11,8 @@ namespace fastspec::detail::cpu {
 
 // 64 outputs at a time stay in registers (4 AVX-512 or 8 AVX2 vectors) while the kernel streams past: two
 // loads per FMA vector and no stores until the block is done.
-FASTSPEC_MULTIVERSION
-void correlate(const float* x, int n, const float* k, int half, float* y) {
+namespace {
+FASTSPEC_ALWAYS_INLINE void correlate_body(const float* x, int n, const float* k, int half, float* y) {
     constexpr int B = 128;
     const int taps = 2 * half + 1;
     for (int i0 = 0; i0 < n; i0 += B) {
@@ -26,5 +26,8 @@ void correlate(const float* x, int n, const float* k, int half, float* y) {
         for (int j = 0; j < B; ++j) y[i0 + j] = acc[j];
     }
 }
+}  // namespace
+
+FASTSPEC_KERNEL_VARIANTS(correlate, (const float* x, int n, const float* k, int half, float* y), (x, n, k, half, y))
 
 }  // namespace fastspec::detail::cpu

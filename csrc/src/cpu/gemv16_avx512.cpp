@@ -125,10 +125,8 @@ void gemv16_multi(const std::uint16_t* W, bool bf16, int in, int out, const floa
         gemv16_multi_impl<false>(W, in, out, X, k, Y);
 }
 
-bool have_avx512f() noexcept {
-    static const bool yes = __builtin_cpu_supports("avx512f");
-    return yes;
-}
+// The CPU has AVX-512F and FASTSPEC_FORCE_ISA does not ask for a narrower variant.
+bool have_avx512f() noexcept { return kernel_isa() == Isa::avx512; }
 
 void gemv16(const std::uint16_t* W, bool bf16, int in, int out, const float* x, float* y) {
     if (bf16)

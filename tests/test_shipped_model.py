@@ -1,0 +1,107 @@
+"""Accuracy regression of the shipped model (python/fastspec/data/default.fsm) on SYNSPEC spectra it never saw.
+
+Measured as training/fastspec_train/accuracy.py measures it (results: training/results/default_accuracy.md):
+the test split recomputed from the split settings in the model's provenance (fastspec_train.data.split_indices),
+each star broadened by fastspec_train.broadening (float64) at seeded stratified (v sin i, R) draws, the model at
+z = 0 through the C++ core, |ΔF| over the pixels more than 30 Å from the ends -- on a small fixed subset (the
+first stars of the test split) so that it takes seconds.
+
+The thresholds live in ONE place, tests/shipped_model_accuracy.json (with the measurement they come from and the
+model's sha256). When default.fsm is replaced, this test fails until the file is re-measured:
+
+    python tests/test_shipped_model.py --update      # refuses a model worse than the current thresholds
+
+which records the new model's numbers and thresholds = measured x margin. Thresholds only ever go down unless
+--allow-worse is given on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SPEC_PATH = HERE / "shipped_model_accuracy.json"
+METRICS = ("median_abs_dF", "per_spectrum_mean_abs_dF_p95", "per_spectrum_mean_abs_dF_max")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def measure(model_path: Path, data_path: Path, n_stars: int, draws: int, seed: int, edge: float) -> dict:
+    """The accuracy of model_path on the first n_stars of its test split, accuracy.py's way."""
+    import torch
+
+    from fastspec import _core
+    from fastspec_train.accuracy import _split_rows, test_draws
+    from fastspec_train.broadening import Broadener
+    from fastspec_train.data import physical_labels
+
+    sf, test_rows, prov = _split_rows(model_path, data_path, "test")
+    rows = test_rows[:n_stars]
+    pos, vs, rs = test_draws(rows.size, draws, seed)
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
+    flux = sf.read(rows)
+    truth = br(torch.from_numpy(flux[pos]).double(), torch.from_numpy(vs), torch.from_numpy(rs)).numpy()
+    labels = physical_labels(sf.labels[rows[pos]], vs, rs)
+    dec = _core.Decoder(_core.Model.load(str(model_path)), threads=1)
+    pred = np.asarray(dec.forward(np.ascontiguousarray(labels), z=None, clip=False), dtype=np.float64)
+    keep = slice(int(math.ceil(edge / sf.wavelength_step)), sf.n_pixels - int(math.ceil(edge / sf.wavelength_step)))
+    err = np.abs(pred[:, keep] - truth[:, keep])
+    per_spec = err.mean(axis=1)
+    return {"median_abs_dF": float(np.median(err)),
+            "per_spectrum_mean_abs_dF_p95": float(np.percentile(per_spec, 95)),
+            "per_spectrum_mean_abs_dF_max": float(per_spec.max()),
+            "n_spectra": int(err.shape[0]), "split_seed": prov["split"]["split_seed"],
+            "test_rows": [int(r) for r in rows]}
+
+
+def _paths(spec: dict) -> tuple[Path, Path]:
+    from conftest import shared_file
+
+    import fastspec
+
+    return fastspec.default_model_path(), shared_file(spec["data"])
+
+
+def test_shipped_model_accuracy():
+    spec = json.loads(SPEC_PATH.read_text())
+    model, data = _paths(spec)
+    sha = _sha256(model)
+    assert sha == spec["model_sha256"], (
+        f"{model} is not the model {SPEC_PATH.name} was measured on (sha256 {sha[:12]} vs {spec['model_sha256'][:12]}): "
+        f"re-measure with `python tests/test_shipped_model.py --update` (it refuses a worse model) and commit the JSON")
+    got = measure(model, data, spec["n_test_stars"], spec["draws"], spec["seed"], spec["edge_angstrom"])
+    print("shipped model on", got["n_spectra"], "held-out spectra:", {k: f"{got[k]:.3e}" for k in METRICS})
+    assert got["test_rows"] == spec["measured"]["test_rows"], "the test split changed (data file or split settings)"
+    for k in METRICS:
+        assert got[k] <= spec["max"][k], f"{k} = {got[k]:.3e} > {spec['max'][k]:.3e} ({SPEC_PATH.name})"
+
+
+def _update(allow_worse: bool) -> int:
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent / "training"))
+    spec = json.loads(SPEC_PATH.read_text())
+    model, data = _paths(spec)
+    got = measure(model, data, spec["n_test_stars"], spec["draws"], spec["seed"], spec["edge_angstrom"])
+    new_max = {k: float(f"{got[k] * spec['margin']:.3g}") for k in METRICS}
+    worse = [k for k in METRICS if got[k] > spec["max"][k]]
+    print(json.dumps({k: got[k] for k in METRICS}, indent=1))
+    if worse and not allow_worse:
+        print(f"REFUSED: {model} is worse than the current thresholds on {worse}; pass --allow-worse to accept it",
+              file=sys.stderr)
+        return 1
+    spec.update(model_sha256=_sha256(model), measured=got, max=new_max)
+    SPEC_PATH.write_text(json.dumps(spec, indent=1) + "\n")
+    print(f"wrote {SPEC_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_update("--allow-worse" in sys.argv[1:]) if "--update" in sys.argv[1:] else print(__doc__))
