@@ -4,9 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <optional>
 
+#include "backend.hpp"  // internal: device_plan_dims, for the _cuda_plan test hook
+#include "device_plan.hpp"
 #include "fastspec/fastspec.hpp"
 
 namespace py = pybind11;
@@ -93,6 +96,33 @@ py::tuple forward_jacobian(const Decoder& d, const py::object& labels_obj, const
     return py::make_tuple(out, jac);
 }
 
+// The labels of a *_device call: host float64 (N, n_labels), checked like forward()'s.
+carray<double> device_labels(const Decoder& d, const py::object& labels_obj, py::ssize_t n) {
+    return checked<double>(labels_obj, "labels", {n, py::ssize_t(d.model().n_labels())});
+}
+
+// Decoder::forward_device: out, z are device addresses (ints) the Python layer checked (fastspec/_device_arrays.py).
+void forward_device(const Decoder& d, const py::object& labels_obj, std::uintptr_t out, std::uintptr_t stream,
+                    std::uintptr_t z, bool clip) {
+    if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
+    const py::ssize_t n = py::reinterpret_borrow<py::array>(labels_obj).shape(0);
+    auto labels = device_labels(d, labels_obj, n);
+    const double* lp = labels.data();
+    py::gil_scoped_release release;
+    d.forward_device(lp, std::size_t(n), reinterpret_cast<float*>(out), stream, reinterpret_cast<const float*>(z), clip);
+}
+
+void forward_jacobian_device(const Decoder& d, const py::object& labels_obj, std::uintptr_t out, std::uintptr_t jac,
+                             std::uintptr_t stream, std::uintptr_t z, bool clip) {
+    if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
+    const py::ssize_t n = py::reinterpret_borrow<py::array>(labels_obj).shape(0);
+    auto labels = device_labels(d, labels_obj, n);
+    const double* lp = labels.data();
+    py::gil_scoped_release release;
+    d.forward_jacobian_device(lp, std::size_t(n), reinterpret_cast<float*>(out), reinterpret_cast<float*>(jac), stream,
+                              reinterpret_cast<const float*>(z), clip);
+}
+
 // Broadening::apply over the rows of flux (N, P) with per-row (or scalar) vsini and resolution; returns out, or
 // (out, d_vsini, d_resolution) with derivatives.
 py::object broaden(const Broadening& b, const py::object& flux_obj, const py::object& vsini_obj,
@@ -126,9 +156,30 @@ py::object broaden(const Broadening& b, const py::object& flux_obj, const py::ob
 PYBIND11_MODULE(_core, mod) {
     mod.doc() = "fastspec inference core (C++). Use fastspec.Decoder; this module is its strict back end.";
 
+    // fastspec::DeviceError -> DeviceError(RuntimeError); DeviceMemoryError -> DeviceMemoryError(DeviceError, MemoryError).
+    static PyObject* device_error =
+        PyErr_NewExceptionWithDoc("fastspec._core.DeviceError",
+                                  "The CUDA backend cannot be used or a CUDA call failed (the message says which).",
+                                  PyExc_RuntimeError, nullptr);
+    static PyObject* device_memory_error = [] {
+        PyObject* bases = PyTuple_Pack(2, device_error, PyExc_MemoryError);
+        PyObject* t = PyErr_NewExceptionWithDoc("fastspec._core.DeviceMemoryError",
+                                                "Out of GPU memory; the message names the batch and the bytes.", bases,
+                                                nullptr);
+        Py_XDECREF(bases);
+        return t;
+    }();
+    if (!device_error || !device_memory_error) throw py::error_already_set();
+    mod.attr("DeviceError") = py::handle(device_error);
+    mod.attr("DeviceMemoryError") = py::handle(device_memory_error);
+
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);
+        } catch (const fastspec::DeviceMemoryError& e) {
+            py::set_error(device_memory_error, e.what());
+        } catch (const fastspec::DeviceError& e) {
+            py::set_error(device_error, e.what());
         } catch (const fastspec::FileAccessError& e) {
             py::set_error(e.errno_value() == ENOENT ? PyExc_FileNotFoundError : PyExc_OSError, e.what());
         } catch (const fastspec::ModelFileError& e) {
@@ -212,14 +263,37 @@ PYBIND11_MODULE(_core, mod) {
         });
 
     py::class_<Decoder>(mod, "Decoder", "Runs a Model on the CPU. forward() is thread-safe and releases the GIL.")
-        .def(py::init([](const Model& m, int threads, std::size_t max_chunk, bool direct_16bit) {
+        .def(py::init([](const Model& m, int threads, std::size_t max_chunk, bool direct_16bit, const std::string& device,
+                         int cuda_device, bool cuda_graphs, bool tf32) {
                  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
                  if (max_chunk < 1) throw py::value_error("max_chunk must be >= 1");
-                 return std::make_unique<Decoder>(m, fastspec::DecoderOptions{threads, max_chunk, direct_16bit});
+                 if (device != "cpu" && device != "cuda")
+                     throw py::value_error("device must be 'cpu' or 'cuda', not '" + device + "'");
+                 fastspec::DecoderOptions o{threads, max_chunk, direct_16bit};
+                 o.device = device == "cuda" ? fastspec::Device::cuda : fastspec::Device::cpu;
+                 o.cuda_device = cuda_device;
+                 o.cuda_graphs = cuda_graphs;
+                 o.tf32 = tf32;
+                 py::gil_scoped_release release;  // a cuda decoder uploads its weights
+                 return std::make_unique<Decoder>(m, o);
              }),
              py::arg("model"), py::arg("threads") = 1, py::arg("max_chunk") = 1024, py::arg("direct_16bit") = true,
+             py::arg("device") = "cpu", py::arg("cuda_device") = 0, py::arg("cuda_graphs") = true, py::arg("tf32") = false,
              "threads: OpenBLAS threads (process-global in OpenBLAS; 1 is best on small machines). max_chunk: rows\n"
-             "per pass. direct_16bit: batch-1 calls on f16/bf16 models read the 16-bit weights directly (AVX-512F).")
+             "per pass. direct_16bit: batch-1 calls on f16/bf16 models read the 16-bit weights directly (AVX-512F).\n"
+             "device: 'cpu' or 'cuda' (DeviceError when the CUDA backend or a GPU is missing); cuda_device: the GPU;\n"
+             "cuda_graphs: replay repeated batch sizes from CUDA graphs; tf32: TF32 products for f32 models.")
+        .def_property_readonly("device", [](const Decoder& d) { return fastspec::to_string(d.device()); })
+        .def_property_readonly("device_description", &Decoder::device_description)
+        .def_property_readonly("cuda_device", [](const Decoder& d) { return d.options().cuda_device; })
+        .def("forward_device", &forward_device, py::arg("labels"), py::arg("out"), py::arg("stream"), py::arg("z") = 0,
+             py::arg("clip") = false,
+             "cuda decoders: labels host float64 (N, n_labels); out, z (0: none): device addresses of C-contiguous\n"
+             "float32 (N, n_pixels) and (N, latent_dim) on the decoder's GPU; stream: a cudaStream_t. Queued on\n"
+             "stream; returns without waiting.")
+        .def("forward_jacobian_device", &forward_jacobian_device, py::arg("labels"), py::arg("out"), py::arg("jac"),
+             py::arg("stream"), py::arg("z") = 0, py::arg("clip") = false,
+             "forward_device plus the Jacobian: jac the device address of float32 (N, n_pixels, n_labels).")
         .def_property_readonly("uses_direct_16bit", &Decoder::uses_direct_16bit)
         .def_property_readonly("model", &Decoder::model)
         .def_property_readonly("threads", [](const Decoder& d) { return d.options().threads; })
@@ -246,7 +320,52 @@ PYBIND11_MODULE(_core, mod) {
              "flux: C-contiguous float32 (N, n_pixels); vsini, resolution: float64 (N,). Returns the broadened flux,\n"
              "or (flux, d flux/d vsini, d flux/d resolution) with derivatives=True.");
 
-    mod.def("cuda_available", &fastspec::cuda_available, "False: the CUDA backend is not built yet.");
+    mod.def("cuda_available", &fastspec::cuda_available,
+            "Whether device='cuda' can be used: the backend is built, its library loads and a GPU is visible.");
+    mod.def("cuda_unavailable_reason", &fastspec::cuda_unavailable_reason,
+            "Why device='cuda' cannot be used here ('' when it can).");
+    // Test hooks for the CUDA backend's host-side arithmetic (csrc/src/device_plan.hpp; tests/test_cuda_host.py).
+    mod.def("_cuda_plan", [](const Model& m, std::size_t n, std::size_t max_chunk, bool jacobian, bool host_output) {
+        namespace dp = fastspec::detail::device_plan;
+        const dp::Dims d = fastspec::detail::device_plan_dims(m);
+        const std::size_t rows = dp::chunk_rows(d, n, max_chunk, jacobian, host_output);
+        const dp::Buffers b = dp::buffers(d, rows, jacobian, host_output);
+        py::list chunks;
+        for (const auto& [r0, r] : dp::chunks(n, rows)) chunks.append(py::make_tuple(r0, r));
+        py::dict buffers(py::arg("input") = b.input, py::arg("hidden") = b.hidden, py::arg("logits") = b.logits,
+                         py::arg("intrinsic") = b.intrinsic, py::arg("staging_out") = b.staging_out,
+                         py::arg("tangent_in") = b.tangent_in, py::arg("tangent_hidden") = b.tangent_hidden,
+                         py::arg("tangent_last") = b.tangent_last, py::arg("kernels") = b.kernels,
+                         py::arg("lt_workspace") = b.lt_workspace);
+        return py::dict(py::arg("rows") = rows, py::arg("chunks") = chunks, py::arg("buffers") = buffers,
+                        py::arg("total") = b.total(), py::arg("elem") = d.elem, py::arg("max_half") = d.max_half,
+                        py::arg("nodes") = d.nodes);
+    }, py::arg("model"), py::arg("n"), py::arg("max_chunk"), py::arg("jacobian"), py::arg("host_output"));
+    mod.def("_graph_actions", [](const std::vector<std::pair<std::size_t, bool>>& keys, std::size_t capacity,
+                                 const std::vector<std::pair<std::size_t, bool>>& failing) {
+        namespace dp = fastspec::detail::device_plan;
+        dp::GraphCache<int> cache(capacity);
+        std::vector<std::string> out;
+        int next = 0;
+        for (const auto& [rows, jac] : keys) {
+            const dp::GraphKey key{rows, jac};
+            const auto a = cache.action(key);
+            out.push_back(dp::to_string(a));
+            if (a != dp::GraphAction::capture) continue;
+            if (std::find(failing.begin(), failing.end(), std::make_pair(rows, jac)) != failing.end())
+                cache.failed(key);  // as the backend does when a capture or instantiation fails
+            else
+                cache.store(key, next++);
+        }
+        return out;
+    }, py::arg("keys"), py::arg("capacity") = 8, py::arg("failing") = std::vector<std::pair<std::size_t, bool>>{},
+       "What the CUDA backend's graph cache does for a sequence of (rows, jacobian) calls: 'plain', 'capture', 'replay';\n"
+       "the captures of the keys in `failing` fail.");
+    mod.def("_bias_path", [](bool has_bias, int status, int found, int first_state) {
+        namespace dp = fastspec::detail::device_plan;
+        return std::string(dp::to_string(dp::bias_path(has_bias, dp::heuristic_usable(status, found, first_state))));
+    }, py::arg("has_bias"), py::arg("status"), py::arg("found"), py::arg("first_state"),
+       "Where the CUDA backend applies a layer's bias for a cuBLASLt heuristic answer: 'none', 'fused' or 'kernel'.");
     mod.def("build_info", [] {
         auto b = fastspec::build_info();
         return py::dict(py::arg("version") = b.version, py::arg("blas") = b.blas, py::arg("blas_config") = b.blas_config,

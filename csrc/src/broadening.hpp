@@ -45,6 +45,13 @@ public:
     void apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const;
 
     std::size_t n_pixels() const { return n_; }
+    // The node layout, for device backends that run the blend themselves (cuda/): node s covers pixels
+    // [node_lo(s), node_hi(s)] with weights node_hat(s); make_kernels never returns a half above max_half().
+    std::size_t node_count() const { return nodes_.size(); }
+    int node_lo(std::size_t s) const { return nodes_[s].lo; }
+    int node_hi(std::size_t s) const { return nodes_[s].hi; }
+    const std::vector<float>& node_hat(std::size_t s) const { return nodes_[s].hat; }
+    int max_half() const { return rot_half_max_ + gauss_half_max_; }
 
 private:
     struct Node {

@@ -20,10 +20,12 @@ BuildInfo build_info() {
     info.compiler = FASTSPEC_COMPILER;
     info.cxx_flags = FASTSPEC_CXX_FLAGS;
     info.version = FASTSPEC_VERSION;
-    info.cuda_compiled = false;  // the CUDA backend is a later issue
+#ifdef FASTSPEC_CUDA_COMPILED
+    info.cuda_compiled = true;  // libfastspec_cuda.so was built beside this core (loaded on first use)
+#else
+    info.cuda_compiled = false;
+#endif
     return info;
 }
-
-bool cuda_available() noexcept { return false; }
 
 }  // namespace fastspec

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <mutex>
 
+#include "backend.hpp"
 #include "decoder_impl.hpp"
 
 namespace fastspec {
@@ -9,6 +10,8 @@ namespace fastspec {
 Decoder::Impl::Impl(Model m, DecoderOptions o) : model(std::move(m)), options(o) {
     if (model.broadening().enabled) stage.emplace(model);
 }
+
+Decoder::Impl::~Impl() = default;
 
 std::unique_ptr<DecoderWorkspace> Decoder::Impl::acquire() const {
     {
@@ -55,6 +58,13 @@ Decoder::Decoder(Model model, DecoderOptions options) {
     const auto& layers = impl_->model.layers();
     for (std::size_t k = 0; k + 1 < layers.size(); ++k)
         impl_->widest_hidden = std::max<std::size_t>(impl_->widest_hidden, layers[k].out);
+    if (options.device == Device::cuda) {
+        impl_->direct16 = false;
+        impl_->device = detail::make_cuda_backend(impl_->model, impl_->options,
+                                                  impl_->stage ? &*impl_->stage : nullptr);
+    } else if (options.device != Device::cpu) {
+        throw Error("DecoderOptions.device must be Device::cpu or Device::cuda");
+    }
 }
 
 Decoder::~Decoder() = default;
@@ -98,6 +108,7 @@ void Decoder::Impl::run_network(const double* labels, std::size_t n, float* out,
 void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip) const {
     if (n == 0) return;
     if (!labels || !out) throw InputError("forward: labels and out must not be null");
+    if (impl_->device) return impl_->run_on_device(labels, n, out, nullptr, false, 0, z, false, clip);
     const Model& m = impl_->model;
     detail::validate_inputs(m, labels, n, z, clip);  // everything, before any output is written
     detail::cpu::ensure_blas_threads(impl_->options.threads);

@@ -37,6 +37,7 @@ struct Decoder::Impl {
     std::size_t widest_hidden = 0;
     bool direct16 = false;
     std::optional<detail::BroadeningStage> stage;  // version-2 models with a broadening stage
+    std::unique_ptr<detail::DeviceBackend> device;  // Device::cuda: the loaded backend (device_decoder.cpp)
     mutable std::mutex pool_mutex;
     mutable std::vector<std::unique_ptr<DecoderWorkspace>> pool;  // idle workspaces, reused across calls
 
@@ -47,6 +48,11 @@ struct Decoder::Impl {
                      DecoderWorkspace& ws) const;
     // The (v sin i, R) of row r of labels, clamped to the ranges when clip.
     void broadening_labels(const double* labels, std::size_t r, bool clip, double& vsini, double& resolution) const;
+    // A Device::cuda call (device_decoder.cpp): validates on the host, then the backend runs it. out and jacobian
+    // (nullptr: forward only) are device pointers when on_device, z a device pointer when z_on_device.
+    void run_on_device(const double* labels, std::size_t n, float* out, float* jacobian, bool on_device,
+                       std::uintptr_t stream, const float* z, bool z_on_device, bool clip) const;
+    ~Impl();
 };
 
 }  // namespace fastspec

@@ -4,6 +4,7 @@
 #include <iomanip>
 #include <sstream>
 
+#include "backend.hpp"
 #include "internal.hpp"
 
 namespace fastspec::detail {
@@ -54,6 +55,22 @@ void make_input_rows(const Model& model, const double* labels, const float* z, s
             if (clip) v = std::clamp(v, l.min, l.max);
             const double s = l.scaling == Scaling::log10 ? std::log10(v) : v;
             row[col++] = float((s - l.norm_offset) / l.norm_scale);
+        }
+    }
+}
+
+void network_tangent_scales(const Model& model, const double* labels, std::size_t rows, bool clip, float* dst) {
+    const auto& info = model.labels();
+    const std::size_t nl = info.size();
+    for (std::size_t r = 0; r < rows; ++r) {
+        std::size_t t = 0;
+        for (std::size_t j = 0; j < nl; ++j) {
+            const LabelInfo& l = info[j];
+            if (l.role != LabelRole::network) continue;
+            const double v = labels[r * nl + j];
+            // A clamped label does not move the output: its derivative is 0 outside the range.
+            const double ds = l.scaling == Scaling::log10 ? 1.0 / (v * std::log(10.0)) : 1.0;
+            dst[r * model.n_network_labels() + t++] = (clip && (v < l.min || v > l.max)) ? 0.0f : float(ds / l.norm_scale);
         }
     }
 }

@@ -10,8 +10,8 @@ The numerical work runs in a C++ core (`fastspec._core`); this package never imp
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._core import build_info, cuda_available
-from .decoder import LABEL_ORDER, Decoder, default_model_path
+from ._core import build_info
+from .decoder import LABEL_ORDER, Decoder, DeviceError, DeviceMemoryError, cuda_available, default_model_path
 from . import wavelength
 from .fit import FitQualityWarning, FitResult, fit
 
@@ -19,5 +19,5 @@ try:
     __version__ = version("fastspec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "unknown"
-__all__ = ["Decoder", "FitQualityWarning", "FitResult", "LABEL_ORDER", "wavelength", "build_info", "cuda_available", "default_model_path", "fit",
+__all__ = ["Decoder", "DeviceError", "DeviceMemoryError", "FitQualityWarning", "FitResult", "LABEL_ORDER", "wavelength", "build_info", "cuda_available", "default_model_path", "fit",
            "__version__"]

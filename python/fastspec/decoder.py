@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from . import _device_arrays as devarr
 
 LABEL_ORDER = ("teff", "logg", "vsini", "mh", "vmic", "resolution")
 
@@ -32,7 +33,34 @@ def default_model_path() -> Path:
 
 
 def _is_gpu_array(a) -> bool:
-    return hasattr(a, "__cuda_array_interface__")
+    return devarr.is_device_array(a)
+
+
+DeviceError = _core.DeviceError  # RuntimeError: the CUDA backend cannot be used (the message says why)
+DeviceMemoryError = _core.DeviceMemoryError  # DeviceError and MemoryError: out of GPU memory
+
+
+def _parse_device(device) -> tuple[str, int]:
+    """'cpu' | 'cuda' | 'cuda:N' | 'auto' -> (kind, ordinal)."""
+    if isinstance(device, str):
+        text = device.strip().lower()
+        if text in ("auto", "cpu", "cuda"):
+            return text, 0
+        if text.startswith("cuda:") and text[5:].isdigit():
+            return "cuda", int(text[5:])
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+
+
+def cuda_usable() -> bool:
+    """Whether device='auto' picks the GPU: the CUDA backend is built, its library loads and a GPU is visible.
+    Exported as ``fastspec.cuda_available``: it preloads cuBLASLt first, as ``Decoder.load(device='cuda')`` does."""
+    if not _core.build_info().get("cuda", False):
+        return False
+    devarr.preload_cublas()
+    return bool(_core.cuda_available())
+
+
+cuda_available = cuda_usable
 
 
 class Decoder:
@@ -53,11 +81,17 @@ class Decoder:
     infinite labels always raise ValueError naming the label.
     """
 
-    def __init__(self, model: _core.Model, path: Path, *, threads: int = 1):
+    def __init__(self, model: _core.Model, path: Path, *, threads: int = 1, device: str = "cpu", cuda_device: int = 0,
+                 max_chunk: int | None = None, cuda_graphs: bool = True, tf32: bool = False):
         self._model = model
         self._path = Path(path)
-        self._core = _core.Decoder(model, threads=threads)
-        self.device = "cpu"
+        kwargs = {} if max_chunk is None else {"max_chunk": int(max_chunk)}
+        if device == "cuda":
+            devarr.preload_cublas()
+        self._core = _core.Decoder(model, threads=threads, device=device, cuda_device=cuda_device,
+                                   cuda_graphs=cuda_graphs, tf32=tf32, **kwargs)
+        self.device = device  # "cpu" or "cuda"
+        self.cuda_device = cuda_device if device == "cuda" else None
         self.label_names = tuple(lab["name"] for lab in model.labels)
         self.label_units = tuple(lab["unit"] for lab in model.labels)
         self.label_ranges = {lab["name"]: (lab["min"], lab["max"]) for lab in model.labels}
@@ -65,27 +99,34 @@ class Decoder:
         self.n_pixels = model.n_pixels
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", *, threads: int = 1) -> "Decoder":
+    def load(cls, path: str | Path | None = None, device: str = "auto", *, threads: int = 1,
+             max_chunk: int | None = None, cuda_graphs: bool = True, tf32: bool = False) -> "Decoder":
         """Load a model file; with no path, the default model shipped in the package.
 
-        ``device``: "cpu", "cuda" or "auto" (the GPU when one is usable, else the CPU). ``threads``: BLAS
-        threads for the CPU backend (one is fastest for small batches on a busy machine).
+        ``device``: "cpu", "cuda" (or "cuda:N") or "auto" (the GPU when the CUDA backend is built and a GPU is
+        usable, else the CPU). ``threads``: BLAS threads for the CPU backend (one is fastest for small batches on a
+        busy machine). ``max_chunk``: rows per pass (bounds the workspace; default 1024). CUDA only: ``cuda_graphs``
+        replays repeated batch sizes from CUDA graphs; ``tf32`` runs float32 models' products in TF32.
+        Asking for "cuda" where it cannot run raises ``fastspec.DeviceError`` (a RuntimeError) saying why.
         """
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
-        if device == "cuda":
-            # The CUDA backend is a separate piece of work; until it is built in, say so plainly.
+        kind, ordinal = _parse_device(device)
+        if kind == "auto":
+            kind = "cuda" if cuda_usable() else "cpu"
+        if kind == "cuda":
             if not _core.build_info().get("cuda", False):
-                raise RuntimeError(
-                    "device='cuda' was requested but this fastspec was built without the CUDA backend; "
-                    "use device='cpu' (or 'auto')"
+                raise DeviceError(
+                    "device='cuda' was requested but this fastspec was built without the CUDA backend "
+                    "(rebuild with FASTSPEC_CUDA=ON, nvcc and cuBLASLt); use device='cpu' (or 'auto')"
                 )
+            devarr.preload_cublas()
             if not _core.cuda_available():
-                raise RuntimeError("device='cuda' was requested but no usable CUDA GPU/driver was found")
+                raise DeviceError(f"device='cuda' was requested but CUDA cannot be used here: "
+                                  f"{_core.cuda_unavailable_reason()}")
         path = default_model_path() if path is None else Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model file not found: {path}")
-        return cls(_core.Model.load(str(path)), path, threads=threads)
+        return cls(_core.Model.load(str(path)), path, threads=threads, device=kind, cuda_device=ordinal,
+                   max_chunk=max_chunk, cuda_graphs=cuda_graphs, tf32=tf32)
 
     # ----------------------------------------------------------------------------------- metadata
     @cached_property
@@ -134,7 +175,9 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------ compute
     def __call__(self, params=None, *, z=None, sample: bool = False, seed=None, clip: bool = False,
-                 out: np.ndarray | None = None, **labels) -> np.ndarray:
+                 out=None, **labels):
+        if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z, out)):
+            return self._call_device(params, labels, z, sample, seed, clip, out, jacobian=False)
         labels_2d, single = self._labels_array(params, labels)
         n = labels_2d.shape[0]
         z_2d = self._latent_array(z, sample, seed, n)
@@ -154,12 +197,69 @@ class Decoder:
         (n_pixels,) or (N, n_pixels), equal to ``decoder(params)``, and ``jac`` (n_pixels, 6) or
         (N, n_pixels, 6): dF/d(label) in physical units (per K, per dex, per km/s, per unit of R), computed
         analytically by the core (about 7 forward passes). With ``clip=True`` a label outside its range
-        is clamped and its derivative is 0.
+        is clamped and its derivative is 0. On a CUDA decoder, GPU arrays in give GPU arrays out.
         """
+        if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z)):
+            return self._call_device(params, labels, z, False, None, clip, None, jacobian=True)
         labels_2d, single = self._labels_array(params, labels)
         z_2d = self._latent_array(z, False, None, labels_2d.shape[0])
         flux, jac = self._core.forward_jacobian(labels_2d, z=z_2d, clip=clip)
         return (flux[0], jac[0]) if single else (flux, jac)
+
+    def _call_device(self, params, keywords, z, sample, seed, clip, out, *, jacobian: bool):
+        """A CUDA decoder with GPU arrays: labels are read to the host (validated and normalised there, then copied
+        once), z and the outputs stay on the GPU; the work is queued on CuPy's current stream (or the producer's)."""
+        dev = self.cuda_device
+        producer = None
+        for a in (params, z, out):
+            if _is_gpu_array(a) and devarr._has_cai(a):
+                producer = devarr.from_cuda_array_interface(a).stream
+                break
+        stream = devarr.compute_stream(producer)
+        if _is_gpu_array(params):
+            arr = devarr.as_device_array(params, devarr.dlpack_stream(stream))
+            if arr.device is not None and arr.device != dev:
+                raise ValueError(f"params is on cuda:{arr.device}, but this decoder runs on cuda:{dev}")
+            params = devarr.to_host(params, "params")
+        labels_2d, single = self._labels_array(params, keywords)
+        n = labels_2d.shape[0]
+        z_ptr, z_keep = 0, None
+        if _is_gpu_array(z):
+            if sample:
+                raise TypeError("give either z= or sample=True, not both")
+            z_arr = devarr.as_device_array(z, devarr.dlpack_stream(stream))
+            if tuple(z_arr.shape) == (self.latent_dim,) and n > 1:
+                raise ValueError(f"a GPU z must have shape ({n}, {self.latent_dim}) (no broadcasting on the GPU)")
+            shape = (self.latent_dim,) if single and tuple(z_arr.shape) == (self.latent_dim,) else (n, self.latent_dim)
+            devarr.check(z_arr, "z", "<f4", shape, dev)
+            z_ptr, z_keep = z_arr.ptr, z_arr
+        else:
+            # A host z goes to the core as it is: the core reads z on the host anyway (forward_device accepts host
+            # memory for z), so there is no round trip through the GPU and no CuPy needed.
+            z_host = self._latent_array(z, sample, seed, n)
+            if z_host is not None:
+                z_keep = z_host
+                z_ptr = z_host.ctypes.data
+        out_shape = (self.n_pixels,) if single else (n, self.n_pixels)
+        if out is None:
+            out = devarr.empty(out_shape, dev)
+            if out is None:
+                raise TypeError("GPU arrays in need CuPy to allocate the GPU output (pip install cupy-cuda13x), "
+                                "or pass out= a GPU float32 array")
+        out_arr = devarr.check(devarr.as_device_array(out, devarr.dlpack_stream(stream)), "out", "<f4", out_shape, dev,
+                               writable=True)
+        if not jacobian:
+            self._core.forward_device(labels_2d, out_arr.ptr, stream, z_ptr, clip)
+            del z_keep
+            return out
+        jac_shape = (self.n_pixels, len(self.label_names)) if single else (n, self.n_pixels, len(self.label_names))
+        jac = devarr.empty(jac_shape, dev)
+        if jac is None:
+            raise TypeError("forward_jacobian with GPU arrays needs CuPy to allocate the GPU Jacobian")
+        jac_arr = devarr.as_device_array(jac)
+        self._core.forward_jacobian_device(labels_2d, out_arr.ptr, jac_arr.ptr, stream, z_ptr, clip)
+        del z_keep
+        return out, jac
 
     def _labels_array(self, params, keywords: dict) -> tuple[np.ndarray, bool]:
         if _is_gpu_array(params):
@@ -197,7 +297,8 @@ class Decoder:
         if z is None:
             return None  # the core uses z = 0 without materialising it
         if _is_gpu_array(z):
-            raise TypeError("z is a GPU (CuPy) array but this decoder runs on the CPU")
+            raise TypeError(f"z is a GPU (CuPy) array but this decoder runs on the {self.device.upper()} "
+                            "with host labels; pass z as a NumPy array (or the labels as a GPU array)")
         z = _as_float(z, "z")
         if z.shape == (self.latent_dim,):
             z = np.broadcast_to(z, (n, self.latent_dim))

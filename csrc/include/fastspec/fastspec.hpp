@@ -50,6 +50,25 @@ public:
     using Error::Error;
 };
 
+// The CUDA backend cannot be used: not built, its library (libfastspec_cuda.so) or a driver/GPU missing, a CUDA or
+// cuBLAS call failed, or a pointer or stream that belongs to another device. The message says which.
+class DeviceError : public Error {
+public:
+    using Error::Error;
+};
+
+// Out of GPU memory; the message names the batch (rows) and the bytes that could not be allocated.
+class DeviceMemoryError : public DeviceError {
+public:
+    DeviceMemoryError(const std::string& message, std::size_t batch, std::size_t bytes)
+        : DeviceError(message), batch_(batch), bytes_(bytes) {}
+    std::size_t batch() const noexcept { return batch_; }
+    std::size_t bytes() const noexcept { return bytes_; }
+
+private:
+    std::size_t batch_, bytes_;
+};
+
 enum class Scaling : std::uint32_t { linear = 1, log10 = 2 };
 enum class Activation : std::uint32_t { relu = 1, sigmoid = 2 };
 enum class WeightDtype : std::uint32_t { f32 = 1, f16 = 2, bf16 = 3 };
@@ -136,6 +155,11 @@ private:
     std::shared_ptr<const Impl> impl_;
 };
 
+// Where a Decoder computes. cuda needs the CUDA backend (BuildInfo::cuda_compiled) and a usable GPU
+// (cuda_available()); its library is loaded only when such a Decoder is made.
+enum class Device : std::uint32_t { cpu = 0, cuda = 1 };
+const char* to_string(Device d) noexcept;  // "cpu"/"cuda"
+
 struct DecoderOptions {
     // OpenBLAS threads used by this decoder's GEMMs. OpenBLAS keeps ONE thread count per process:
     // forward() sets it to this value when it differs, so decoders with different values in one
@@ -147,6 +171,16 @@ struct DecoderOptions {
     // For f16/bf16 models on CPUs with AVX-512F: compute batch-1 calls with a GEMV that reads the
     // 16-bit weights directly (memory-bound, so about twice as fast). Off: always OpenBLAS on float32.
     bool direct_16bit = true;
+    // The backend. cuda: weights resident on GPU cuda_device in the file's dtype (f16/bf16 with float32
+    // accumulation and 16-bit hidden activations; the first layer runs in float32 from float32 inputs, so that the
+    // flux stays smooth in the labels), max_chunk rows per pass bound the device workspace too. Throws DeviceError when the backend
+    // or a GPU is missing, DeviceMemoryError when the weights do not fit.
+    Device device = Device::cpu;
+    int cuda_device = 0;
+    // cuda: replay repeated calls at one batch size from a CUDA graph (captured on the second call at that size).
+    bool cuda_graphs = true;
+    // cuda, f32 models: TF32 tensor-core products (about 1e-3 relative error) instead of full float32.
+    bool tf32 = false;
 };
 
 class Decoder {
@@ -177,8 +211,26 @@ public:
     void forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian,
                           const float* z = nullptr, bool clip = false) const;
 
+    // Device memory entry points of a cuda Decoder (DeviceError on a cpu one). labels_host: host memory, as for
+    // forward() (validated and normalised on the host, then copied to the GPU once); out (n, n_pixels) and
+    // jacobian (n, n_pixels, n_labels) are device pointers on options().cuda_device; z (n, latent_dim, may be
+    // nullptr) is device or host memory (it is read to the host with cudaMemcpyDefault, which tells them apart);
+    // stream is a cudaStream_t (0: the legacy default stream). The work is queued on stream and the call returns
+    // without waiting for it (z, when given, is first read to the host, which waits for stream). forward() and forward_jacobian() with host pointers work on a cuda Decoder too (they copy
+    // in and out and wait). On the GPU, forward_jacobian's flux equals forward's within rounding (float
+    // summation order may differ with the batch size), not bit for bit.
+    void forward_device(const double* labels_host, std::size_t n, float* out_device, std::uintptr_t stream,
+                        const float* z_device = nullptr, bool clip = false) const;
+    void forward_jacobian_device(const double* labels_host, std::size_t n, float* out_device,
+                                 float* jacobian_device, std::uintptr_t stream, const float* z_device = nullptr,
+                                 bool clip = false) const;
+
     const Model& model() const;
     const DecoderOptions& options() const;
+    Device device() const;
+    // A cuda Decoder: the GPU's name and the backend's settings, e.g. "NVIDIA H200 (device 0), f16, graphs";
+    // a cpu one: "cpu".
+    std::string device_description() const;
     // Whether batch-1 calls use the direct 16-bit GEMV (direct_16bit, a 16-bit model, AVX-512F).
     bool uses_direct_16bit() const;
 
@@ -224,7 +276,9 @@ struct BuildInfo {
 };
 BuildInfo build_info();
 
-// False until the CUDA backend exists.
+// Whether Device::cuda can be used here: the CUDA backend was built, its library loads, and a CUDA driver
+// reports at least one GPU. Never throws; cuda_unavailable_reason() says why not ("" when available).
 bool cuda_available() noexcept;
+std::string cuda_unavailable_reason();
 
 }  // namespace fastspec

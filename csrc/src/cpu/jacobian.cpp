@@ -146,6 +146,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
                                bool clip) const {
     if (n == 0) return;
     if (!labels || !out || !jacobian) throw InputError("forward_jacobian: labels, out and jacobian must not be null");
+    if (impl_->device) return impl_->run_on_device(labels, n, out, jacobian, false, 0, z, false, clip);  // cuda
     const Model& m = model();
     const std::size_t np = m.n_pixels(), nl = m.n_labels();
     if (!impl_->stage) {
