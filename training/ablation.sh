@@ -19,6 +19,11 @@ run() {  # name config overrides...
 }
 mkdir -p "$OUT"
 run intrinsic default
+# The first v2 default: every row of a batch through the CVAE (sampled z), beta 1 then 10 from epoch 10.
+run intrinsic_every_row default train.z0_fraction=0.0 model.zero_init_latent=false 'model.encoder=[512, 256]' \
+  train.beta=1.0 'train.beta_steps=[[10, 10.0]]'
 run cvae6 cvae6 data.draws_per_epoch=4 'train.beta_steps=[[5, 10.0]]'
-run intrinsic_bf16 default train.autocast=bf16
-run intrinsic_lines default train.line_weight=4
+run intrinsic_bf16 default train.autocast=bf16 train.z0_fraction=0.0 model.zero_init_latent=false \
+  'model.encoder=[512, 256]' train.beta=1.0 'train.beta_steps=[[10, 10.0]]'
+run intrinsic_lines default train.line_weight=4 train.z0_fraction=0.0 model.zero_init_latent=false \
+  'model.encoder=[512, 256]' train.beta=1.0 'train.beta_steps=[[10, 10.0]]'

