@@ -46,20 +46,21 @@ def _gray(x, eps=EPSILON):
 
 
 def test_kernel_weights_match_float64_quadrature(test_seed):
-    """K(m) = ∫ Λ(x − m) p(x) dx from the closed forms vs scipy quadrature, fresh random widths."""
+    """K(m) = ∫ Λ(x − m) p(x) dx from the closed forms vs scipy quadrature, fresh random widths. The quadrature's
+    own tolerance is set far below the 1e-10 bound (quad's default epsabs, 1.5e-8, once failed the test)."""
     rng = np.random.default_rng(test_seed)
     for w in rng.uniform(0.3, 40.0, 3):
         k = rotation_kernel(torch.tensor([w], dtype=torch.float64), 45)[0].numpy()
         for m in [0, 1, int(w) // 2, int(w), int(w) + 1]:
             ref = integrate.quad(lambda x: max(0.0, 1 - abs(x - m)) * _gray(x / w) / w * (abs(x) <= w),
-                                 m - 1, m + 1, points=[m, w, -w], limit=200)[0]
+                                 m - 1, m + 1, points=[m, w, -w], limit=200, epsabs=1e-14, epsrel=1e-12)[0]
             assert k[45 + m] == pytest.approx(ref, abs=1e-10)
         assert k.sum() == pytest.approx(1.0, abs=1e-12)
     for s in rng.uniform(0.2, 20.0, 3):
         k = gaussian_kernel(torch.tensor([s], dtype=torch.float64), 200)[0].numpy()
         for m in [0, 1, 2, int(s), int(2 * s)]:
             ref = integrate.quad(lambda x: max(0.0, 1 - abs(x - m)) * np.exp(-0.5 * (x / s) ** 2) / (s * math.sqrt(2 * math.pi)),
-                                 m - 1, m + 1, points=[m])[0]
+                                 m - 1, m + 1, points=[m], epsabs=1e-14, epsrel=1e-12)[0]
             assert k[200 + m] == pytest.approx(ref, abs=1e-10)
         assert k.sum() == pytest.approx(1.0, abs=1e-12)
 
