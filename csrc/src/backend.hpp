@@ -27,7 +27,8 @@ struct NetworkSpec {
     struct Layer {
         int in = 0, out = 0;
         const void* weights = nullptr;  // (out, in) row-major: float32, or IEEE half / bfloat16 bits
-        const float* weights_f32 = nullptr;  // the same as float32 (exact; 16-bit models run layer 0 in float32)
+        const float* weights_f32 = nullptr;  // the same as float32 (exact): every layer of an f32 model, layer 0 of a
+                                             // 16-bit one (which runs layer 0 in float32), else nullptr
         const float* bias = nullptr;    // (out)
     };
     std::vector<Layer> layers;
@@ -101,11 +102,9 @@ struct BackendModule {
     DeviceBackend* (*create)(const NetworkSpec& spec, const BackendOptions& options);
 };
 
-// labels.cpp: d(normalised network input t)/d(label t) of rows (rows, n_network_labels), 0 for a label clip clamps.
-void network_tangent_scales(const Model& model, const double* labels, std::size_t rows, bool clip, float* dst);
-
-// device_decoder.cpp: the sizes of a model that device_plan.hpp's arithmetic takes.
-device_plan::Dims device_plan_dims(const Model& model);
+// device_decoder.cpp: the sizes of a model that device_plan.hpp's arithmetic takes (its broadening stage is
+// built unless the caller passes the one it has).
+device_plan::Dims device_plan_dims(const Model& model, const BroadeningStage* stage = nullptr);
 
 // device_decoder.cpp: the backend of a Device::cuda Decoder (loads the library; DeviceError if it cannot).
 std::unique_ptr<DeviceBackend> make_cuda_backend(const Model& model, const DecoderOptions& options,

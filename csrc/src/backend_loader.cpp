@@ -1,6 +1,6 @@
 // Finds and loads the CUDA backend library (libfastspec_cuda.so) on first use (until a load succeeds: failures are
-// not remembered), so that nothing of CUDA is
-// needed to load the core (a CPU-only machine imports fastspec._core and never opens this library).
+// not remembered), so that nothing of CUDA is needed to load the core (a CPU-only machine imports fastspec._core
+// and never opens this library).
 //
 // Where it looks, first hit wins: $FASTSPEC_CUDA_LIBRARY (a path); the folder of the binary that holds this code
 // (the Python module fastspec/_core*.so, or an executable or shared library that linked the static core), found

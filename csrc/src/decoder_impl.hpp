@@ -20,7 +20,7 @@ class DeviceBackend;  // backend.hpp
 // ping-pong buffers for the hidden activations (the last layer writes straight into the caller's output), and
 // the broadening stage's kernels and scratch. forward_jacobian adds its tangents (grown on first use).
 struct JacobianBuffers {
-    std::vector<float> input, tangent_in, h[2], t[2], last;  // network pass over <= 32 rows: primal + tangents
+    std::vector<float> input, scales, tangent_in, h[2], t[2], last;  // network pass over <= 32 rows: primal + tangents
     std::vector<float> column;                               // broadening stage: one Jacobian column
 };
 struct DecoderWorkspace {

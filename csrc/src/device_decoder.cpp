@@ -2,6 +2,7 @@
 // every call validates the inputs on the host and hands the backend the core's own host-side work (input rows,
 // tangent scales, broadening kernels) through HostRows. Nothing here needs CUDA.
 #include <algorithm>
+#include <optional>
 
 #include "backend.hpp"
 #include "decoder_impl.hpp"
@@ -10,7 +11,7 @@ namespace fastspec {
 
 namespace detail {
 
-device_plan::Dims device_plan_dims(const Model& m) {
+device_plan::Dims device_plan_dims(const Model& m, const BroadeningStage* stage) {
     device_plan::Dims d;
     d.input_dim = m.input_dim();
     d.n_pixels = m.n_pixels();
@@ -21,10 +22,11 @@ device_plan::Dims device_plan_dims(const Model& m) {
         d.widest_hidden = std::max<std::size_t>(d.widest_hidden, m.layers()[k].out);
     if (d.elem == 2 && m.layers().size() > 1) d.first_f32 = m.layers()[0].out;
     if (m.broadening().enabled) {
-        const BroadeningStage stage(m);
+        std::optional<BroadeningStage> own;  // only when the caller has none
+        if (!stage) stage = &own.emplace(m);
         d.broadening = true;
-        d.nodes = stage.node_count();
-        d.max_half = stage.max_half();
+        d.nodes = stage->node_count();
+        d.max_half = stage->max_half();
     }
     return d;
 }
@@ -47,7 +49,9 @@ std::unique_ptr<DeviceBackend> make_cuda_backend(const Model& m, const DecoderOp
         l.out = L.out;
         l.weights = spec.dtype == WeightDtype::f32 ? static_cast<const void*>(m.weights(k))
                                                    : static_cast<const void*>(m.stored_weights16(k));
-        l.weights_f32 = m.weights(k);
+        // float32 copies only where the backend reads them: layer 0 of a 16-bit model (every layer of an f32 one)
+        // (widening all of a 16-bit model's layers would hold 3x its size on the host for nothing).
+        l.weights_f32 = spec.dtype == WeightDtype::f32 || k == 0 ? m.weights(k) : nullptr;
         l.bias = m.biases(k);
         spec.layers.push_back(l);
     }
@@ -67,7 +71,7 @@ std::unique_ptr<DeviceBackend> make_cuda_backend(const Model& m, const DecoderOp
         for (std::size_t s = 0; s < stage->node_count(); ++s)
             spec.nodes.push_back(NetworkSpec::Node{stage->node_lo(s), stage->node_hi(s), stage->node_hat(s)});
     }
-    spec.dims = device_plan_dims(m);
+    spec.dims = device_plan_dims(m, stage);
     BackendOptions bo;
     bo.device = o.cuda_device;
     bo.graphs = o.cuda_graphs;

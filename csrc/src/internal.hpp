@@ -52,6 +52,9 @@ void validate_inputs(const Model& model, const double* labels, std::size_t n, co
 // Labels are clamped to the range when clip is true (validate_inputs already ran).
 void make_input_rows(const Model& model, const double* labels, const float* z, std::size_t rows, bool clip,
                      float* dst);
+// d(normalised network input t)/d(label t) of rows (rows, n_network_labels), 0 for a label that clip clamps:
+// the input tangents of the forward-mode Jacobian (CPU and CUDA backends).
+void network_tangent_scales(const Model& model, const double* labels, std::size_t rows, bool clip, float* dst);
 
 namespace cpu {
 // The dense layers of the CPU backend (cpu/dense.cpp). x is (rows, in), W is (out, in) row-major,

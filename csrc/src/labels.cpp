@@ -4,7 +4,6 @@
 #include <iomanip>
 #include <sstream>
 
-#include "backend.hpp"
 #include "internal.hpp"
 
 namespace fastspec::detail {

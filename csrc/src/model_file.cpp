@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -38,11 +39,11 @@ struct Model::Impl {
     std::string provenance;
     std::vector<std::vector<float>> biases;
     std::vector<std::vector<std::uint16_t>> weights16;  // as stored, for 16-bit models (else empty)
-    // float32 weights: read at load for f32 models; for 16-bit ones widened on the first call of weights()
-    // (batched forward passes need them, batch-1 calls and fits read weights16 directly), so a process that
-    // never runs a batch holds the 16-bit copy only.
+    // float32 weights: read at load for f32 models; for 16-bit ones each layer is widened on the first call of
+    // weights(k) (batched forward passes need them, batch-1 calls and fits read weights16 directly; a CUDA
+    // decoder needs layer 0 only), so a process that never runs a batch holds the 16-bit copy only.
     mutable std::vector<std::vector<float>> weights;
-    mutable std::once_flag widen_once;
+    std::unique_ptr<std::once_flag[]> widen_once;  // one per layer (16-bit models)
     const std::vector<float>& weights32(std::size_t k) const;
     // Emulator error (version 2, optional): RMS (model - truth) per pixel on a (vsini, resolution) node grid.
     std::vector<double> error_vsini, error_resolution;
@@ -356,6 +357,7 @@ std::shared_ptr<Model::Impl> Reader::parse() {
         if (extents[i].first < extents[i - 1].second) fail("weight/bias blocks overlap at offset ", extents[i].first);
 
     // All checks passed: decode weights (16-bit ones kept as stored, see Impl::weights) and biases.
+    if (m->dtype != WeightDtype::f32) m->widen_once = std::make_unique<std::once_flag[]>(n_layers);
     for (std::uint64_t k = 0; k < n_layers; ++k) {
         const std::uint8_t* r = h + layers_at + kLayerBytes * k;
         const std::uint64_t count = std::uint64_t(m->layers[k].in) * m->layers[k].out;
@@ -382,6 +384,7 @@ std::shared_ptr<Model::Impl> Reader::parse() {
                 for (std::uint64_t i = 0; i < count; ++i)
                     if ((raw[i] & exp_mask) == exp_mask) fail("layer ", k, ": weight ", i, " is not finite");
             m->weights16.push_back(std::move(raw));
+            m->weights.emplace_back();  // widened on first use (weights32)
         }
         const std::uint8_t* b = h + u64(r + 32);
         std::vector<float> bf(m->layers[k].out);
@@ -408,15 +411,14 @@ std::shared_ptr<Model::Impl> Reader::parse() {
 const std::vector<float>& Model::Impl::weights32(std::size_t k) const {
     if (k >= layers.size()) throw std::out_of_range("Model::weights: layer " + std::to_string(k) + " of " + std::to_string(layers.size()));
     if (!weights16.empty()) {
-        std::call_once(widen_once, [this] {
-            for (const auto& raw : weights16) {
-                std::vector<float> wf(raw.size());
-                if (dtype == WeightDtype::f16)
-                    for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = half_to_float(raw[i]);
-                else
-                    for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = bf16_to_float(raw[i]);
-                weights.push_back(std::move(wf));
-            }
+        std::call_once(widen_once[k], [this, k] {
+            const auto& raw = weights16[k];
+            std::vector<float> wf(raw.size());
+            if (dtype == WeightDtype::f16)
+                for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = half_to_float(raw[i]);
+            else
+                for (std::size_t i = 0; i < raw.size(); ++i) wf[i] = bf16_to_float(raw[i]);
+            weights[k] = std::move(wf);  // its own element: other layers may be widened concurrently
         });
     }
     return weights[k];

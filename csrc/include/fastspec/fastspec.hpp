@@ -133,7 +133,7 @@ public:
     const std::string& path() const;  // the file it was loaded from
 
     // Layer k's weights, row-major (out, in) like torch.nn.Linear.weight, and its biases (out).
-    // 16-bit weights are widened to float32 at load (exact).
+    // 16-bit weights are widened to float32 (exactly) on the first call, once per Model.
     const float* weights(std::size_t k) const;
     const float* biases(std::size_t k) const;
     // Layer k's weights exactly as stored (IEEE half or bfloat16 bits) for f16/bf16 models, nullptr for

@@ -69,6 +69,7 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
 
     {
         grow(ws.input, chunk * in0);
+        grow(ws.scales, chunk * nt);
         grow(ws.tangent_in, chunk * nt * in0);
         for (auto* v : {&ws.h[0], &ws.h[1]}) grow(*v, chunk * widest);
         for (auto* v : {&ws.t[0], &ws.t[1]}) grow(*v, chunk * nt * widest);
@@ -79,17 +80,11 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
             const double* lab = labels + r0 * nl;
             detail::make_input_rows(m, lab, z ? z + r0 * nz : nullptr, rows, clip, ws.input.data());
             // Input tangents: tangent row (r, t) is d(input row r)/d(label net[t]), nonzero in one column only.
+            detail::network_tangent_scales(m, lab, rows, clip, ws.scales.data());
             float* tin = ws.tangent_in.data();
             std::fill(tin, tin + rows * nt * in0, 0.0f);
             for (std::size_t r = 0; r < rows; ++r)
-                for (std::size_t t = 0; t < nt; ++t) {
-                    const LabelInfo& l = info[net[t]];
-                    const double v = lab[r * nl + net[t]];
-                    // A clamped label does not move the output: its derivative is 0 outside the range.
-                    if (clip && (v < l.min || v > l.max)) continue;
-                    const double ds = l.scaling == Scaling::log10 ? 1.0 / (v * std::log(10.0)) : 1.0;
-                    tin[(r * nt + t) * in0 + nz + t] = float(ds / l.norm_scale);
-                }
+                for (std::size_t t = 0; t < nt; ++t) tin[(r * nt + t) * in0 + nz + t] = ws.scales[r * nt + t];
 
             const float* x = ws.input.data();
             const float* tg = tin;
