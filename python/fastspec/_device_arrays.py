@@ -269,9 +269,16 @@ def empty(shape: tuple, device: int):
         return cp.empty(shape, dtype=cp.float32)
 
 
+_cublas_preloaded = False
+
+
 def preload_cublas() -> None:
     """Load cuBLASLt from the nvidia-cublas wheel when it is installed, so that the backend library finds it whatever
-    the layout of site-packages (its RPATH covers the usual one)."""
+    the layout of site-packages (its RPATH covers the usual one). Once loaded, later calls return at once; a miss is
+    tried again next time (the wheel may have been installed since)."""
+    global _cublas_preloaded
+    if _cublas_preloaded:
+        return
     import importlib  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
@@ -284,6 +291,7 @@ def preload_cublas() -> None:
             for lib in sorted(Path(root, "lib").glob("libcublasLt.so*")):
                 try:
                     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                    _cublas_preloaded = True
                     return
                 except OSError:
                     continue

@@ -112,16 +112,14 @@ class Decoder:
         kind, ordinal = _parse_device(device)
         if kind == "auto":
             kind = "cuda" if cuda_usable() else "cpu"
-        if kind == "cuda":
+        elif kind == "cuda" and not cuda_usable():
             if not _core.build_info().get("cuda", False):
                 raise DeviceError(
                     "device='cuda' was requested but this fastspec was built without the CUDA backend "
                     "(rebuild with FASTSPEC_CUDA=ON, nvcc and cuBLASLt); use device='cpu' (or 'auto')"
                 )
-            devarr.preload_cublas()
-            if not _core.cuda_available():
-                raise DeviceError(f"device='cuda' was requested but CUDA cannot be used here: "
-                                  f"{_core.cuda_unavailable_reason()}")
+            raise DeviceError(f"device='cuda' was requested but CUDA cannot be used here: "
+                              f"{_core.cuda_unavailable_reason()}")
         path = default_model_path() if path is None else Path(path)
         if not path.exists():
             raise FileNotFoundError(f"model file not found: {path}")
