@@ -28,14 +28,18 @@ if not os.environ.get("FASTSPEC_TEST_INSTALLED"):
 SHARED_DATA = Path(os.environ.get("FASTSPEC_SHARED", REPO.parent / "shared")) / "data"
 
 
+def skip_or_fail_under_ci(reason: str):
+    """Skip for a missing prerequisite, except under CI (`CI` set), where it must be there: fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {reason}")
+    pytest.skip(reason)
+
+
 def shared_file(name: str) -> Path:
     """Path of a file in ../shared/data; skip when absent, except under CI where it is an error."""
     path = SHARED_DATA / name
     if not path.exists():
-        reason = f"needs the SYNSPEC data {path} (the ../shared folder beside the checkout); not present here"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {reason}")
-        pytest.skip(reason)
+        skip_or_fail_under_ci(f"needs the SYNSPEC data {path} (the ../shared folder beside the checkout); not present here")
     return path
 
 

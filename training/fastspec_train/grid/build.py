@@ -275,6 +275,22 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     return h5py.File(out, "r+")
 
 
+def record_result(f: h5py.File, labels: np.ndarray, i: int, flux, seconds: float, err: str | None,
+                  failures: list[str], bar) -> bool:
+    """One finished row, as the local and the Dask builders both keep it: a failure is reported with its labels
+    and the row left not done; a spectrum is written and flushed at once (a killed run keeps it). True if written."""
+    if err is not None:
+        failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
+        bar.write(f"fastspec-grid: {failures[-1]}")
+        return False
+    f["flux"][i] = flux
+    f["synspec_seconds"][i] = seconds
+    f["done"][i] = 1
+    f.flush()
+    bar.update(1)
+    return True
+
+
 def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1, progress: bool = True) -> dict:
     """Compute every not-yet-done row of `out`; returns counts {done, failed, total}."""
     from tqdm import tqdm
@@ -301,15 +317,7 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
             todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
             bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
             for i, flux, seconds, err in pool.imap_unordered(_work, todo):
-                if err is not None:
-                    failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
-                    bar.write(f"fastspec-grid: {failures[-1]}")
-                    continue
-                f["flux"][i] = flux
-                f["synspec_seconds"][i] = seconds
-                f["done"][i] = 1
-                f.flush()  # on disk now: a killed run keeps this spectrum
-                bar.update(1)
+                record_result(f, labels, i, flux, seconds, err, failures, bar)
             bar.close()
             n_done = int(f["done"][...].sum())
         finally:

@@ -224,21 +224,14 @@ def build(out: str | Path, labels: np.ndarray, cfg: B.GridConfig, scheduler, pro
                 exc = fut.exception()
                 if isinstance(exc, GridSetupError):
                     raise exc
+                flux = seconds = None
                 err = f"{type(exc).__name__}: {exc}"  # e.g. KilledWorker: the row's workers kept dying
             else:
                 raise GridSetupError(f"the Dask scheduler dropped the task of row {i} ({fut.status}): "
                                      "was the scheduler restarted? Run the same command again to continue")
             del pending[fut], fut, result
-            if err is not None:
-                failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
-                bar.write(f"fastspec-grid: {failures[-1]}")
-            else:
-                f["flux"][i] = flux
-                f["synspec_seconds"][i] = seconds
-                f["done"][i] = 1
-                f.flush()  # on disk now: a killed driver keeps this spectrum
+            if B.record_result(f, labels, i, flux, seconds, err, failures, bar):
                 written.append(i)
-                bar.update(1)
                 if on_row is not None:
                     on_row(i)
             refill()
