@@ -71,10 +71,7 @@ void test_against_reference(std::mt19937_64& rng) {
             TestModel tm = random_model(rng, c.latent, c.widths, c.n_pixels, dtype);
             tm.scale = std::uniform_real_distribution<double>(0.5, 2.0)(rng);
             tm.offset = std::uniform_real_distribution<double>(-0.5, 0.5)(rng);
-            const std::string path = temp_path("cuda.fsm");
-            write_file(path, model_bytes(tm));
-            const auto model = fastspec::Model::load(path);
-            std::remove(path.c_str());
+            const auto model = load_test_model(tm, "cuda.fsm");
             struct Variant { bool tf32, graphs; std::size_t chunk; std::unique_ptr<fastspec::Decoder> dec; };
             std::vector<Variant> variants;
             for (bool tf32 : dtype == 1 ? std::vector<bool>{false, true} : std::vector<bool>{false})
@@ -147,10 +144,7 @@ void test_cpu_agreement(std::mt19937_64& rng) {
 void test_jacobian_v1(std::mt19937_64& rng) {
     for (std::uint32_t dtype : {1u, 2u}) {
         TestModel tm = random_model(rng, 3, {64, 96}, 501, dtype);
-        const std::string path = temp_path("cuda_v1.fsm");
-        write_file(path, model_bytes(tm));
-        const auto model = fastspec::Model::load(path);
-        std::remove(path.c_str());
+        const auto model = load_test_model(tm, "cuda_v1.fsm");
         CHECK(!model.broadening().enabled);
         fastspec::Decoder cpu(model);
         fastspec::Decoder gpu(model, cuda_options(8));

@@ -159,10 +159,7 @@ void test_bias_path() {
 
 void test_errors_without_gpu(std::mt19937_64& rng) {
     TestModel tm = random_model(rng, 2, {16}, 20, 1);
-    const std::string path = temp_path("device.fsm");
-    write_file(path, model_bytes(tm));
-    const auto model = fastspec::Model::load(path);
-    std::remove(path.c_str());
+    const auto model = load_test_model(tm, "device.fsm");
     fastspec::Decoder cpu(model);
     CHECK(cpu.device() == fastspec::Device::cpu && cpu.device_description() == "cpu");
     const auto labels = random_labels(rng, 1);

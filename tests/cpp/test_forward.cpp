@@ -22,10 +22,7 @@ void test_against_reference(std::mt19937_64& rng) {
             TestModel tm = random_model(rng, c.latent, c.widths, c.n_pixels, dtype);
             tm.scale = std::uniform_real_distribution<double>(0.5, 2.0)(rng);
             tm.offset = std::uniform_real_distribution<double>(-0.5, 0.5)(rng);
-            const std::string path = temp_path("forward.fsm");
-            write_file(path, model_bytes(tm));
-            const auto model = fastspec::Model::load(path);
-            std::remove(path.c_str());
+            const auto model = load_test_model(tm, "forward.fsm");
             CHECK(model.weight_dtype() == fastspec::WeightDtype(dtype));
             for (std::size_t k = 0; k < tm.layers.size(); ++k)
                 CHECK(std::memcmp(model.weights(k), tm.layers[k].W.data(), tm.layers[k].W.size() * 4) == 0);

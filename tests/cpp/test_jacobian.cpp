@@ -24,10 +24,7 @@ void test_against_finite_differences(std::mt19937_64& rng) {
     for (std::uint32_t dtype : {1u, 2u}) {
         TestModel tm = random_model(rng, 4, {32, 64}, 100, dtype);
         tm.scale = 1.05;
-        const std::string path = temp_path("jacobian.fsm");
-        write_file(path, model_bytes(tm));
-        const auto model = fastspec::Model::load(path);
-        std::remove(path.c_str());
+        const auto model = load_test_model(tm, "jacobian.fsm");
         fastspec::Decoder dec(model);
         for (std::size_t n : {1, 3, 17}) {
             const auto labels = inner_labels(rng, n);

@@ -265,3 +265,12 @@ inline std::string temp_path(const std::string& name) {
     const char* dir = std::getenv("TMPDIR");
     return std::string(dir ? dir : "/tmp") + "/fastspec_cpptest_" + std::to_string(::getpid()) + "_" + name;
 }
+
+// Writes m to a temporary model file, loads it and removes the file.
+inline fastspec::Model load_test_model(const TestModel& m, const std::string& name) {
+    const std::string path = temp_path(name);
+    write_file(path, model_bytes(m));
+    auto model = fastspec::Model::load(path);
+    std::remove(path.c_str());
+    return model;
+}
