@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -35,31 +34,15 @@ def _sha256(path: Path) -> str:
 
 
 def measure(model_path: Path, data_path: Path, n_stars: int, draws: int, seed: int, edge: float) -> dict:
-    """The accuracy of model_path on the first n_stars of its test split, accuracy.py's way."""
-    import torch
+    """The accuracy of model_path on the first n_stars of its test split, with accuracy.py's own functions."""
+    from fastspec_train.accuracy import broadened_test_set, error_stats, kept_pixels, z0_predictor
 
-    from fastspec import _core
-    from fastspec_train.accuracy import _split_rows, test_draws
-    from fastspec_train.broadening import Broadener
-    from fastspec_train.data import physical_labels
-
-    sf, test_rows, prov = _split_rows(model_path, data_path, "test")
-    rows = test_rows[:n_stars]
-    pos, vs, rs = test_draws(rows.size, draws, seed)
-    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
-    flux = sf.read(rows)
-    truth = br(torch.from_numpy(flux[pos]).double(), torch.from_numpy(vs), torch.from_numpy(rs)).numpy()
-    labels = physical_labels(sf.labels[rows[pos]], vs, rs)
-    dec = _core.Decoder(_core.Model.load(str(model_path)), threads=1)
-    pred = np.asarray(dec.forward(np.ascontiguousarray(labels), z=None, clip=False), dtype=np.float64)
-    keep = slice(int(math.ceil(edge / sf.wavelength_step)), sf.n_pixels - int(math.ceil(edge / sf.wavelength_step)))
-    err = np.abs(pred[:, keep] - truth[:, keep])
-    per_spec = err.mean(axis=1)
-    return {"median_abs_dF": float(np.median(err)),
-            "per_spectrum_mean_abs_dF_p95": float(np.percentile(per_spec, 95)),
-            "per_spectrum_mean_abs_dF_max": float(per_spec.max()),
-            "n_spectra": int(err.shape[0]), "split_seed": prov["split"]["split_seed"],
-            "test_rows": [int(r) for r in rows]}
+    sf, rows, labels, truth, prov = broadened_test_set(model_path, data_path, draws, seed, "test", max_stars=n_stars)
+    predict, _ = z0_predictor(model_path)
+    keep = kept_pixels(sf, edge)
+    stats = error_stats(np.abs(predict(labels)[:, keep] - truth[:, keep]))
+    return {**{k: stats[k] for k in METRICS}, "n_spectra": stats["n_spectra"],
+            "split_seed": prov["split"]["split_seed"], "test_rows": [int(r) for r in rows[::draws]]}
 
 
 def _paths(spec: dict) -> tuple[Path, Path]:

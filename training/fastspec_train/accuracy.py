@@ -28,7 +28,7 @@ R_BINS = [1000.0, 3000.0, 10000.0, 30000.0, 115000.0]
 EDGE_ANGSTROM = 30.0
 
 
-def _predictor(model_path: Path):
+def z0_predictor(model_path: Path):
     """z = 0 flux of the model file, from the C++ core (the one reader of model files)."""
     from fastspec import _core
 
@@ -69,11 +69,14 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     return sf, rows[split[which]], prov
 
 
-def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test"):
-    """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance)."""
+def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test", max_stars: int | None = None):
+    """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance); with
+    max_stars, only the first stars of the split (row k*draws is star k)."""
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     sf, test_rows, prov = _split_rows(Path(model_path), data, split)
+    if max_stars is not None:
+        test_rows = test_rows[:max_stars]
     if test_rows.size == 0:
         raise ValueError(f"{sf.path}: the {split} split is empty")
     pos, vs, rs = test_draws(test_rows.size, draws, seed)
@@ -87,7 +90,14 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     return sf, test_rows[pos], labels, truth, prov
 
 
-def _stats(abs_err: np.ndarray) -> dict:
+def kept_pixels(sf: SpectraFile, edge: float = EDGE_ANGSTROM) -> slice:
+    """The pixels more than `edge` Å from either end of the grid, where the accuracy is measured."""
+    k = int(math.ceil(edge / sf.wavelength_step))
+    return slice(k, sf.n_pixels - k)
+
+
+def error_stats(abs_err: np.ndarray) -> dict:
+    """Median |ΔF| over all pixels and the p50 / p95 / max of the per-spectrum mean |ΔF|."""
     per_spec = abs_err.mean(axis=1)
     return {"n_spectra": int(abs_err.shape[0]), "median_abs_dF": float(np.median(abs_err)),
             "per_spectrum_mean_abs_dF_p50": float(np.percentile(per_spec, 50)),
@@ -101,9 +111,9 @@ def accuracy_report(model, data, out_dir, *, draws: int = 10, seed: int = 2026, 
     out = Path(out_dir)
     sf, rows, labels, truth, prov = broadened_test_set(model, data, draws, seed, split)
     out.mkdir(parents=True, exist_ok=True)
-    predict, backend = _predictor(model)
+    predict, backend = z0_predictor(model)
     pred = np.concatenate([predict(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])
-    keep = slice(int(math.ceil(edge / sf.wavelength_step)), sf.n_pixels - int(math.ceil(edge / sf.wavelength_step)))
+    keep = kept_pixels(sf, edge)
     pred, truth = pred[:, keep], truth[:, keep]
     err = np.abs(pred - truth)
     vs, rs = labels[:, LABEL_NAMES.index("vsini")], labels[:, LABEL_NAMES.index("resolution")]
@@ -111,20 +121,20 @@ def accuracy_report(model, data, out_dir, *, draws: int = 10, seed: int = 2026, 
     report = {"model": str(model), "backend": backend, "data": str(sf.path), "data_sha256": sha256_file(sf.path),
               "trained_on_sha256": prov.get("training_data", {}).get("sha256"), "split": split,
               "edge_angstrom": edge, "n_test_stars": int(np.unique(rows).size), "draws_per_star": draws,
-              "seed": seed, "z": 0, "overall": _stats(err),
-              "vsini_below_50_R_above_20000": _stats(err[slow_sharp]) if slow_sharp.any() else None,
+              "seed": seed, "z": 0, "overall": error_stats(err),
+              "vsini_below_50_R_above_20000": error_stats(err[slow_sharp]) if slow_sharp.any() else None,
               "by_vsini": {}, "by_resolution": {}}
     for name, values, edges in (("by_vsini", vs, VSINI_BINS), ("by_resolution", rs, R_BINS)):
         for lo, hi in zip(edges[:-1], edges[1:]):
             sel = (values >= lo) & ((values < hi) | (hi == edges[-1]) & (values <= hi))
             if sel.any():
-                report[name][f"{lo:g}-{hi:g}"] = _stats(err[sel])
+                report[name][f"{lo:g}-{hi:g}"] = error_stats(err[sel])
     if compare:
-        other, _ = _predictor(Path(compare))
+        other, _ = z0_predictor(Path(compare))
         pred2 = np.concatenate([other(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])[:, keep]
         d = np.abs(pred - pred2)
         report["compare"] = {"model": str(compare), "max_abs_diff": float(d.max()), "median_abs_diff": float(np.median(d)),
-                             "accuracy": _stats(np.abs(pred2 - truth))}
+                             "accuracy": error_stats(np.abs(pred2 - truth))}
     (out / "accuracy.json").write_text(json.dumps(report, indent=1))
     (out / "accuracy.md").write_text(markdown(report))
     return report
