@@ -259,13 +259,17 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
                 raise GridSetupError(f"{out} exists from a run with other settings or labels; resume with the same "
                                      f"command (its settings: {config}) or choose another --out")
             done = old["done"][...].astype(bool)
-            with _create(tmp, labels, cfg, config_json) as new:
-                for i in np.flatnonzero(done):
-                    try:
-                        flux, seconds = old["flux"][i], old["synspec_seconds"][i]
-                    except (OSError, ValueError, RuntimeError):
-                        continue  # unreadable: computed again
-                    new["flux"][i], new["synspec_seconds"][i], new["done"][i] = flux, seconds, 1
+            try:
+                with _create(tmp, labels, cfg, config_json) as new:
+                    for i in np.flatnonzero(done):
+                        try:
+                            flux, seconds = old["flux"][i], old["synspec_seconds"][i]
+                        except (OSError, ValueError, RuntimeError):
+                            continue  # unreadable: computed again
+                        new["flux"][i], new["synspec_seconds"][i], new["done"][i] = flux, seconds, 1
+            except BaseException:  # Ctrl-C or an error while rewriting: the old file stays, no partial copy
+                tmp.unlink(missing_ok=True)
+                raise
         os.replace(tmp, out)
         return h5py.File(out, "r+")
     out.parent.mkdir(parents=True, exist_ok=True)
