@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from fastspec import _core
 from fastspec_train import config as cfgmod
-from fastspec_train.data import FluxSource, SpectraFile, epoch_plan, split_indices
+from fastspec_train.data import FluxSource, SpectraFile, epoch_plan, open_spectra, split_indices
 from fastspec_train.labels import LABEL_NAMES, STANDARD_LABELS, normalise_labels
 from fastspec_train.train import train
 
@@ -245,6 +246,56 @@ def test_beta_steps_and_lr_annealing(tmp_path):
     assert [h["lr"] for h in hist] == pytest.approx([1e-3, 1e-3, 0.5 * (1e-3 + 1e-6), 1e-6, 2e-4, 1e-6])
     with pytest.raises(ValueError, match="anneal"):
         cfgmod.from_dict({"train": {"anneal_start_epoch": 5, "anneal_end_epoch": 3}})
+
+
+def test_joined_files_read_as_one_and_refuse_another_grid(tmp_path):
+    a, b, other = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "other.h5"
+    _, fa = write_synthetic(a, n=30, seed=1)
+    _, fb = write_synthetic(b, n=20, seed=2)
+    write_synthetic(other, n=5, n_pixels=1400)
+    joined = open_spectra([a, b])
+    assert joined.n == 50 and joined.path == a and joined.paths == [a, b]
+    assert np.array_equal(joined.labels, np.concatenate([SpectraFile(a).labels, SpectraFile(b).labels]))
+    rows = np.array([49, 3, 30, 29, 3, 41])  # both files, any order, repeats
+    want = np.concatenate([fa, fb]).astype(np.float32)[rows]
+    assert np.array_equal(joined.read(rows), want)
+    with pytest.raises(IndexError):
+        joined.read(np.array([50]))
+    with pytest.raises(ValueError, match="wavelength grid"):
+        open_spectra([a, other])
+    assert isinstance(open_spectra(a), SpectraFile)
+
+
+def test_second_stage_starts_from_earlier_weights_on_more_files(tmp_path):
+    """init_from loads the weights (with lr = 0 they stay exactly those), extra files add rows to every split,
+    warm-up scales the first epochs' LR, and the export records every file."""
+    from fastspec_train.export import export_run
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_synthetic(a, n=80, seed=1)
+    write_synthetic(b, n=60, seed=2)
+    train(tiny_config(max_epochs=2), a, tmp_path / "stage1", quiet=True)
+    stage1 = _weights(tmp_path / "stage1" / "best.pt")
+
+    frozen = tiny_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none", init_from=str(tmp_path / "stage1" / "best.pt"))
+    summary = train(frozen, [a, b], tmp_path / "frozen", quiet=True)
+    kept = _weights(tmp_path / "frozen" / "checkpoint.pt")
+    assert all(torch.equal(stage1[k], kept[k]) for k in stage1)
+    assert sum(summary["split_sizes"].values()) == 140
+    assert [e["path"] for e in summary["extra_data"]] == [str(b)] and len(summary["extra_data"][0]["sha256"]) == 64
+    assert "extra data" in (tmp_path / "frozen" / "train.log").read_text()
+    train(tiny_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none"), [a, b], tmp_path / "random", quiet=True)
+    fresh = _weights(tmp_path / "random" / "checkpoint.pt")
+    assert any(not torch.equal(stage1[k], fresh[k]) for k in stage1)
+
+    warm = tiny_config(max_epochs=3, lr=1e-3, min_lr=0.0, anneal_minutes=1e6, warmup_epochs=2, patience=50,
+                       init_from=str(tmp_path / "stage1" / "best.pt"))
+    train(warm, [a, b], tmp_path / "stage2", quiet=True)
+    lrs = [h["lr"] for h in json.loads((tmp_path / "stage2" / "history.json").read_text())]
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3], rel=1e-4)
+    prov = json.loads(_core.Model.load(str(export_run(tmp_path / "stage2", tmp_path / "stage2.fsm"))).provenance)
+    assert [e["path"] for e in prov["extra_training_data"]] == [str(b)]
+    assert prov["extra_training_data"][0]["n_spectra"] == 60 and prov["training_data"]["path"] == str(a)
 
 
 def test_devpack_round_trip_keeps_test_rows_home(tmp_path):

@@ -78,6 +78,10 @@ class TrainConfig:
     # training (0 = off). Fits a CPU budget on a machine whose epoch times vary; a resumed run continues from
     # the elapsed time in its checkpoint, so it is not bit-identical to an uninterrupted one.
     anneal_minutes: float = 0.0
+    warmup_epochs: int = 0  # with anneal_minutes: the LR ramps up linearly over the first epochs
+    # Start from the model weights of this checkpoint (an earlier run's best.pt; same architecture) with a fresh
+    # optimizer: a second training stage, e.g. on more data. "" = random initialisation.
+    init_from: str = ""
     # Warm restarts after that: [[start_epoch, end_epoch, peak_lr], ...], cosine from peak_lr to min_lr.
     lr_restarts: list = field(default_factory=list)
     scheduler: str = "plateau"  # plateau | cosine | none

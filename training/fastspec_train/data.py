@@ -1,7 +1,8 @@
 """Reading the SYNSPEC HDF5 grids (layout of ../shared/README.md), the leak-free split, and epoch plans.
 
 * `SpectraFile` opens any file of that layout (the path is a parameter; v1, v2 … are all the same):
-  labels and attributes are read at once, flux lazily, by rows.
+  labels and attributes are read at once, flux lazily, by rows. `open_spectra` joins several such files
+  (e.g. the shared grid plus spectra of your own `fastspec-grid build`) into one row space.
 * `split_indices` assigns every spectrum to train/val/test from a hash of its four stellar labels: identical
   (teff, logg, mh, vmic) rows always land in the same split (no leakage through duplicates), the result
   does not depend on row order, and a spectrum keeps its split when a later file version adds rows.
@@ -84,6 +85,55 @@ class SpectraFile:
         state = dict(self.__dict__)
         state["_h5"] = None
         return state
+
+
+class JoinedSpectra:
+    """Several SpectraFiles on one wavelength grid, read as one: rows of the first file, then the second, ...
+
+    `path` is the first (primary) file's: the evaluation split and the provenance's `training_data` refer to
+    it; `paths` lists all of them."""
+
+    def __init__(self, files: list[SpectraFile]):
+        first = files[0]
+        for sf in files[1:]:
+            grid = (sf.wavelength_start, sf.wavelength_step, sf.n_pixels, sf.wavelength_medium)
+            if grid != (first.wavelength_start, first.wavelength_step, first.n_pixels, first.wavelength_medium):
+                raise ValueError(f"{sf.path}: wavelength grid {grid} differs from {first.path}'s "
+                                 f"{(first.wavelength_start, first.wavelength_step, first.n_pixels, first.wavelength_medium)}")
+        self.files = files
+        self.path, self.paths = first.path, [sf.path for sf in files]
+        self.wavelength_start, self.wavelength_step = first.wavelength_start, first.wavelength_step
+        self.n_pixels, self.wavelength_medium = first.n_pixels, first.wavelength_medium
+        self.labels = np.concatenate([sf.labels for sf in files])
+        self.n = self.labels.shape[0]
+        self._offsets = np.cumsum([0] + [sf.n for sf in files])
+
+    wavelength = SpectraFile.wavelength
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"rows outside 0..{self.n - 1}")
+        out = np.empty((rows.size, self.n_pixels), np.float32)
+        which = np.searchsorted(self._offsets, rows, side="right") - 1
+        for k, sf in enumerate(self.files):
+            sel = which == k
+            if sel.any():
+                out[sel] = sf.read(rows[sel] - self._offsets[k])
+        return out
+
+    def close(self):
+        for sf in self.files:
+            sf.close()
+
+
+def open_spectra(paths) -> SpectraFile | JoinedSpectra:
+    """One path: its SpectraFile. Several: their rows joined in order (the first is the primary file)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("no training data file given")
+    files = [SpectraFile(p) for p in paths]
+    return files[0] if len(files) == 1 else JoinedSpectra(files)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -171,6 +171,10 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
             "split": {"val_fraction": cfg["data"]["val_fraction"], "test_fraction": cfg["data"]["test_fraction"],
                       "split_seed": cfg["data"]["split_seed"], "max_spectra": cfg["data"]["max_spectra"],
                       "sizes": ckpt.get("split_sizes")},
+            "extra_training_data": [{"path": e["path"], "sha256": e["sha256"] or sha256_file(e["path"]),
+                                     "n_spectra": SpectraFile(e["path"]).n}
+                                    for e in summary.get("extra_data") or [{"path": p, "sha256": None}
+                                                                           for p in ckpt.get("extra_data", [])]],
             "config": cfg, "epochs": state["epoch"], "weights_epoch": best_epoch, "weights": which,
             "val_reconstruction_mse": hist.get(best_epoch, {}).get("val_mse"),
             "val_reconstruction_mse_z0": hist.get(best_epoch, {}).get("val_mse_z0"),

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .broadening import Broadener
 from .config import Config
-from .data import FluxSource, SpectraFile, epoch_plan, fixed_plan, physical_labels, sha256_file, split_indices
+from .data import FluxSource, epoch_plan, open_spectra, fixed_plan, physical_labels, sha256_file, split_indices
 from .labels import NETWORK_LABELS, normalise_labels
 from .model import CVAE, kl_divergence
 
@@ -174,9 +174,12 @@ def _make_scheduler(opt, tcfg):
     return None
 
 
-def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bool = False,
+def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
           max_epochs: int | None = None, max_minutes: float | None = None, quiet: bool = False) -> dict:
-    """Train (or resume) and return a summary. Under torchrun (WORLD_SIZE > 1) runs DDP; rank 0 writes."""
+    """Train (or resume) and return a summary. Under torchrun (WORLD_SIZE > 1) runs DDP; rank 0 writes.
+
+    `data_path`: one HDF5 file, or a list whose first file is the primary one (its split is the one the
+    evaluation uses) and whose others add rows, split by the same label hash."""
     t_start = time.time()
     tcfg = cfg.train
     if max_epochs is not None:
@@ -205,7 +208,8 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
     random.seed(tcfg.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    sf = SpectraFile(data_path)
+    sf = open_spectra(data_path)
+    extra_paths = [str(p) for p in getattr(sf, "paths", [sf.path])[1:]]
     labels = sf.labels
     rows_all = np.arange(sf.n)
     if cfg.data.max_spectra:
@@ -239,6 +243,10 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
     pixel_weight = torch.from_numpy(1.0 + tcfg.line_weight * np.clip(1.0 - mean, 0.0, 1.0)).float().to(device)
     pixel_weight /= pixel_weight.mean()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.autocast == "bf16")
+    if tcfg.init_from and not resume:
+        # A second stage: start from an earlier run's weights (same architecture), fresh optimizer and schedule.
+        init = torch.load(tcfg.init_from, map_location=device, weights_only=False)
+        model.load_state_dict(init["model"])
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = _make_scheduler(opt, tcfg)
 
@@ -262,7 +270,9 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
     n_params = sum(p.numel() for p in model.parameters())
     log(f"data {sf.path} ({sf.n} spectra; train {split['train'].size}, val {split['val'].size}, test {split['test'].size}; "
         f"{'in memory' if train_src.in_memory else 'streamed'}); device {device}, world {world}, "
-        f"threads {torch.get_num_threads()}; {n_params / 1e6:.2f} M parameters; config {cfg.name}")
+        f"threads {torch.get_num_threads()}; {n_params / 1e6:.2f} M parameters; config {cfg.name}"
+        + (f"; extra data {', '.join(extra_paths)}" if extra_paths else "")
+        + (f"; weights from {tcfg.init_from}" if tcfg.init_from else ""))
     from tqdm import tqdm
 
     n_pix = sf.n_pixels
@@ -287,6 +297,8 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
             state.setdefault("anneal_base_lr", opt.param_groups[0]["lr"])
             frac = min(1.0, state["elapsed_s"] / (60.0 * tcfg.anneal_minutes))
             lr = tcfg.min_lr + (state["anneal_base_lr"] - tcfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+            if epoch <= tcfg.warmup_epochs:  # linear warm-up (a fresh Adam on trained weights takes large steps)
+                lr *= epoch / (tcfg.warmup_epochs + 1)
             for group in opt.param_groups:
                 group["lr"] = lr
         for start, end, peak in tcfg.lr_restarts:
@@ -333,7 +345,7 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
                               "config": cfg.to_dict()}, best_path)
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict() if sched is not None else None, "rng": _rng_state(),
-                          "state": state, "config": cfg.to_dict(), "data": str(sf.path), "split_sizes":
+                          "state": state, "config": cfg.to_dict(), "data": str(sf.path), "extra_data": extra_paths, "split_sizes":
                           {k: int(v.size) for k, v in split.items()}}, ckpt_path)
             (out / "history.json").write_text(json.dumps(state["history"], indent=1))
             plot_history(state["history"], out / "loss_curve.png")
@@ -350,9 +362,11 @@ def train(cfg: Config, data_path: str | Path, out_dir: str | Path, *, resume: bo
         f"{state['best']:.4e} at epoch {state['best_epoch']}; {time.time() - t_start:.0f}s this process")
     summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_metric": state["best"],
                "metric": tcfg.early_stopping_metric, "stop_reason": stop_reason, "data": str(sf.path),
-               "data_sha256": None, "split_sizes": {k: int(v.size) for k, v in split.items()}}
+               "data_sha256": None, "extra_data": [{"path": p, "sha256": None} for p in extra_paths], "split_sizes": {k: int(v.size) for k, v in split.items()}}
     if rank == 0:
         summary["data_sha256"] = sha256_file(sf.path)
+        for extra in summary["extra_data"]:
+            extra["sha256"] = sha256_file(extra["path"])
         (out / "summary.json").write_text(json.dumps({**summary, "config": cfg.to_dict()}, indent=1))
     if world > 1:
         dist.barrier()
