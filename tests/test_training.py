@@ -109,6 +109,22 @@ def test_reader_label_columns_and_streaming(tmp_path):
         SpectraFile(tmp_path / "missing.h5")
 
 
+def test_reader_leaves_out_rows_a_grid_build_has_not_done(tmp_path):
+    path = tmp_path / "partial.h5"
+    lab, flux = write_synthetic(path, n=12, n_pixels=200)
+    done = np.ones(12, bool)
+    done[[2, 7, 8]] = False
+    with h5py.File(path, "a") as f:
+        f["flux"][2] = 0.0  # what an unfinished row holds
+        f.create_dataset("done", data=done.astype(np.uint8))
+    sf = SpectraFile(path)
+    assert sf.n == 9
+    np.testing.assert_array_equal(sf.labels, lab[done])
+    np.testing.assert_array_equal(sf.read(np.array([8, 0, 2])), flux[done][[8, 0, 2]].astype(np.float32))
+    with pytest.raises(IndexError):
+        sf.read(np.array([9]))
+
+
 def test_epoch_plan_is_deterministic_and_covers_the_ranges():
     s = cfgmod.SamplingConfig()
     a = epoch_plan(100, 8, 64, 4, s, seed=1, epoch=3)

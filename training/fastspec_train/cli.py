@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train the CVAE (torchrun for several processes)")
     t.add_argument("--config", required=True, help="TOML file or preset name (paper, default, tiny)")
-    t.add_argument("--data", required=True, action="append",
-                   help="HDF5 file of intrinsic spectra (shared/README.md layout); repeat to add rows from more files "
-                        "(e.g. your own fastspec-grid build): the first is the primary file, the split is by label hash")
+    t.add_argument("--data", required=True, nargs="+", action="extend", metavar="FILE",
+                   help="HDF5 file(s) of intrinsic spectra (shared/README.md layout); more files (e.g. your own "
+                        "fastspec-grid build) add rows: the first is the primary file, every row is split by its label hash")
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, best.pt, history.json, loss_curve.png, train.log")
     t.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint.pt")
     t.add_argument("--max-epochs", type=int)

@@ -49,6 +49,16 @@ class SpectraFile:
             self.n, self.n_pixels = f["flux"].shape
             if self.labels.shape[0] != self.n:
                 raise ValueError(f"{self.path}: {self.labels.shape[0]} label rows but {self.n} flux rows")
+            # A file of `fastspec-grid build` marks finished rows in `done`; rows not (yet) computed hold no
+            # spectrum and are left out (rows count the finished ones only).
+            self._file_rows = None
+            if "done" in f:
+                done = f["done"][...].astype(bool)
+                if done.shape != (self.n,):
+                    raise ValueError(f"{self.path}: 'done' has shape {done.shape}, expected ({self.n},)")
+                if not done.all():
+                    self._file_rows = np.flatnonzero(done)
+                    self.labels, self.n = self.labels[self._file_rows], int(done.sum())
             try:
                 self.wavelength_start = float(f.attrs["wavelength_start"])
                 self.wavelength_step = float(f.attrs["wavelength_step"])
@@ -72,6 +82,8 @@ class SpectraFile:
             raise IndexError(f"rows outside 0..{self.n - 1}")
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
+        if self._file_rows is not None:
+            rows = self._file_rows[rows]
         uniq, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
         block = self._h5["flux"][uniq] if uniq.size else np.empty((0, self.n_pixels), np.float32)
         return np.asarray(block, dtype=np.float32)[inverse]

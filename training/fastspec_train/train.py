@@ -245,6 +245,8 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.autocast == "bf16")
     if tcfg.init_from and not resume:
         # A second stage: start from an earlier run's weights (same architecture), fresh optimizer and schedule.
+        if not Path(tcfg.init_from).is_file():
+            raise FileNotFoundError(f"train.init_from: no checkpoint at {tcfg.init_from}")
         init = torch.load(tcfg.init_from, map_location=device, weights_only=False)
         model.load_state_dict(init["model"])
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
