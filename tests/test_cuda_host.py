@@ -154,6 +154,10 @@ def test_cuda_array_interface_parsing():
                        (dict(shape=(3,), typestr="<f4", data=(1, False), strides=(4, 4)), "strides")]:
         with pytest.raises(TypeError, match=match):
             devarr.from_cuda_array_interface(FakeCAI(**bad))
+    # the stream a decoder call orders its work after: the first CUDA-array-interface input's
+    assert devarr.producer_stream(None, np.zeros(3), FakeCAI(shape=(3,), typestr="<f4", data=(1, False), stream=9),
+                                  FakeCAI(shape=(3,), typestr="<f4", data=(1, False), stream=4)) == 9
+    assert devarr.producer_stream(None, np.zeros(3)) is None
     old = FakeCAI(shape=(3,), typestr="<f4", data=(1, False))
     old.__cuda_array_interface__["version"] = 1
     with pytest.raises(TypeError, match="version 1"):

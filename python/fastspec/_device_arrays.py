@@ -231,6 +231,14 @@ def _cupy_device_of(obj) -> int | None:
     return None
 
 
+def producer_stream(*objs) -> int | None:
+    """The stream named by the first of objs that has a CUDA array interface (None if none names one)."""
+    for obj in objs:
+        if obj is not None and not isinstance(obj, np.ndarray) and _has_cai(obj):
+            return from_cuda_array_interface(obj).stream
+    return None
+
+
 def compute_stream(producer_stream: int | None = None) -> int:
     """The stream a device call runs on: CuPy's current stream when CuPy is installed; else the producer's stream
     from the CUDA array interface; else 0 (the legacy default stream). With CuPy, a producer's different stream is

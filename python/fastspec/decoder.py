@@ -208,12 +208,7 @@ class Decoder:
         """A CUDA decoder with GPU arrays: labels are read to the host (validated and normalised there, then copied
         once), z and the outputs stay on the GPU; the work is queued on CuPy's current stream (or the producer's)."""
         dev = self.cuda_device
-        producer = None
-        for a in (params, z, out):
-            if _is_gpu_array(a) and devarr._has_cai(a):
-                producer = devarr.from_cuda_array_interface(a).stream
-                break
-        stream = devarr.compute_stream(producer)
+        stream = devarr.compute_stream(devarr.producer_stream(params, z, out))
         if _is_gpu_array(params):
             arr = devarr.as_device_array(params, devarr.dlpack_stream(stream))
             if arr.device is not None and arr.device != dev:
