@@ -13,7 +13,7 @@ import torch
 
 from fastspec import _core
 from fastspec_train import config as cfgmod
-from fastspec_train.data import FluxSource, SpectraFile, epoch_plan, open_spectra, split_indices
+from fastspec_train.data import FluxSource, SpectraFile, epoch_plan, open_spectra, sha256_file as data_sha, split_indices
 from fastspec_train.labels import LABEL_NAMES, STANDARD_LABELS, normalise_labels
 from fastspec_train.train import train
 
@@ -152,9 +152,12 @@ def test_config_presets_and_errors(tmp_path):
     assert default.train.autocast == "off"  # the original is untouched
     for bad_item, match in (("train.autocast=fp8", "autocast"), ("model.target=both", "target"),
                             ("train.z0_fraction=1.0", "z0_fraction"), ("train.z0_fraction=-0.1", "z0_fraction"),
-                            ("nosuch.key=1", "section.key=value"), ("train.lrr=1", "lrr")):
+                            ("nosuch.key=1", "section.key=value"), ("train.lrr=1", "lrr"),
+                            ("train.warmup_epochs=-1", "warmup_epochs")):
         with pytest.raises(ValueError, match=match):
             cfgmod.with_overrides(default, [bad_item])
+    with pytest.raises(ValueError, match="anneal_minutes"):  # warm-up belongs to the minutes schedule
+        cfgmod.with_overrides(cfgmod.load_config("tiny"), ["train.warmup_epochs=2"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nlatnet = 3\n")
     with pytest.raises(ValueError, match="latnet"):
@@ -212,6 +215,13 @@ def test_tiny_training_run_on_synspec(intrinsic_h5, tmp_path):
         assert (out / name).is_file(), name
     sizes = summary["split_sizes"]
     assert sizes["train"] + sizes["val"] + sizes["test"] == 240
+
+
+def joined_config(**train_kw):
+    """The tiny config on every row (its max_spectra is for one file and refuses extra files)."""
+    cfg = tiny_config(**train_kw)
+    cfg.data.max_spectra = 0
+    return cfg
 
 
 def _weights(path):
@@ -279,6 +289,10 @@ def test_joined_files_read_as_one_and_refuse_another_grid(tmp_path):
         joined.read(np.array([50]))
     with pytest.raises(ValueError, match="wavelength grid"):
         open_spectra([a, other])
+    with h5py.File(other, "a") as f:
+        f.attrs["broadening"] = "ROTIN: rotation (vsini label ...), then a Gaussian"
+    with pytest.raises(ValueError, match="broadened spectra"):
+        SpectraFile(other)
     assert isinstance(open_spectra(a), SpectraFile)
 
 
@@ -293,18 +307,26 @@ def test_second_stage_starts_from_earlier_weights_on_more_files(tmp_path):
     train(tiny_config(max_epochs=2), a, tmp_path / "stage1", quiet=True)
     stage1 = _weights(tmp_path / "stage1" / "best.pt")
 
-    frozen = tiny_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none", init_from=str(tmp_path / "stage1" / "best.pt"))
+    frozen = joined_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none", init_from=str(tmp_path / "stage1" / "best.pt"))
     summary = train(frozen, [a, b], tmp_path / "frozen", quiet=True)
     kept = _weights(tmp_path / "frozen" / "checkpoint.pt")
     assert all(torch.equal(stage1[k], kept[k]) for k in stage1)
     assert sum(summary["split_sizes"].values()) == 140
+    joined = open_spectra([a, b])
+    cfg = tiny_config().data
+    for name, rows in split_indices(joined.labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed).items():
+        assert (rows < 80).any() and (rows >= 80).any(), name  # both files' rows in every split
+    with pytest.raises(ValueError, match="same --data files"):  # a resume on other data is refused
+        train(frozen, [a], tmp_path / "frozen", resume=True, quiet=True)
+    with pytest.raises(ValueError, match="max_spectra"):
+        train(tiny_config(max_epochs=1, init_from=""), [a, b], tmp_path / "capped", quiet=True)
     assert [e["path"] for e in summary["extra_data"]] == [str(b)] and len(summary["extra_data"][0]["sha256"]) == 64
     assert "extra data" in (tmp_path / "frozen" / "train.log").read_text()
-    train(tiny_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none"), [a, b], tmp_path / "random", quiet=True)
+    train(joined_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none"), [a, b], tmp_path / "random", quiet=True)
     fresh = _weights(tmp_path / "random" / "checkpoint.pt")
     assert any(not torch.equal(stage1[k], fresh[k]) for k in stage1)
 
-    warm = tiny_config(max_epochs=3, lr=1e-3, min_lr=0.0, anneal_minutes=1e6, warmup_epochs=2, patience=50,
+    warm = joined_config(max_epochs=3, lr=1e-3, min_lr=0.0, anneal_minutes=1e6, warmup_epochs=2, patience=50,
                        init_from=str(tmp_path / "stage1" / "best.pt"))
     train(warm, [a, b], tmp_path / "stage2", quiet=True)
     lrs = [h["lr"] for h in json.loads((tmp_path / "stage2" / "history.json").read_text())]
@@ -312,6 +334,10 @@ def test_second_stage_starts_from_earlier_weights_on_more_files(tmp_path):
     prov = json.loads(_core.Model.load(str(export_run(tmp_path / "stage2", tmp_path / "stage2.fsm"))).provenance)
     assert [e["path"] for e in prov["extra_training_data"]] == [str(b)]
     assert prov["extra_training_data"][0]["n_spectra"] == 60 and prov["training_data"]["path"] == str(a)
+    primary = split_indices(SpectraFile(a).labels, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    assert prov["split"]["sizes"] == {k: int(v.size) for k, v in primary.items()}  # the split accuracy recomputes
+    assert sum(prov["split"]["sizes_with_extra_data"].values()) == 140
+    assert prov["init_from"]["sha256"] == data_sha(tmp_path / "stage1" / "best.pt")
 
 
 def test_devpack_round_trip_keeps_test_rows_home(tmp_path):

@@ -190,8 +190,9 @@ def validate(cfg: Config) -> None:
         raise ValueError("train.beta_steps must be [[epoch >= 1, beta >= 0], ...]")
     if t.anneal_end_epoch and not (1 <= t.anneal_start_epoch < t.anneal_end_epoch):
         raise ValueError("train: need 1 <= anneal_start_epoch < anneal_end_epoch")
-    if t.warmup_epochs < 0:
-        raise ValueError(f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    if t.warmup_epochs < 0 or (t.warmup_epochs and t.anneal_minutes <= 0):
+        raise ValueError(f"train.warmup_epochs (got {t.warmup_epochs}) must be >= 0 and applies to the anneal_minutes "
+                         "schedule only: set train.anneal_minutes too")
     if any(len(r) != 3 or not (1 <= r[0] < r[1]) or r[2] <= 0 for r in t.lr_restarts):
         raise ValueError("train.lr_restarts must be [[start_epoch >= 1, end_epoch > start, peak_lr > 0], ...]")
     if t.scheduler not in ("plateau", "cosine", "none"):

@@ -65,6 +65,10 @@ class SpectraFile:
                 self.wavelength_medium = str(f.attrs.get("wavelength_medium", "air"))
             except KeyError as exc:
                 raise ValueError(f"{self.path}: file attribute {exc} missing") from None
+            broadening = str(f.attrs.get("broadening", "none"))
+            if not broadening.startswith("none"):
+                raise ValueError(f"{self.path}: holds broadened spectra (attr broadening = {broadening!r}); training "
+                                 "takes intrinsic spectra (fastspec-grid build without --broaden)")
             if int(f.attrs.get("n_pixels", self.n_pixels)) != self.n_pixels:
                 raise ValueError(f"{self.path}: attr n_pixels disagrees with flux shape {self.n_pixels}")
         if not np.isfinite(self.labels).all():

@@ -156,7 +156,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
                emulator_error: bool = False) -> Path:
     """Export a run's decoder; with emulator_error, measure its error on the validation split (as exported, in
     its dtype) and write the file again with that block."""
-    from .data import SpectraFile, sha256_file
+    from .data import SpectraFile, sha256_file, split_indices
 
     run = Path(run)
     dec, cfg, ckpt = load_run_decoder(run, which)
@@ -167,14 +167,22 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     sha = summary.get("data_sha256") or sha256_file(data_path)
     best_epoch = state["best_epoch"] if which == "best" else state["epoch"]
     hist = {h["epoch"]: h for h in state["history"]}
+    d = cfg["data"]
+    rows = np.arange(min(sf.n, d["max_spectra"]) if d["max_spectra"] else sf.n)
+    primary_sizes = {k: int(v.size) for k, v in
+                     split_indices(sf.labels[rows], d["val_fraction"], d["test_fraction"], d["split_seed"]).items()}
+    extra = summary.get("extra_data") or [{"path": p, "sha256": None} for p in ckpt.get("extra_data", [])]
+    init_from = cfg["train"].get("init_from") or ""
     prov = {"training_data": {"path": str(data_path), "sha256": sha, "n_spectra": sf.n},
             "split": {"val_fraction": cfg["data"]["val_fraction"], "test_fraction": cfg["data"]["test_fraction"],
                       "split_seed": cfg["data"]["split_seed"], "max_spectra": cfg["data"]["max_spectra"],
-                      "sizes": ckpt.get("split_sizes")},
+                      "sizes": primary_sizes,  # of the primary file: what accuracy/emulator error recompute
+                      **({"sizes_with_extra_data": ckpt.get("split_sizes")} if extra else {})},
+            # the other files' rows (n counted now: a file still being built may have grown since training)
             "extra_training_data": [{"path": e["path"], "sha256": e["sha256"] or sha256_file(e["path"]),
-                                     "n_spectra": SpectraFile(e["path"]).n}
-                                    for e in summary.get("extra_data") or [{"path": p, "sha256": None}
-                                                                           for p in ckpt.get("extra_data", [])]],
+                                     "n_spectra": SpectraFile(e["path"]).n} for e in extra],
+            **({"init_from": {"path": init_from, "sha256": sha256_file(init_from) if Path(init_from).is_file() else None}}
+               if init_from else {}),
             "config": cfg, "epochs": state["epoch"], "weights_epoch": best_epoch, "weights": which,
             "val_reconstruction_mse": hist.get(best_epoch, {}).get("val_mse"),
             "val_reconstruction_mse_z0": hist.get(best_epoch, {}).get("val_mse_z0"),
@@ -191,7 +199,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
         err = measure_emulator_error(path)
-        prov["emulator_error"] = {"split": "val", "n_stars": int(prov["split"]["sizes"]["val"]) if prov["split"].get("sizes") else None,
+        prov["emulator_error"] = {"split": "val", "n_stars": primary_sizes["val"],
                                   "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
                                   "median_rms": float(np.median(err.rms))}
         prov["label_systematics"] = measure_label_systematics(path)

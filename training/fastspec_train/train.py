@@ -212,6 +212,8 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     extra_paths = [str(p) for p in getattr(sf, "paths", [sf.path])[1:]]
     labels = sf.labels
     rows_all = np.arange(sf.n)
+    if cfg.data.max_spectra and extra_paths:
+        raise ValueError("data.max_spectra (the first rows of one file, for tests) cannot be combined with extra data files")
     if cfg.data.max_spectra:
         rows_all = rows_all[: cfg.data.max_spectra]
     split = split_indices(labels[rows_all], cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
@@ -258,6 +260,12 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        was = [ck.get("data"), *ck.get("extra_data", [])]
+        if ck.get("data") is not None and [str(Path(p)) for p in was] != [str(p) for p in getattr(sf, "paths", [sf.path])]:
+            raise ValueError(f"--resume: the checkpoint was trained on {was}; give the same --data files in that order")
+        if ck.get("split_sizes") and ck["split_sizes"] != {k: int(v.size) for k, v in split.items()}:
+            raise ValueError(f"--resume: the data changed since the checkpoint (split sizes {ck['split_sizes']}, now "
+                             f"{ {k: int(v.size) for k, v in split.items()} }); a run continues only on the same rows")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler") is not None:
@@ -270,7 +278,7 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"data {sf.path} ({sf.n} spectra; train {split['train'].size}, val {split['val'].size}, test {split['test'].size}; "
+    log(f"data {sf.path}{f' + {len(extra_paths)} more file(s)' if extra_paths else ''} ({sf.n} spectra; train {split['train'].size}, val {split['val'].size}, test {split['test'].size}; "
         f"{'in memory' if train_src.in_memory else 'streamed'}); device {device}, world {world}, "
         f"threads {torch.get_num_threads()}; {n_params / 1e6:.2f} M parameters; config {cfg.name}"
         + (f"; extra data {', '.join(extra_paths)}" if extra_paths else "")
