@@ -27,12 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
 
 
 def _children_cpu() -> float:
@@ -51,7 +47,7 @@ def run(a) -> int:
             cmd = ["fastspec-grid", "build", "--n", str(a.n), "--seed", str(seed), "--no-progress", *where, "--out", str(out)]
             load0, cpu0, t0 = os.getloadavg()[0], _children_cpu(), time.perf_counter()
             rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-            row = {"pair": pair, "builder": arm, "seed": seed, "rc": rc, "wall_s": time.perf_counter() - t0,
+            row = {"pair": pair, "builder": arm, "workers": a.workers, "seed": seed, "rc": rc, "wall_s": time.perf_counter() - t0,
                    "cpu_s": _children_cpu() - cpu0, "load": [load0, os.getloadavg()[0]], "file": out.name}
             with open(d / "runs.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -67,18 +63,18 @@ def summary(a) -> int:
 
     d = Path(a.dir)
     runs = [json.loads(line) for line in open(d / "runs.jsonl")]
-    labels, seconds, is_dask, table = [], [], [], []
-    for r in runs:
+    labels, seconds, is_dask, run_of, table = [], [], [], [], []
+    for k, r in enumerate(runs):
         with h5py.File(d / r["file"], "r") as f:
             done = f["done"][...].astype(bool)
             sec, lab = f["synspec_seconds"][...][done], f["labels"][...][done]
         n = int(done.sum())
-        labels.append(lab), seconds.append(sec), is_dask.append(np.full(n, r["builder"] == "dask"))
-        share = sec.sum() / (a.workers * r["wall_s"])
+        labels.append(lab), seconds.append(sec), is_dask.append(np.full(n, r["builder"] == "dask")), run_of.append(np.full(n, k))
+        share = sec.sum() / (r.get("workers", a.workers) * r["wall_s"])
         table.append((r, n, 3600 * n / r["wall_s"], float(np.median(sec)), float(sec.sum()), share, r["cpu_s"] / n))
     print(f"# fastspec-grid build: Dask (`--scheduler local:{a.workers}`) vs local (`--workers {a.workers}`), full-range spectra\n")
-    print(f"Machine: {platform.node()}, {os.cpu_count()} logical CPUs, {_cpu_model()}; "
-          f"Python {platform.python_version()}. `python benchmarks/bench_grid_dask.py run` then `summary`.\n")
+    print(f"Machine: {machine()} (of the summary; each run's load is in the table); Python {platform.python_version()}. "
+          "`python benchmarks/bench_grid_dask.py run` then `summary`.\n")
     print("| pair | builder | seed | N | wall s | spectra/h | SYNSPEC median s | Σ SYNSPEC s | SYNSPEC share of the slots | CPU s / spectrum | load |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r, n, per_h, med, tot, share, cpu in table:
@@ -100,11 +96,14 @@ def summary(a) -> int:
     design = np.column_stack([np.ones_like(y), dask, z] + [z[:, i] * z[:, j] for i in range(4) for j in range(i, 4)])
     coef = np.linalg.lstsq(design, y, rcond=None)[0]
     resid = y - design @ coef
-    sigma2 = resid @ resid / (y.size - design.shape[1])
-    err = float(np.sqrt(sigma2 * np.linalg.inv(design.T @ design)[1, 1]))
+    # Spectra of one run share its conditions (load, start-up): a standard error clustered by run, not by spectrum.
+    bread = np.linalg.inv(design.T @ design)
+    runs_idx = np.concatenate(run_of)
+    meat = sum(np.outer(g, g) for g in (design[runs_idx == k].T @ resid[runs_idx == k] for k in np.unique(runs_idx)))
+    err = float(np.sqrt((bread @ meat @ bread)[1, 1]))
     print(f"- SYNSPEC seconds per spectrum at equal labels, Dask vs local: {100 * np.expm1(coef[1]):+.1f} % ± {100 * err:.1f} % "
-          f"({y.size} spectra; log seconds on a quadratic in teff, logg, mh, vmic plus a Dask indicator; residual scatter "
-          f"{np.sqrt(sigma2):.3f} in ln s)")
+          f"({y.size} spectra in {len(runs)} runs; log seconds on a quadratic in teff, logg, mh, vmic plus a Dask indicator; "
+          f"standard error clustered by run; residual scatter {np.sqrt(resid @ resid / (y.size - design.shape[1])):.3f} in ln s)")
     overhead = 1 - np.median(ratios) / np.exp(coef[1])
     print(f"- **engine overhead** (spectra per hour lost at equal labels = 1 − slot-share ratio / SYNSPEC-time ratio): "
           f"{100 * overhead:.1f} %")
