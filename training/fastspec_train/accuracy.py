@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .broadening import Broadener
-from .data import SpectraFile, physical_labels, sha256_file, split_indices
+from .data import SpectraFile, physical_labels, sha256_file, split_rows
 from .labels import LABEL_NAMES, STANDARD_LABELS
 
 VSINI_BINS = [0.0, 10.0, 50.0, 100.0, 200.0, 300.0]
@@ -62,11 +62,8 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     sp = prov.get("split")
     if sp is None:
         raise ValueError(f"{model_path}: provenance has no 'split'; cannot tell which spectra are held out")
-    rows = np.arange(sf.n)
-    if sp.get("max_spectra"):
-        rows = rows[: sp["max_spectra"]]
-    split = split_indices(sf.labels[rows], sp["val_fraction"], sp["test_fraction"], sp["split_seed"])
-    return sf, rows[split[which]], prov
+    split = split_rows(sf, sp["val_fraction"], sp["test_fraction"], sp["split_seed"], sp.get("max_spectra") or 0)
+    return sf, split[which], prov
 
 
 def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test", max_stars: int | None = None):

@@ -79,6 +79,15 @@ class SpectraFile:
     def wavelength(self) -> np.ndarray:
         return self.wavelength_start + self.wavelength_step * np.arange(self.n_pixels)
 
+    @property
+    def grid(self) -> tuple:
+        """(wavelength_start, wavelength_step, n_pixels, wavelength_medium): files to be joined must agree."""
+        return self.wavelength_start, self.wavelength_step, self.n_pixels, self.wavelength_medium
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path]
+
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Flux rows (any order, repeats allowed) as float32 (len(rows), n_pixels)."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -112,10 +121,8 @@ class JoinedSpectra:
     def __init__(self, files: list[SpectraFile]):
         first = files[0]
         for sf in files[1:]:
-            grid = (sf.wavelength_start, sf.wavelength_step, sf.n_pixels, sf.wavelength_medium)
-            if grid != (first.wavelength_start, first.wavelength_step, first.n_pixels, first.wavelength_medium):
-                raise ValueError(f"{sf.path}: wavelength grid {grid} differs from {first.path}'s "
-                                 f"{(first.wavelength_start, first.wavelength_step, first.n_pixels, first.wavelength_medium)}")
+            if sf.grid != first.grid:
+                raise ValueError(f"{sf.path}: wavelength grid {sf.grid} differs from {first.path}'s {first.grid}")
         self.files = files
         self.path, self.paths = first.path, [sf.path for sf in files]
         self.wavelength_start, self.wavelength_step = first.wavelength_start, first.wavelength_step
@@ -124,7 +131,7 @@ class JoinedSpectra:
         self.n = self.labels.shape[0]
         self._offsets = np.cumsum([0] + [sf.n for sf in files])
 
-    wavelength = SpectraFile.wavelength
+    wavelength, grid = SpectraFile.wavelength, SpectraFile.grid
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -173,6 +180,15 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
     val = (u >= test_fraction) & (u < test_fraction + val_fraction)
     train = ~(test | val)
     return {"train": np.flatnonzero(train), "val": np.flatnonzero(val), "test": np.flatnonzero(test)}
+
+
+def split_rows(sf, val_fraction: float, test_fraction: float, seed: int, max_spectra: int = 0) -> dict[str, np.ndarray]:
+    """{'train','val','test'} -> rows of sf by the label hash (of its first max_spectra rows only, when > 0): the
+    split training uses, and the one the evaluation recomputes from a model's provenance."""
+    rows = np.arange(sf.n)
+    if max_spectra:
+        rows = rows[:max_spectra]
+    return {k: rows[v] for k, v in split_indices(sf.labels[rows], val_fraction, test_fraction, seed).items()}
 
 
 class FluxSource:

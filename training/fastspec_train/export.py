@@ -156,7 +156,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
                emulator_error: bool = False) -> Path:
     """Export a run's decoder; with emulator_error, measure its error on the validation split (as exported, in
     its dtype) and write the file again with that block."""
-    from .data import SpectraFile, sha256_file, split_indices
+    from .data import SpectraFile, sha256_file, split_rows
 
     run = Path(run)
     dec, cfg, ckpt = load_run_decoder(run, which)
@@ -168,9 +168,8 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     best_epoch = state["best_epoch"] if which == "best" else state["epoch"]
     hist = {h["epoch"]: h for h in state["history"]}
     d = cfg["data"]
-    rows = np.arange(min(sf.n, d["max_spectra"]) if d["max_spectra"] else sf.n)
     primary_sizes = {k: int(v.size) for k, v in
-                     split_indices(sf.labels[rows], d["val_fraction"], d["test_fraction"], d["split_seed"]).items()}
+                     split_rows(sf, d["val_fraction"], d["test_fraction"], d["split_seed"], d["max_spectra"]).items()}
     extra = summary.get("extra_data") or [{"path": p, "sha256": None} for p in ckpt.get("extra_data", [])]
     init_from = cfg["train"].get("init_from") or ""
     prov = {"training_data": {"path": str(data_path), "sha256": sha, "n_spectra": sf.n},
@@ -193,8 +192,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
         prov["fastspec_version"] = version("fastspec")
     except Exception:
         prov["fastspec_version"] = "unknown"
-    wl = (sf.wavelength_start, sf.wavelength_step, sf.n_pixels, sf.wavelength_medium)
-    kw = dict(weight_dtype=weight_dtype, wavelength=wl, epsilon=cfg["broadening"]["epsilon"],
+    kw = dict(weight_dtype=weight_dtype, wavelength=sf.grid, epsilon=cfg["broadening"]["epsilon"],
               segments=cfg["broadening"]["segments"])
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:

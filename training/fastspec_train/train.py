@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .broadening import Broadener
 from .config import Config
-from .data import FluxSource, epoch_plan, open_spectra, fixed_plan, physical_labels, sha256_file, split_indices
+from .data import FluxSource, epoch_plan, fixed_plan, open_spectra, physical_labels, sha256_file, split_rows
 from .labels import NETWORK_LABELS, normalise_labels
 from .model import CVAE, kl_divergence
 
@@ -209,15 +209,12 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     sf = open_spectra(data_path)
-    extra_paths = [str(p) for p in getattr(sf, "paths", [sf.path])[1:]]
+    extra_paths = [str(p) for p in sf.paths[1:]]
     labels = sf.labels
-    rows_all = np.arange(sf.n)
     if cfg.data.max_spectra and extra_paths:
         raise ValueError("data.max_spectra (the first rows of one file, for tests) cannot be combined with extra data files")
-    if cfg.data.max_spectra:
-        rows_all = rows_all[: cfg.data.max_spectra]
-    split = split_indices(labels[rows_all], cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    split = {k: rows_all[v] for k, v in split.items()}
+    split = split_rows(sf, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed, cfg.data.max_spectra)
+    split_sizes = {k: int(v.size) for k, v in split.items()}
     if split["train"].size == 0 or split["val"].size == 0:
         raise ValueError(f"{sf.path}: the split left train={split['train'].size}, val={split['val'].size} spectra")
     train_src = FluxSource(sf, split["train"], cfg.data.memory_limit_mb)
@@ -261,11 +258,11 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         was = [ck.get("data"), *ck.get("extra_data", [])]
-        if ck.get("data") is not None and [str(Path(p)) for p in was] != [str(p) for p in getattr(sf, "paths", [sf.path])]:
+        if ck.get("data") is not None and [str(Path(p)) for p in was] != [str(p) for p in sf.paths]:
             raise ValueError(f"--resume: the checkpoint was trained on {was}; give the same --data files in that order")
-        if ck.get("split_sizes") and ck["split_sizes"] != {k: int(v.size) for k, v in split.items()}:
+        if ck.get("split_sizes") and ck["split_sizes"] != split_sizes:
             raise ValueError(f"--resume: the data changed since the checkpoint (split sizes {ck['split_sizes']}, now "
-                             f"{ {k: int(v.size) for k, v in split.items()} }); a run continues only on the same rows")
+                             f"{split_sizes}); a run continues only on the same rows")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler") is not None:
@@ -356,7 +353,7 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict() if sched is not None else None, "rng": _rng_state(),
                           "state": state, "config": cfg.to_dict(), "data": str(sf.path), "extra_data": extra_paths, "split_sizes":
-                          {k: int(v.size) for k, v in split.items()}}, ckpt_path)
+                          split_sizes}, ckpt_path)
             (out / "history.json").write_text(json.dumps(state["history"], indent=1))
             plot_history(state["history"], out / "loss_curve.png")
         log(f"epoch {epoch}: train mse {row['train_mse']:.4e} kl {row['train_kl']:.3g} | val mse(mu) {val['val_mse']:.4e} "
@@ -372,7 +369,7 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
         f"{state['best']:.4e} at epoch {state['best_epoch']}; {time.time() - t_start:.0f}s this process")
     summary = {"epochs": state["epoch"], "best_epoch": state["best_epoch"], "best_metric": state["best"],
                "metric": tcfg.early_stopping_metric, "stop_reason": stop_reason, "data": str(sf.path),
-               "data_sha256": None, "extra_data": [{"path": p, "sha256": None} for p in extra_paths], "split_sizes": {k: int(v.size) for k, v in split.items()}}
+               "data_sha256": None, "extra_data": [{"path": p, "sha256": None} for p in extra_paths], "split_sizes": split_sizes}
     if rank == 0:
         summary["data_sha256"] = sha256_file(sf.path)
         for extra in summary["extra_data"]:
