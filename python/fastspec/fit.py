@@ -19,7 +19,8 @@ SYNSPEC on held-out spectra at the current v sin i and R, interpolated like F; r
 and at the solution); and because that error is correlated over pixels (a star's residual pattern is fixed, so
 it does not average down like noise), the label systematics measured at export (the spread of noise-free fits
 of held-out spectra) are added in quadrature to the label covariance. Without them the reported uncertainties
-were 3-6× smaller than the actual scatter at SNR 50-100 (benchmarks/results/fit-2026-12-01.md).
+were 1.3-2.6× smaller than the actual scatter of Teff, log g and [M/H] at SNR 50-100 with the shipped
+default (benchmarks/results/fit-2026-12-02.md; 3-6× with the less accurate model of commit 2d8ffae).
 
 Observations as they come: vacuum wavelengths (``medium="vacuum"``) are converted to the model's medium;
 pixels that no allowed RV maps into the model grid are trimmed (and counted); a scalar error applies to every
@@ -390,8 +391,9 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     required; False: never). ``loss``/``f_scale``: a robust loss of scipy.optimize.least_squares ("soft_l1",
     "huber", "cauchy", "arctan"; residuals in units of σ). ``clip``: reject pixels whose normalised residual
     lies more than clip robust standard deviations from the median, then refit (up to ``clip_iterations``); on
-    by default (5): on 24 clean held-out spectra it clipped no pixel and changed nothing, with 30 cosmic rays per
-    spectrum it restored the clean-data scatter (benchmarks/results/fit-2026-12-01.md); None turns it off.
+    by default (5): on 24 clean held-out spectra it clipped a median of 0 pixels and changed neither scatter nor
+    bias, with 30 cosmic rays per spectrum it restored the clean-data scatter
+    (benchmarks/results/fit-2026-12-02.md); None turns it off.
     ``integrate``: average the model over each observed pixel instead of sampling it at the pixel centre — for
     data sampled much more coarsely than the model's 0.05 Å: a running mean over the observed median pixel
     spacing, rounded to an odd number of model pixels, before the model is interpolated at the observed
