@@ -68,9 +68,6 @@ def test_broadening_overhead(benchmark, decoders, vsini, resolution, kind):
 
 
 def summarize(path: str) -> str:
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from machine import machine  # noqa: F401  (the machine line is in the JSON; kept for symmetry)
-
     data = json.load(open(path))
     m = data.get("machine_info", {})
     lines = [f"# Broadening stage at batch 1 ({data.get('datetime', '?')[:10]})", "",

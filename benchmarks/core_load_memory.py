@@ -3,7 +3,7 @@
     python benchmarks/core_load_memory.py old MODEL.fsm path/to/other/_core.cpython-*.so   (another build, side by side)
 Prints one JSON line: load_s, RSS growth after load / after a batch-1 call / after a batch-256 call (MB), the best
 batch-1 (of 20) and batch-256 (of 3) forward times (ms). Results: benchmarks/results/core-lean-2026-12-01.md."""
-import importlib.util, json, resource, sys, time
+import importlib.util, json, sys, time
 import numpy as np
 which, path = sys.argv[1], sys.argv[2]
 if which == "old":

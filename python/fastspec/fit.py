@@ -81,7 +81,6 @@ def _from_specutils(spectrum):
 
 def model_spectrum(result: "FitResult", spectrum):
     """The best-fit model on the grid of a specutils Spectrum, as a specutils Spectrum (NaN where not fitted)."""
-    import astropy.units as u
     from specutils import Spectrum
 
     return Spectrum(flux=result.model_flux * spectrum.flux.unit, spectral_axis=spectrum.spectral_axis,
