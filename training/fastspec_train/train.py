@@ -147,7 +147,11 @@ def plot_history(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     ax2 = ax.twinx()
-    ax2.semilogy(ep, [h["lr"] for h in history], "k:", lw=0.8)
+    lrs = [h["lr"] for h in history]
+    ax2.set_yscale("log")
+    if min(lrs) == max(lrs):  # one epoch or a constant LR: a span set first (autoscaling a flat one warns)
+        ax2.set_ylim(lrs[0] / 2, lrs[0] * 2)
+    ax2.plot(ep, lrs, "k:", lw=0.8)
     ax2.set_ylabel("learning rate (dotted)")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")
