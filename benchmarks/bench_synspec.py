@@ -58,14 +58,15 @@ def run_synspec_side(rows: list[int], seed: int) -> dict:
     with h5py.File(shared_intrinsic(), "r") as f:
         labels = f["labels"][...][rows]
         shared_seconds = f["synspec_seconds"][...]
-    cfg = B.GridConfig(synspec_vmic=2.0)  # as the shared v1 file was made
+    cfg = B.GridConfig(synspec_vmic=2.0, sampling="point", damping="classical")  # as the shared v1 file was made
     syn, ll, nlines = B.prepare(cfg)
     vsini, res = broadening_labels(len(rows), seed)
     wave = cfg.wave()
     flux, t_total, t_synspec, t_rotin = [], [], [], []
     for k, lab in enumerate(labels):
         t0 = time.perf_counter()
-        intrinsic, t_syn = B.synthesize_one(cfg, syn, ll, nlines, lab)
+        rows_out, t_syn = B.synthesize_one(cfg, syn, ll, nlines, lab)
+        intrinsic = rows_out["flux"]
         t1 = time.perf_counter()
         broad = R.broaden(syn.rotin, wave, intrinsic, vsini[k], res[k])
         t2 = time.perf_counter()

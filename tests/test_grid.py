@@ -121,10 +121,45 @@ def test_turbospectrum_to_synspec(tmp_path):
     assert float(fe_vdw[6]) == 5.0  # g_up = 11 -> J = 5
     assert float(fe_vdw[7]) == pytest.approx(np.log10(2.45e8), abs=0.005)
     assert float(fe_vdw[9]) == -7.27  # log γ6 kept
-    assert float(fe_unsold[9]) == 0.0  # ABO packed σ.α -> SYNSPEC's Unsöld
-    assert float(ti[9]) == 0.0 and float(ti[7]) == 0.0  # Unsöld factor -> 0; Γ_rad = 0 -> classical
+    assert float(ti[7]) == 0.0  # Γ_rad = 0 -> classical
+    # ABO 352.246 (Fe I, m = 55.845 u) and the Unsöld factor 2.5 of Ti II (21 <= Z < 45: r² = (45 - 22)/2): both
+    # worked out by hand from the formulas in linelist's docstring
+    assert float(fe_unsold[9]) == pytest.approx(_abo_by_hand(352, 0.246, 55.845), abs=0.0006)
+    assert float(ti[9]) == pytest.approx(np.log10(2.5 * 4.5e-9 * (23 / 2) ** 0.4), abs=0.0006)
+    classical = linelist.to_synspec(linelist.read_turbospectrum(src), out, damping="classical")
+    rows = [line.split() for line in out.read_text().splitlines()]
+    assert classical == 3 and [float(r[9]) for r in rows] == [0.0, 0.0, -7.27]  # the older files' damping
     n_iso = linelist.to_synspec(linelist.read_turbospectrum(src, keep_isotopes=True), out)
     assert n_iso == 4 and " 56.01 " in out.read_text()
+
+
+def _abo_by_hand(sigma_a0, alpha, mass_u):
+    """log10 γ6 = log10[2 (4/π)^(α/2) Γ((4−α)/2) v0 σ (v̄/v0)^(1−α)] at 10⁴ K, written out (shared/README.md)."""
+    import math
+    k, amu, a0, v0 = 1.380649e-16, 1.66053906660e-24, 5.29177210903e-9, 1e6
+    vbar = math.sqrt(8 * k * 1e4 / math.pi * (1 / (1.008 * amu) + 1 / (mass_u * amu)))
+    return math.log10(2 * (4 / math.pi) ** (alpha / 2) * math.gamma((4 - alpha) / 2) * v0 * sigma_a0 * a0**2
+                      * (vbar / v0) ** (1 - alpha))
+
+
+def test_abo_and_classical_damping_known_values():
+    # Mg I 5172.684 Å: σ = 729 a0², α = 0.238 -> -7.267 (../shared/README.md, the value the fine set used)
+    assert linelist.abo_log_gamma6(729, 0.238, 12) == pytest.approx(-7.267, abs=0.0005)
+    # SYNSPEC's classical width (INILIN): Na I 5889.95 (upper level 16973.4 cm⁻¹): n*² = 13.595 / (5.138 -
+    # 16973.4 / 8067.6) = 4.4807, r² = 2.5 n*⁴ = 50.192 -> log10(4.5e-9 · 50.192^0.4) = -7.6665
+    g = linelist.synspec_classical_gamma6(np.array([11, 26, 56]), np.array([1, 2, 2]), np.array([16973.4, 40000.0, 20000.0]))
+    np.testing.assert_allclose(np.log10(g), [-7.6665, np.log10(4.5e-9 * 9.5**0.4), np.log10(4.5e-9 * 0.5**0.4)], atol=2e-4)
+    # above the ionisation limit SYNSPEC caps n*² at 25
+    assert linelist.synspec_classical_gamma6(11, 1, 60000.0) == pytest.approx(4.5e-9 * (2.5 * 625) ** 0.4)
+
+
+@pytest.mark.parametrize("field, why", [("nan", "not a number"), ("729.95", "ABO sigma.alpha"),
+                                        ("-31.0", "plausible log gamma6")])
+def test_unreadable_damping_field_is_named(tmp_path, field, why):
+    src = tmp_path / "ts.list"
+    src.write_text(TS_SNIPPET.replace("352.246", field))
+    with pytest.raises(GridSetupError, match=rf"ts.list:4: van der Waals field '{field}' .*{why}"):
+        linelist.read_turbospectrum(src)
 
 
 def test_turbospectrum_bad_input(tmp_path):
@@ -192,7 +227,7 @@ FAKE = textwrap.dedent("""\
     from fastspec_train.grid import build as B
     def fake(cfg, syn, ll, nlines, label):
         time.sleep(float(sys.argv[3]))
-        return (np.full(cfg.n_pixels, 0.5) + 1e-5 * label[0]).astype(np.float32), 0.1
+        return {"flux": (np.full(cfg.n_pixels, 0.5) + 1e-5 * label[0]).astype(np.float32)}, 0.1
     B.synthesize_one = fake
     B.prepare = lambda cfg: (None, "none", 0)
     B.check_labels = lambda labels, broaden=False: None
@@ -243,7 +278,7 @@ def test_killed_run_resumes(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "synthesize_one", lambda cfg, *a: (np.ones(cfg.n_pixels, np.float32), 0.0))
+    monkeypatch.setattr(B, "synthesize_one", lambda cfg, *a: ({"flux": np.ones(cfg.n_pixels, np.float32)}, 0.0))
     monkeypatch.setattr(B, "prepare", lambda cfg: (None, "none", 0))
     monkeypatch.setattr(B, "check_labels", lambda labels, broaden=False: None)
     out = tmp_path / "g.h5"
@@ -255,7 +290,12 @@ def test_resume_refuses_other_settings(tmp_path, monkeypatch):
         assert f["flux"].dtype == np.float32 and f["flux"].chunks == (1, 20) and f["flux"].compression == "gzip"
         assert list(f["labels"].attrs["names"]) == ["teff", "logg", "mh", "vmic"]
         assert f.attrs["wavelength_medium"] == "air" and f.attrs["n_pixels"] == 20
+        assert f.attrs["sampling"] == "pixel_mean" and "flux_fine" not in f
         assert f["synspec_seconds"].shape == (3,)
+    # another sampling or damping is another run
+    for other in ({"sampling": "point"}, {"damping": "classical"}):
+        with pytest.raises(GridSetupError, match="other settings or labels"):
+            B.build(out, B.draw_labels(3, 1), B.GridConfig(n_pixels=20, seed=1, **other), workers=1, progress=False)
 
 
 # ---------------------------------------------------------------- real SYNSPEC
@@ -276,6 +316,52 @@ def test_synspec_builds_and_synthesizes(tmp_path):
     assert (1 - poor).sum() < 0.8 * (1 - flux).sum()  # fewer metals, weaker lines
 
 
+def test_piecewise_linear_integral_is_exact():
+    rng = np.random.default_rng()
+    x = np.sort(rng.uniform(0, 10, 50))
+    y = rng.normal(size=50)
+    lo = rng.uniform(-1, 11, 200)
+    hi = lo + rng.uniform(0, 3, 200)
+    # reference: a very fine trapezoid of the same interpolant (exact for the pieces it resolves)
+    for a, b, got in zip(lo[:20], hi[:20], synspec.piecewise_linear_integral(x, y, lo[:20], hi[:20])):
+        t = np.union1d(np.linspace(a, b, 3), x[(x > a) & (x < b)])
+        assert got == pytest.approx(np.trapezoid(np.interp(t, x, y), t), abs=1e-12)
+    assert np.all(synspec.piecewise_linear_integral(x, y, lo, lo) == 0)
+
+
+def test_pixel_means_keep_the_strength_of_narrow_lines():
+    """A line narrower than a pixel: point samples at the centres lose its equivalent width, pixel means keep it."""
+    wave = np.linspace(4990.0, 5010.0, 8001)  # a 0.0025 Å "native" mesh
+    depth = 0.8 * np.exp(-0.5 * ((wave - 5000.013) / 0.008) ** 2)
+    native = synspec.NativeSpectrum(wave, 2.0 * (1 - depth), wave, np.full_like(wave, 2.0))
+    centres = 4995.0 + 0.05 * np.arange(200)
+    ew_true = np.trapezoid(depth, wave)
+    ew_means = 0.05 * np.sum(1 - native.pixel_means(centres, 0.05))
+    ew_points = 0.05 * np.sum(1 - native.point_samples(centres))
+    assert ew_means == pytest.approx(ew_true, rel=1e-6)
+    assert abs(ew_points / ew_true - 1) > 0.05
+
+
+def test_pixel_means_and_fine_mesh_from_synspec(tmp_path):
+    """A 5 Å window through the builder with --fine-step: pixel means, the fine mesh, and their agreement."""
+    need_gfortran()
+    need_download(synspec.build_synspec)
+    np.save(tmp_path / "l.npy", np.array([[5777.0, 4.44, 0.0, 1.0]]))
+    out = tmp_path / "g.h5"
+    assert cli.main(["build", "--labels-from", str(tmp_path / "l.npy"), "--wavelength", "5167:5172",
+                     "--fine-step", "0.005", "--out", str(out), "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        assert f.attrs["sampling"] == "pixel_mean"
+        flux, fine = f["flux"][0].astype(np.float64), f["flux_fine"][0].astype(np.float64)
+        fine_wave = f.attrs["fine_wavelength_start"] + f.attrs["fine_wavelength_step"] * np.arange(len(fine))
+    assert fine_wave[0] == pytest.approx(5166.5) and fine_wave[-1] == pytest.approx(5172.545)
+    centres = 5167.0 + 0.05 * np.arange(101)
+    from_fine = synspec.piecewise_linear_integral(fine_wave, fine, centres - 0.025, centres + 0.025) / 0.05
+    # the fine mesh is SYNSPEC's piecewise-linear mesh sampled every 0.005 Å: equal to ~1e-4 (4-decimal storage)
+    assert np.max(np.abs(flux - from_fine)) < 1e-3 and np.median(np.abs(flux - from_fine)) < 1e-4
+    assert flux.min() < 0.5  # the Mg b line
+
+
 @pytest.mark.slow
 def test_reproduces_shared_spectra(tmp_path, intrinsic_h5):
     """Three shared spectra recomputed with the builder, row by row: median, 99th percentile and max |ΔF| over all
@@ -291,8 +377,8 @@ def test_reproduces_shared_spectra(tmp_path, intrinsic_h5):
     h5 = intrinsic_h5
     out = tmp_path / "repro.h5"
     rows = "4,1,6"  # vmic labels 1.05, 1.64, 1.11: far from 2
-    rc = cli.main(["build", "--labels-from", str(h5), "--rows", rows, "--synspec-vmic", "2.0",
-                   "--out", str(out), "--workers", "1", "--no-progress"])
+    rc = cli.main(["build", "--labels-from", str(h5), "--rows", rows, "--synspec-vmic", "2.0", "--sampling", "point",
+                   "--damping", "classical", "--out", str(out), "--workers", "1", "--no-progress"])
     assert rc == 0
     with h5py.File(h5, "r") as ref, h5py.File(out, "r") as got:
         idx = [int(r) for r in rows.split(",")]
@@ -309,9 +395,9 @@ def test_reproduces_shared_spectra(tmp_path, intrinsic_h5):
             print(f"row {row}: median, p99, max, core median, core p99 = " + ", ".join(f"{v:.2e}" for v in got_stats))
             assert all(v <= lim for v, lim in zip(got_stats, limits)), (row, got_stats, limits)
         # row 4 with its own vmic label (1.05 km/s) is clearly another spectrum (20 Å window: fast)
-        cfg = B.GridConfig(wavelength_start=5000.0, n_pixels=400)
+        cfg = B.GridConfig(wavelength_start=5000.0, n_pixels=400, sampling="point", damping="classical")
         syn, ll, n = B.prepare(cfg)
-        flux, _ = B.synthesize_one(cfg, syn, ll, n, ref["labels"][4])
+        flux = B.synthesize_one(cfg, syn, ll, n, ref["labels"][4])[0]["flux"]
         i0 = round((5000.0 - ref.attrs["wavelength_start"]) / ref.attrs["wavelength_step"])
         assert np.median(np.abs(flux - ref["flux"][4, i0:i0 + 400])) > 10 * np.median(diff[0])
 
@@ -379,9 +465,9 @@ def test_broaden_option_matches_torch_broadening_up_to_the_grid_end(tmp_path):
     with h5py.File(out) as f:
         got = f["flux"][0].astype(np.float64)
         assert list(f["labels"].attrs["names"]) == ["teff", "logg", "vsini", "mh", "vmic", "resolution"]
-    cfg = B.GridConfig(wavelength_start=5300.0, n_pixels=2600)  # 5300 .. 5429.95 Å, intrinsic
+    cfg = B.GridConfig(wavelength_start=5300.0, n_pixels=2600, sampling="point")  # 5300 .. 5429.95 Å, intrinsic
     syn, ll, n = B.prepare(cfg)
-    intrinsic, _ = B.synthesize_one(cfg, syn, ll, n, label[0, [0, 1, 3, 4]])
+    intrinsic = B.synthesize_one(cfg, syn, ll, n, label[0, [0, 1, 3, 4]])[0]["flux"]
     ref = Broadener(5300.0, 0.05, 2600, dtype=torch.float64)(torch.from_numpy(intrinsic[None].astype(np.float64)),
                                                               150.0, 5000.0)[0].numpy()[1000:2000]
     d = np.abs(got - ref)

@@ -220,7 +220,7 @@ def fake(monkeypatch):
         time.sleep(0.01)
         if float(label[0]) in state["fail"]:
             raise RuntimeError("SYNSPEC failed (exit 2) in /tmp/synspec_x; end of syn.log: ...")
-        return np.full(cfg.n_pixels, 1e-4 * label[0], np.float32), 0.01
+        return {"flux": np.full(cfg.n_pixels, 1e-4 * label[0], np.float32)}, 0.01
 
     monkeypatch.setattr(B, "synthesize_one", synthesize_one)
     monkeypatch.setattr(B, "prepare", lambda cfg: (None, "none", 0))
@@ -310,7 +310,7 @@ def test_local_path_does_not_import_dask(tmp_path):
     script = textwrap.dedent(f"""\
         import sys, numpy as np
         from fastspec_train.grid import build as B, cli
-        B.synthesize_one = lambda cfg, syn, ll, n, label: (np.full(cfg.n_pixels, 0.5, np.float32), 0.0)
+        B.synthesize_one = lambda cfg, syn, ll, n, label: (dict(flux=np.full(cfg.n_pixels, 0.5, np.float32)), 0.0)
         B.prepare = lambda cfg: (None, "none", 0)
         B.check_labels = lambda labels, broaden=False: None
         rc = cli.main(["build", "--n", "3", "--wavelength", "{WAVELENGTH}", "--workers", "2", "--no-progress",

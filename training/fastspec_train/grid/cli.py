@@ -54,6 +54,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--broaden", action="store_true",
                    help="fully broadened test spectra: six labels (teff, logg, vsini, mh, vmic, resolution), "
                         "ROTIN rotation then FWHM = lambda/R")
+    b.add_argument("--sampling", choices=("pixel_mean", "point"), default="pixel_mean",
+                   help="pixel_mean (default): SYNSPEC's flux and continuum integrated over each output pixel, then "
+                        "divided -- what the model learns; point: samples at the pixel centres, as the older shared "
+                        "files (lines narrower than a pixel lose their strength there)")
+    b.add_argument("--damping", choices=("abo", "classical"), default="abo",
+                   help="van der Waals widths of the Gaia-ESO list: abo (default) converts ABO cross-sections and "
+                        "Unsoeld enhancement factors to log gamma6; classical leaves those lines at SYNSPEC's "
+                        "Unsoeld value, as the older shared files did (see the grid README)")
+    b.add_argument("--fine-step", type=float, metavar="ANGSTROM",
+                   help="also keep each spectrum on a fine mesh of this step (e.g. 0.005) as `flux_fine`, "
+                        "for reference broadening; about 10x the file size")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -85,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         start, step, npix = args.wavelength or B.STANDARD_GRID
         cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
                            synspec_vmic=args.synspec_vmic, linelist=args.linelist,
-                           keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden)
+                           keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden,
+                           sampling=args.sampling, damping=args.damping, fine_step=args.fine_step)
         if args.scheduler:
             if args.workers is not None:
                 raise ValueError("--workers is for this machine's processes; with --scheduler use local:N or "

