@@ -1,5 +1,6 @@
-"""The core's broadening stage (fastspec._core.Broadening and version-2 decoders) against training's float64 torch
-implementation (an independent FFT code), SYNSPEC's ROTIN, and float64 central differences for the Jacobian."""
+"""The core's broadening stage (fastspec._core.Broadening and version-2/3 decoders) against training's float64 torch
+implementation (an independent FFT code), SYNSPEC's ROTIN, and float64 central differences for the Jacobian; for
+both inputs the stage takes, point samples and pixel means (each fixture runs both)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ NET_COLS = [i for i, lab in enumerate(mf.INTRINSIC_LABELS) if lab.role == "netwo
 EDGE = 600  # 30 Å in pixels
 
 
-@pytest.fixture(scope="module")
-def br64():
-    return Broadener(START, STEP, N, dtype=torch.float64)
+@pytest.fixture(scope="module", params=["point", "pixel_mean"])
+def sampling(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def core():
-    return _core.Broadening(START, STEP, N)
+def br64(sampling):
+    return Broadener(START, STEP, N, dtype=torch.float64, sampling=sampling)
+
+
+@pytest.fixture(scope="module")
+def core(sampling):
+    return _core.Broadening(START, STEP, N, sampling=sampling)
 
 
 def random_spectra(rng, n):
@@ -59,8 +65,9 @@ def test_matches_training_broadening_everywhere(core, br64, rng):
     np.testing.assert_allclose(got[0], flux[0], atol=1e-6)  # v sin i = 0, R = inf: the identity
 
 
-def test_matches_rotin(core, rotin_h5):
-    """ROTIN's own rotation (R = inf here): median |ΔF| beyond 30 Å of the ends, as training's broadening."""
+def test_matches_rotin(rotin_h5):
+    """ROTIN's own rotation (R = inf here) on its point samples: median |ΔF| beyond 30 Å of the ends, as training's."""
+    core = _core.Broadening(START, STEP, N)
     with h5py.File(rotin_h5) as f:
         flux, rot, vs = f["flux"][:].astype(np.float32), f["rotation"][:], f["rotation"].attrs["vsini_kms"]
     for k, v in enumerate(vs):
@@ -88,6 +95,8 @@ def test_derivatives_match_central_differences(core, br64, rng):
 
 def test_bad_input(core):
     flux = np.ones((2, N), np.float32)
+    with pytest.raises(ValueError, match="sampling must be 'point' or 'pixel_mean', got 'mean'"):
+        _core.Broadening(START, STEP, N, sampling="mean")
     with pytest.raises(ValueError, match="vsini = -1 km/s is outside"):
         core.apply(flux, np.array([5.0, -1.0]), np.array([5000.0, 5000.0]))
     with pytest.raises(ValueError, match="resolution = 500 is below 1000"):
@@ -102,15 +111,16 @@ def test_bad_input(core):
         _core.Broadening(_core.Model.load(str(_write_model(rng_seed=0, path=None, stage=False))))
 
 
-def _write_model(rng_seed, path, stage=True, weight_dtype="f32"):
+def _write_model(rng_seed, path, stage=True, weight_dtype="f32", sampling="point"):
     import tempfile
     from pathlib import Path
 
     path = Path(path or tempfile.mkdtemp()) / f"m{int(stage)}.fsm"
     if stage:
         layers = mf.random_decoder([24, 32], latent_dim=3, n_pixels=N, n_labels=4, seed=rng_seed)
-        mf.write_model(path, layers, latent_dim=3, labels=mf.INTRINSIC_LABELS, broadening=mf.BroadeningStage(),
-                       weight_dtype=weight_dtype)
+        mf.write_model(path, layers, latent_dim=3, labels=mf.INTRINSIC_LABELS, weight_dtype=weight_dtype,
+                       broadening=mf.BroadeningStage(sampling=sampling),
+                       format_version=3 if sampling == "pixel_mean" else 2)
     else:
         layers = mf.random_decoder([8], latent_dim=3, n_pixels=N, seed=rng_seed)
         mf.write_model(path, layers, latent_dim=3)
@@ -128,12 +138,13 @@ def intrinsic_reference(layers, labels, br64, z=None, clip=False):
 
 
 @pytest.mark.parametrize("weight_dtype", ["f32", "f16"])
-def test_decoder_with_stage_forward_and_jacobian(tmp_path, rng, br64, weight_dtype):
+def test_decoder_with_stage_forward_and_jacobian(tmp_path, rng, br64, sampling, weight_dtype):
     """forward = network then broadening (float64 reference); forward_jacobian against float64 central differences
     for all six labels, network and broadening ones (step: 1e-6 of each label's normalisation scale). Measured:
     at most 1e-6 of each column's largest derivative (float32 rounding); the bound is 1e-5."""
-    path = _write_model(int(rng.integers(1 << 30)), tmp_path, weight_dtype=weight_dtype)
+    path = _write_model(int(rng.integers(1 << 30)), tmp_path, weight_dtype=weight_dtype, sampling=sampling)
     m = _core.Model.load(str(path))
+    assert m.format_version == (3 if sampling == "pixel_mean" else 2) and m.broadening["sampling"] == sampling
     layers = [mf.Layer(w, b, info["activation"]) for (w, b), info in zip(m.weights(), m.layers)]
     dec = _core.Decoder(m)
     lo, hi = np.array([l.min for l in mf.INTRINSIC_LABELS]), np.array([l.max for l in mf.INTRINSIC_LABELS])

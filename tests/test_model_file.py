@@ -122,7 +122,7 @@ def test_specific_field_errors(tmp_path):
     layer1 = LAYERS_AT + mf.LAYER_RECORD_BYTES  # second layer record
     last = LAYERS_AT + 2 * mf.LAYER_RECORD_BYTES
     expect_rejected(p, with_crc(b"XSPECMDL" + data[8:]), "bad magic")
-    expect_rejected(p, patched(data, 8, "<I", 3), "format version 3 is not supported; this reader knows versions 1-2")
+    expect_rejected(p, patched(data, 8, "<I", 4), "format version 4 is not supported; this reader knows versions 1-3")
     expect_rejected(p, patched(data, 8, "<I", 0), "format version 0 is not supported")
     expect_rejected(p, patched(data, 12, "<I", 64), "header_bytes is 64")
     expect_rejected(p, patched(data, 16, "<Q", 41234560), "truncated: header says 41234560 bytes, file has")
@@ -175,11 +175,12 @@ def test_version_2_broadening_stage(tmp_path):
     p.write_bytes(data)
     m = _core.Model.load(str(p))
     assert (m.format_version, m.n_labels, m.n_network_labels) == (2, 6, 4)
-    assert m.broadening == {"epsilon": 0.6, "segments": 3, "vsini_label": "vsini", "resolution_label": "resolution"}
+    assert m.broadening == {"sampling": "point", "epsilon": 0.6, "segments": 3, "vsini_label": "vsini",
+                            "resolution_label": "resolution"}
     assert [lab["role"] for lab in m.labels] == ["network", "network", "vsini", "network", "network", "resolution"]
     assert m.layers[0]["in"] == LATENT + 4
     role = lambda i: LABELS_AT + mf.LABEL_RECORD_BYTES * i + 52  # noqa: E731
-    expect_rejected(p, patched(data, 68, "<I", 2), "broadening = 2 is unknown")
+    expect_rejected(p, patched(data, 68, "<I", 2), "broadening = 2 (pixel means) needs format version 3")
     expect_rejected(p, patched(data, 104, "<d", 1.5), "limb darkening epsilon = 1.5")
     expect_rejected(p, patched(data, 104, "<d", float("nan")), "limb darkening epsilon")
     expect_rejected(p, patched(data, 112, "<I", 0), "segments = 0")
@@ -201,6 +202,32 @@ def test_version_2_broadening_stage(tmp_path):
     expect_rejected(p, patched(v2_plain, role(2), "<I", 1), "has role vsini but the file has no broadening stage")
     p.write_bytes(v2_plain)
     assert _core.Model.load(str(p)).broadening is None
+
+
+def test_pixel_mean_stage_is_version_3(tmp_path):
+    """Version 3 adds broadening = 2 (the network's pixels are pixel means); version-2 files load as before, a
+    pixel-mean stage in a version-2 file and unknown stages or versions are refused with what is wrong."""
+    layers = mf.random_decoder(WIDTHS, latent_dim=LATENT, n_pixels=N_PIXELS, n_labels=4, seed=5)
+    grid = (4450.0, 0.05, N_PIXELS, "air")
+    p = tmp_path / "v3.fsm"
+    v3 = mf.model_bytes(layers, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, wavelength=grid, format_version=3,
+                        broadening=mf.BroadeningStage(sampling="pixel_mean"))
+    p.write_bytes(v3)
+    m = _core.Model.load(str(p))
+    assert m.format_version == 3 and m.broadening["sampling"] == "pixel_mean"
+    v2 = mf.model_bytes(layers, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, wavelength=grid,
+                        broadening=mf.BroadeningStage())
+    p.write_bytes(v2)
+    m = _core.Model.load(str(p))
+    assert m.format_version == 2 and m.broadening["sampling"] == "point"
+    expect_rejected(p, patched(v3, 8, "<I", 2), "broadening = 2 (pixel means) needs format version 3, the file has 2")
+    expect_rejected(p, patched(v3, 68, "<I", 3), "broadening = 3 is unknown")
+    expect_rejected(p, patched(v3, 8, "<I", 4), "format version 4 is not supported; this reader knows versions 1-3")
+    with pytest.raises(ValueError, match="pixel means needs format version 3"):
+        mf.model_bytes(layers, latent_dim=LATENT, labels=mf.INTRINSIC_LABELS, wavelength=grid,
+                       broadening=mf.BroadeningStage(sampling="pixel_mean"))
+    with pytest.raises(ValueError, match="broadening sampling must be one of"):
+        mf.BroadeningStage(sampling="mean")
 
 
 def test_writer_refuses_inconsistent_stages():

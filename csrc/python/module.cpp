@@ -202,10 +202,12 @@ PYBIND11_MODULE(_core, mod) {
                                [](const Model& m) -> py::object {
                                    const auto& b = m.broadening();
                                    if (!b.enabled) return py::none();
-                                   return py::dict(py::arg("epsilon") = b.epsilon, py::arg("segments") = b.segments,
+                                   return py::dict(py::arg("sampling") = b.sampling == fastspec::Sampling::pixel_mean
+                                                                              ? "pixel_mean" : "point",
+                                                   py::arg("epsilon") = b.epsilon, py::arg("segments") = b.segments,
                                                    py::arg("vsini_label") = m.labels()[b.vsini_label].name,
                                                    py::arg("resolution_label") = m.labels()[b.resolution_label].name);
-                               }, "None, or the broadening stage: {'epsilon', 'segments', 'vsini_label', 'resolution_label'}.")
+                               }, "None, or the broadening stage: {'sampling', 'epsilon', 'segments', 'vsini_label', 'resolution_label'}.")
         .def_property_readonly("latent_dim", &Model::latent_dim)
         .def_property_readonly("n_pixels", &Model::n_pixels)
         .def_property_readonly("wavelength_start", &Model::wavelength_start)
@@ -311,9 +313,18 @@ PYBIND11_MODULE(_core, mod) {
     py::class_<Broadening>(mod, "Broadening",
                            "Rotation (linear limb darkening epsilon) then a Gaussian of FWHM = lambda/R on a uniform grid:\n"
                            "the broadening stage of version-2 models, on its own. Thread-safe; releases the GIL.")
-        .def(py::init<double, double, std::size_t, double, int, double, double>(), py::arg("wavelength_start"),
-             py::arg("wavelength_step"), py::arg("n_pixels"), py::arg("epsilon") = 0.6, py::arg("segments") = 8,
-             py::arg("max_vsini") = 300.0, py::arg("min_resolution") = 1000.0)
+        .def(py::init([](double start, double step, std::size_t n, double epsilon, int segments, double max_vsini,
+                         double min_resolution, const std::string& sampling) {
+                 if (sampling != "point" && sampling != "pixel_mean")
+                     throw py::value_error("sampling must be 'point' or 'pixel_mean', got '" + sampling + "'");
+                 return Broadening(start, step, n, epsilon, segments, max_vsini, min_resolution,
+                                   sampling == "point" ? fastspec::Sampling::point : fastspec::Sampling::pixel_mean);
+             }),
+             py::arg("wavelength_start"), py::arg("wavelength_step"), py::arg("n_pixels"), py::arg("epsilon") = 0.6,
+             py::arg("segments") = 8, py::arg("max_vsini") = 300.0, py::arg("min_resolution") = 1000.0,
+             py::arg("sampling") = "point",
+             "sampling: what the input pixels hold, 'point' samples or 'pixel_mean's (the flux integrated over each\n"
+             "pixel); the output is the broadened spectrum at the pixel centres either way.")
         .def(py::init<const Model&>(), py::arg("model"), "The broadening stage of a version-2 model.")
         .def_property_readonly("n_pixels", &Broadening::n_pixels)
         .def("apply", &broaden, py::arg("flux"), py::arg("vsini"), py::arg("resolution"), py::arg("derivatives") = false,

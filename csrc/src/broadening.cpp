@@ -92,6 +92,36 @@ ProfileValues rotation_values(double w, double eps, int half, bool derivatives) 
     return v;
 }
 
+// The Gaussian's taps for pixel-mean input: a pixel mean is the spectrum convolved with a one-pixel box (variance
+// 1/12) and sampled, so sampled taps of a Gaussian of variance sigma^2 - 1/12 give the point-sampled spectrum
+// broadened by sigma (to second order in the box; sigma^2 >= 0.108 pixel^2 over the model's R range at 0.05 A).
+// Renormalised to sum 1; dk, when asked for, is the derivative by sigma. sigma^2 <= 1/12 (R = inf) -> identity.
+void pixel_mean_gaussian(double sigma, int half, std::vector<double>& k, std::vector<double>* dk) {
+    const int n = 2 * half + 1;
+    k.assign(n, 0.0);
+    if (dk) dk->assign(n, 0.0);
+    const double s2 = sigma * sigma - 1.0 / 12.0;
+    if (!(s2 > 1e-6)) {  // narrower than the taps can show (exp(-1/(2 s2)) < 1e-217): the identity
+        k[half] = 1.0;
+        return;
+    }
+    const double s = std::sqrt(s2);
+    std::vector<double> g(n);
+    double sum = 0, dsum = 0;
+    for (int i = 0; i < n; ++i) {
+        const double m = i - half, e = std::exp(-0.5 * m * m / s2);
+        k[i] = e;
+        g[i] = e * m * m / (s2 * s);  // d e / d s
+        sum += e;
+        dsum += g[i];
+    }
+    const double ds_dsigma = sigma / s;
+    for (int i = 0; i < n; ++i) {
+        k[i] /= sum;
+        if (dk) (*dk)[i] = (g[i] / sum - k[i] * dsum / sum) * ds_dsigma;
+    }
+}
+
 // Full linear convolution of two centred kernels (double), the result centred too.
 std::vector<double> convolve(const std::vector<double>& a, const std::vector<double>& b) {
     std::vector<double> c(a.size() + b.size() - 1, 0.0);
@@ -109,8 +139,11 @@ std::string num(double v) {
 }  // namespace
 
 BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels,
-                                 double epsilon, int segments, double max_vsini, double min_resolution)
-    : step_(wavelength_step), epsilon_(epsilon), max_vsini_(max_vsini), min_resolution_(min_resolution), n_(n_pixels) {
+                                 double epsilon, int segments, double max_vsini, double min_resolution,
+                                 Sampling sampling)
+    : step_(wavelength_step), epsilon_(epsilon), max_vsini_(max_vsini), min_resolution_(min_resolution),
+      sampling_(sampling), n_(n_pixels) {
+    if (sampling != Sampling::point && sampling != Sampling::pixel_mean) throw Error("Broadening: unknown sampling");
     if (!(wavelength_start > 0) || !(wavelength_step > 0) || !std::isfinite(wavelength_start + wavelength_step) ||
         n_pixels < 2 || n_pixels > (1u << 24))
         throw Error("Broadening: need wavelength_start > 0, wavelength_step > 0 and 2 <= n_pixels <= 2^24");
@@ -148,7 +181,7 @@ BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step
 BroadeningStage::BroadeningStage(const Model& m)
     : BroadeningStage(m.wavelength_start(), m.wavelength_step(), m.n_pixels(), m.broadening().epsilon,
                       m.broadening().segments, m.labels()[m.broadening().vsini_label].max,
-                      m.labels()[m.broadening().resolution_label].min) {}
+                      m.labels()[m.broadening().resolution_label].min, m.broadening().sampling) {}
 
 void BroadeningStage::check(double vsini, double resolution) const {
     if (!(vsini >= 0 && vsini <= max_vsini_ * (1 + 1e-12)))
@@ -175,7 +208,10 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
         const int hg = std::min(gauss_half_max_, int(std::ceil(6.0 * sigma)) + 2);
         std::vector<double> kr, kg, dkr, dkg;
         hat_weights(rotation_values(w, epsilon_, hr, derivatives), hr, kr, derivatives ? &dkr : nullptr);
-        hat_weights(gaussian_values(sigma, hg, derivatives), hg, kg, derivatives ? &dkg : nullptr);
+        if (sampling_ == Sampling::pixel_mean)
+            pixel_mean_gaussian(sigma, hg, kg, derivatives ? &dkg : nullptr);
+        else
+            hat_weights(gaussian_values(sigma, hg, derivatives), hg, kg, derivatives ? &dkg : nullptr);
         parts[s].flux = convolve(kr, kg);
         if (derivatives) {
             parts[s].dv = convolve(dkr, kg);
@@ -245,9 +281,9 @@ struct Broadening::Impl {
 };
 
 Broadening::Broadening(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
-                       int segments, double max_vsini, double min_resolution)
+                       int segments, double max_vsini, double min_resolution, Sampling sampling)
     : impl_(std::make_unique<Impl>(detail::BroadeningStage(wavelength_start, wavelength_step, n_pixels, epsilon,
-                                                           segments, max_vsini, min_resolution))) {}
+                                                           segments, max_vsini, min_resolution, sampling))) {}
 
 Broadening::Broadening(const Model& model) {
     if (!model.broadening().enabled)

@@ -6,9 +6,12 @@
 //   * the grid is cut into `segments` pieces; at each of the segments + 1 nodes the kernels are built for the
 //     widths at that node's wavelength, and between two nodes the two results are blended linearly (hat
 //     weights, a partition of unity), so the kernel width follows lambda smoothly;
-//   * the pixel weights K(m) = integral of hat(x - m) p(x) dx read the spectrum as its piecewise-linear
-//     interpolant; they come in closed form from the profile's CDF and first moment, sum to 1, and tend to the
-//     identity as the width goes to 0 (vsini = 0, R = infinity);
+//   * point samples (Sampling::point): the pixel weights K(m) = integral of hat(x - m) p(x) dx read the spectrum
+//     as its piecewise-linear interpolant; they come in closed form from the profile's CDF and first moment, sum
+//     to 1, and tend to the identity as the width goes to 0 (vsini = 0, R = infinity);
+//   * pixel means (Sampling::pixel_mean, format version 3): the input is already the flux integrated over each
+//     pixel (a box of one pixel), so the Gaussian's taps are its values sampled at the integer offsets with the
+//     box's variance (1/12 pixel^2) taken off, renormalised (see pixel_mean_gaussian in broadening.cpp);
 //   * rotation and Gaussian are combined into one kernel per node, applied to the spectrum extended by its
 //     edge values (training's FFT applies both to the same edge-extended window: the same operator).
 #pragma once
@@ -23,7 +26,7 @@ namespace fastspec::detail {
 class BroadeningStage {
 public:
     BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
-                    int segments, double max_vsini, double min_resolution);
+                    int segments, double max_vsini, double min_resolution, Sampling sampling = Sampling::point);
     // The stage a version-2 model describes: its grid, epsilon, segments and the ranges of its v sin i and R
     // labels (model.broadening().enabled must be true).
     explicit BroadeningStage(const Model& model);
@@ -45,6 +48,7 @@ public:
     void apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const;
 
     std::size_t n_pixels() const { return n_; }
+    Sampling sampling() const { return sampling_; }
     // The node layout, for device backends that run the blend themselves (cuda/): node s covers pixels
     // [node_lo(s), node_hi(s)] with weights node_hat(s); make_kernels never returns a half above max_half().
     std::size_t node_count() const { return nodes_.size(); }
@@ -60,6 +64,7 @@ private:
         std::vector<float> hat;   // hi - lo + 1 weights
     };
     double step_, epsilon_, max_vsini_, min_resolution_;
+    Sampling sampling_;
     std::size_t n_;
     int rot_half_max_, gauss_half_max_;
     std::vector<Node> nodes_;

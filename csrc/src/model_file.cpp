@@ -1,4 +1,4 @@
-// Reader of the model file, versions 1 and 2 (docs/model-format.md).
+// Reader of the model file, versions 1 to 3 (docs/model-format.md).
 //
 // The whole file is read into memory, then every field is checked before any weight is used:
 // nothing is read outside the buffer (all offsets/sizes are range-checked with overflow-free
@@ -54,7 +54,7 @@ namespace {
 
 constexpr char kMagic[8] = {'F', 'S', 'P', 'E', 'C', 'M', 'D', 'L'};
 constexpr char kTrailer[4] = {'F', 'E', 'N', 'D'};
-constexpr std::uint32_t kOldestVersion = 1, kVersion = 2;
+constexpr std::uint32_t kOldestVersion = 1, kVersion = 3;
 constexpr std::uint64_t kHeaderBytes = 128, kLabelBytes = 80, kLayerBytes = 48, kTrailerBytes = 8;
 constexpr std::uint64_t kAlign = 64;
 constexpr std::uint64_t kMaxLabels = 64, kMaxLatent = 4096, kMaxLayers = 64, kMaxDim = 1u << 20;
@@ -217,10 +217,14 @@ std::shared_ptr<Model::Impl> Reader::parse() {
     if (medium != 1 && medium != 2) fail("wavelength_medium = ", medium, " is unknown (1 = air, 2 = vacuum)");
     m->medium = Medium(medium);
     if (u32(h + 64) != 1) fail("output_transform = ", u32(h + 64), " is unknown (1 = scale * sigmoid + offset)");
-    // Version 2: the broadening stage (offset 68: 0 = none, 1 = rotation then Gaussian; 104: epsilon; 112: segments).
+    // Version 2: the broadening stage (offset 68: 0 = none, 1 = rotation then Gaussian on point samples, version 3
+    // also 2 = the same on pixel means; 104: epsilon; 112: segments).
     const std::uint32_t broadening = u32(h + 68);
     if (version == 1 && broadening != 0) fail("reserved header field at offset 68 is not zero");
-    if (broadening > 1) fail("broadening = ", broadening, " is unknown (0 = none, 1 = rotation then Gaussian)");
+    if (broadening > 2)
+        fail("broadening = ", broadening, " is unknown (0 = none, 1 = rotation then Gaussian on point samples, "
+             "2 = on pixel means)");
+    if (broadening == 2 && version < 3) fail("broadening = 2 (pixel means) needs format version 3, the file has ", version);
     m->output_scale = f64(h + 72);
     m->output_offset = f64(h + 80);
     if (!std::isfinite(m->output_scale) || m->output_scale == 0) fail("output_scale = ", m->output_scale, " must be finite and non-zero");
@@ -228,8 +232,9 @@ std::shared_ptr<Model::Impl> Reader::parse() {
     if (version == 1 && !all_zero(h + 104, 24)) fail("reserved header bytes 104-127 are not zero");
     if (version >= 2 && broadening == 0 && !all_zero(h + 104, 16)) fail("broadening = 0 but header bytes 104-119 are not zero");
     const std::uint64_t error_at = version >= 2 ? u64(h + 120) : 0;  // the emulator-error block, 0 = none
-    if (broadening == 1) {
+    if (broadening >= 1) {
         m->broadening.enabled = true;
+        m->broadening.sampling = broadening == 2 ? Sampling::pixel_mean : Sampling::point;
         m->broadening.epsilon = f64(h + 104);
         if (!(m->broadening.epsilon >= 0 && m->broadening.epsilon <= 1))
             fail("limb darkening epsilon = ", m->broadening.epsilon, " is not in [0, 1]");

@@ -1,4 +1,4 @@
-"""Writer for the fastspec model file (docs/model-format.md, versions 1 and 2).
+"""Writer for the fastspec model file (docs/model-format.md, versions 1 to 3).
 
 Pure NumPy: training imports it to export a decoder, tests use it to make random models. The C++
 core is the only reader, so every check of a file's contents lives there.
@@ -16,7 +16,8 @@ import numpy as np
 
 MAGIC = b"FSPECMDL"
 TRAILER_MAGIC = b"FEND"
-FORMAT_VERSION = 2  # what model_bytes writes by default; version 1 (no broadening stage, no roles) on request
+FORMAT_VERSION = 2  # the default for point-sample stages; pixel-mean stages need 3; 1 (no stage, no roles) on request
+FORMAT_VERSIONS = (1, 2, 3)
 HEADER_BYTES = 128
 LABEL_RECORD_BYTES = 80
 LAYER_RECORD_BYTES = 48
@@ -27,6 +28,8 @@ SCALINGS = {"linear": 1, "log10": 2}
 ACTIVATIONS = {"relu": 1, "sigmoid": 2}
 MEDIA = {"air": 1, "vacuum": 2}
 ROLES = {"network": 0, "vsini": 1, "resolution": 2}
+# header offset 68: what the network's pixels hold, and so which kernels the broadening stage uses
+SAMPLINGS = {"point": 1, "pixel_mean": 2}
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,17 @@ class EmulatorError:
 @dataclass(frozen=True)
 class BroadeningStage:
     """Rotation (Gray's profile, linear limb darkening epsilon, half-width λ·vsini/c), then a Gaussian of
-    FWHM = λ/R, with kernel widths taken at segments + 1 nodes and blended linearly in between."""
+    FWHM = λ/R, with kernel widths taken at segments + 1 nodes and blended linearly in between. `sampling` says
+    what the network's pixels hold: "point" samples (format version 2) or "pixel_mean"s, the flux integrated
+    over each pixel (version 3); the stage's kernels are made for that input and return point samples."""
 
     epsilon: float = 0.6
     segments: int = 8
+    sampling: str = "point"
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"broadening sampling must be one of {sorted(SAMPLINGS)}, got {self.sampling!r}")
 
 
 # The spectral grid of the SYNSPEC training data: 4450-5400 A in air, 0.05 A steps.
@@ -155,8 +165,8 @@ def model_bytes(
     "resolution" role and the network takes [z, the "network" labels]; format_version 1 allows neither."""
     if weight_dtype not in DTYPES:
         raise ValueError(f"unknown weight dtype {weight_dtype!r}; use one of {sorted(DTYPES)}")
-    if format_version not in (1, 2):
-        raise ValueError(f"format_version must be 1 or 2, got {format_version}")
+    if format_version not in FORMAT_VERSIONS:
+        raise ValueError(f"format_version must be one of {FORMAT_VERSIONS}, got {format_version}")
     roles = [label.role for label in labels]
     if any(r not in ROLES for r in roles):
         raise ValueError(f"label roles must be one of {sorted(ROLES)}, got {roles}")
@@ -167,6 +177,8 @@ def model_bytes(
     if broadening is not None:
         if format_version < 2:
             raise ValueError("a broadening stage needs format version 2")
+        if broadening.sampling == "pixel_mean" and format_version < 3:
+            raise ValueError("a broadening stage for pixel means needs format version 3")
         if roles.count("vsini") != 1 or roles.count("resolution") != 1:
             raise ValueError(f"a broadening stage needs exactly one vsini and one resolution label, got roles {roles}")
     wl_start, wl_step, n_pixels, medium = wavelength
@@ -213,7 +225,7 @@ def model_bytes(
         format_version, HEADER_BYTES, file_bytes, len(labels), latent_dim, len(layers), DTYPES[weight_dtype][0],
     )
     buf += struct.pack("<ddII", wl_start, wl_step, n_pixels, MEDIA[medium])
-    buf += struct.pack("<IIdd", 1, 1 if broadening else 0, output_scale, output_offset)
+    buf += struct.pack("<IIdd", 1, SAMPLINGS[broadening.sampling] if broadening else 0, output_scale, output_offset)
     buf += struct.pack("<QQ", tables_end, len(prov))
     buf += struct.pack("<dI4xQ", broadening.epsilon, broadening.segments, error_offset) if broadening is not None \
         else struct.pack("<16xQ", error_offset)

@@ -22,6 +22,12 @@ gives K = δ (the identity, no NaN), and Σ K = 1 whatever the width. The convol
 (torch.fft.rfft/irfft) with per-sample kernel spectra, batched; a direct grouped conv1d is in
 `direct_convolve` for the speed comparison (numbers in training/README.md).
 
+Pixel means (sampling="pixel_mean", what the decoder of a version-3 model outputs). The input is the spectrum
+integrated over each pixel, i.e. convolved with a one-pixel box (variance 1/12 px²) and sampled; lines narrower
+than a pixel keep their strength there, which point samples lose. The Gaussian's taps are then its values at
+the integer offsets for the variance σ² − 1/12 px² (the box already applied that much), renormalised: together
+with the input's box that is the Gaussian of σ to second order. σ² ≥ 0.108 px² over the model's R range.
+
 Edges. Each window is extended by its edge value (continuum-normalised flux, so constant extension is the
 least-surprising guess) over the widest kernel, so the circular FFT convolution never wraps around.
 Within one kernel half-width of either end the true broadened flux depends on the spectrum outside the
@@ -38,6 +44,7 @@ import torch
 C_KMS = 299792.458
 EPSILON = 0.6  # linear limb-darkening coefficient of the rotational profile, as in ROTIN
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+SAMPLINGS = ("point", "pixel_mean")  # what the input pixels hold (model_format.SAMPLINGS)
 
 
 def _next_fast_len(n: int) -> int:
@@ -81,6 +88,17 @@ def gaussian_kernel(sigma_px: torch.Tensor, half: int) -> torch.Tensor:
         return -s / math.sqrt(2.0 * math.pi) * torch.exp(-0.5 * (x / s) ** 2)
 
     return _hat_weights(cdf, moment, half, sigma_px.device)
+
+
+def pixel_mean_gaussian_kernel(sigma_px: torch.Tensor, half: int) -> torch.Tensor:
+    """Taps (B, 2·half+1) that turn pixel means into point samples broadened by a Gaussian of std sigma_px (B,):
+    the Gaussian of variance σ² − 1/12 sampled at the integer offsets, renormalised; σ² ≤ 1/12 → δ."""
+    s2 = sigma_px.to(torch.float64)[:, None] ** 2 - 1.0 / 12.0
+    m = torch.arange(-half, half + 1, device=sigma_px.device, dtype=torch.float64)[None, :]
+    narrow = s2 <= 1e-6  # the C++ stage's cut: exp(-1/(2·1e-6)) underflows, the identity
+    w = torch.exp(-0.5 * m**2 / torch.where(narrow, torch.ones_like(s2), s2))
+    w = torch.where(narrow, (m == 0).to(w.dtype), w)
+    return w / w.sum(dim=1, keepdim=True)
 
 
 def rotation_kernel(halfwidth_px: torch.Tensor, half: int, epsilon: float = EPSILON) -> torch.Tensor:
@@ -155,17 +173,22 @@ class Broadener:
     >>> br = Broadener(4450.0, 0.05, 19000, device="cpu")
     >>> out = br(flux, vsini, resolution)    # flux (B, 19000); vsini, resolution (B,) or scalars
 
-    R = inf switches the Gaussian off, vsini = 0 the rotation; both off is the identity. `max_vsini` and
+    R = inf switches the Gaussian off, vsini = 0 the rotation; both off is the identity. `sampling` says what the
+    input pixels hold ("point" samples or "pixel_mean"s); the output is the broadened spectrum at the pixel centres. `max_vsini` and
     `min_resolution` size the kernels: wider kernels are refused rather than silently truncated.
     """
 
     def __init__(self, wavelength_start: float, wavelength_step: float, n_pixels: int, *,
                  epsilon: float = EPSILON, segments: int = 8, max_vsini: float = 300.0,
-                 min_resolution: float = 1000.0, device="cpu", dtype=torch.float32, method: str = "fft"):
+                 min_resolution: float = 1000.0, device="cpu", dtype=torch.float32, method: str = "fft",
+                 sampling: str = "point"):
         if wavelength_start <= 0 or wavelength_step <= 0 or n_pixels < 2:
             raise ValueError("need wavelength_start > 0, wavelength_step > 0 and n_pixels >= 2")
         if method not in ("fft", "direct"):
             raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        self.sampling = sampling
         self.epsilon = float(epsilon)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -195,7 +218,8 @@ class Broadener:
         """Rotation and Gaussian pixel kernels for the widths at `wavelength` (both float64, (B, ·))."""
         halfwidth = vsini * (wavelength / C_KMS / self.step)
         sigma = wavelength / (FWHM_PER_SIGMA * resolution * self.step)  # 0 for R = inf
-        return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gaussian_kernel(sigma, self.gauss_half)]
+        gauss = pixel_mean_gaussian_kernel if self.sampling == "pixel_mean" else gaussian_kernel
+        return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gauss(sigma, self.gauss_half)]
 
     def __call__(self, flux, vsini, resolution) -> torch.Tensor:
         flux = torch.as_tensor(flux)

@@ -82,6 +82,10 @@ const char* to_string(Medium m) noexcept;
 
 // What a label drives: an input of the network, or a parameter of the broadening stage.
 enum class LabelRole : std::uint32_t { network = 0, vsini = 1, resolution = 2 };
+// What a spectrum's pixels hold, and so which kernels the broadening stage uses: samples at the pixel centres,
+// or the flux integrated over each pixel (version-3 models; SYNSPEC's mesh integrated, what lines narrower than a
+// pixel need). Either way the stage returns the broadened spectrum at the pixel centres.
+enum class Sampling : std::uint32_t { point = 1, pixel_mean = 2 };
 const char* to_string(LabelRole r) noexcept;  // "network"/"vsini"/"resolution"
 
 struct LabelInfo {
@@ -96,6 +100,7 @@ struct LabelInfo {
 // half-width lambda * vsini / c), then a Gaussian of FWHM = lambda / R, applied to the network's output.
 struct BroadeningInfo {
     bool enabled = false;
+    Sampling sampling = Sampling::point;  // what the network's pixels hold (pixel_mean: format version 3)
     double epsilon = 0.6;
     int segments = 8;  // the kernel widths follow lambda piecewise-linearly between segments + 1 nodes
     std::size_t vsini_label = 0, resolution_label = 0;  // indices into Model::labels()
@@ -113,7 +118,7 @@ public:
     // ModelFileError (message: "<path>: <problem>") if it is not a valid version-1 model file.
     static Model load(const std::string& path);
 
-    int format_version() const;  // 1 or 2
+    int format_version() const;  // 1, 2 or 3
     std::size_t n_labels() const;  // physical labels, network and broadening ones
     std::size_t latent_dim() const;
     std::size_t n_pixels() const;
@@ -242,13 +247,15 @@ private:
 
 // The broadening stage on its own, for any spectrum on a uniform wavelength grid (the Decoder of a version-2
 // model runs exactly this after its network). Like SYNSPEC's ROTIN: rotation with linear limb darkening
-// epsilon, then a Gaussian of FWHM = lambda / R. The spectrum is read as its piecewise-linear interpolant and
-// extended beyond both ends by its edge values (docs/model-format.md, "Broadening stage"). Const and thread-safe.
+// epsilon, then a Gaussian of FWHM = lambda / R. The input is point samples (read as their piecewise-linear
+// interpolant) or pixel means (`sampling`); it is extended beyond both ends by its edge values, and the output is
+// the broadened spectrum at the pixel centres (docs/model-format.md, "Broadening stage"). Const and thread-safe.
 class Broadening {
 public:
     // Kernels are sized for vsini <= max_vsini (km/s) and resolution >= min_resolution.
     Broadening(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon = 0.6,
-               int segments = 8, double max_vsini = 300.0, double min_resolution = 1000.0);
+               int segments = 8, double max_vsini = 300.0, double min_resolution = 1000.0,
+               Sampling sampling = Sampling::point);
     // The stage of a version-2 model (its grid, epsilon, segments and label ranges); throws Error if it has none.
     explicit Broadening(const Model& model);
     ~Broadening();
