@@ -296,6 +296,64 @@ def test_joined_files_read_as_one_and_refuse_another_grid(tmp_path):
     assert isinstance(open_spectra(a), SpectraFile)
 
 
+def test_pixel_means_and_point_samples_are_not_mixed(tmp_path):
+    """Files say what their pixels hold (attr sampling; none = point samples, the shared v1/v2 sets): joining both
+    kinds, or an unknown kind, is refused by name; a fine mesh must contain the grid's pixels."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_synthetic(a, n=10, seed=1)
+    write_synthetic(b, n=10, seed=2)
+    assert SpectraFile(a).sampling == "point" and SpectraFile(a).fine_wavelength is None
+    with h5py.File(b, "a") as f:
+        f.attrs["sampling"] = "pixel_mean"
+    assert open_spectra([b]).sampling == "pixel_mean"
+    with pytest.raises(ValueError, match=r"b.h5 holds pixel_mean spectra but .*a.h5 holds point ones"):
+        open_spectra([a, b])
+    with h5py.File(b, "a") as f:
+        f.attrs["sampling"] = "integrated"
+    with pytest.raises(ValueError, match="attr sampling = 'integrated' is unknown"):
+        SpectraFile(b)
+    with h5py.File(b, "a") as f:
+        f.attrs["sampling"] = "pixel_mean"
+        n, npix = f["flux"].shape
+        f["flux_fine"] = np.ones((n, 10 * npix + 20), np.float32)
+        f.attrs["fine_wavelength_step"] = f.attrs["wavelength_step"] / 10
+        f.attrs["fine_wavelength_start"] = f.attrs["wavelength_start"] - f.attrs["wavelength_step"] * 1.5 + 0.0025
+    sf = SpectraFile(b)
+    assert sf.read_fine(np.array([3, 1])).shape == (2, 10 * npix + 20)
+    sf.close()
+    with h5py.File(b, "a") as f:
+        f.attrs["fine_wavelength_start"] += 1.0
+    with pytest.raises(ValueError, match="does not contain the output grid's pixels"):
+        SpectraFile(b)
+    with pytest.raises(ValueError, match="has no fine mesh"):
+        SpectraFile(a).read_fine(np.array([0]))
+
+
+def test_from_fine_writes_pixel_means(tmp_path):
+    """fastspec-grid from-fine: pixel means of a fine mesh (a line narrower than a pixel keeps its area), the mesh
+    kept as flux_fine, written complete; a mesh that does not cover the grid is refused and nothing is written."""
+    from fastspec_train.grid import cli as grid_cli
+
+    fw = 4999.0 + 0.005 * np.arange(1000)  # 4999.000 .. 5003.995
+    line = 0.6 * np.exp(-0.5 * ((fw - 5001.0123) / 0.006) ** 2)
+    src = tmp_path / "fine.h5"
+    with h5py.File(src, "w") as f:
+        f["flux"] = np.stack([1 - line, np.ones_like(fw)]).astype(np.float32)
+        f["labels"] = np.array([[5000.0, 4.0, 0.0, 1.0], [6000.0, 4.0, 0.0, 1.0]])
+        f["labels"].attrs["names"] = np.array(["teff", "logg", "mh", "vmic"], dtype=object)
+        f.attrs.update(wavelength_start=4999.0, wavelength_step=0.005)
+    out = tmp_path / "pix.h5"
+    assert grid_cli.main(["from-fine", str(src), "--out", str(out), "--wavelength", "5000:5002"]) == 0
+    sf = SpectraFile(out)
+    assert sf.sampling == "pixel_mean" and sf.n == 2 and sf.n_pixels == 41
+    flux = sf.read(np.array([0])).astype(np.float64)[0]
+    assert 0.05 * np.sum(1 - flux) == pytest.approx(np.trapezoid(line, fw), rel=1e-4)
+    np.testing.assert_allclose(sf.read_fine(np.array([1])), 1.0, atol=1e-4)
+    bad = tmp_path / "bad.h5"
+    assert grid_cli.main(["from-fine", str(src), "--out", str(bad), "--wavelength", "4990:5002"]) == 2
+    assert not bad.exists() and not bad.with_name("bad.h5.partial").exists()
+
+
 def test_second_stage_starts_from_earlier_weights_on_more_files(tmp_path):
     """init_from loads the weights (with lr = 0 they stay exactly those), extra files add rows to every split,
     warm-up scales the first epochs' LR, and the export records every file."""

@@ -41,10 +41,11 @@ import math
 import numpy as np
 import torch
 
+from fastspec.model_format import SAMPLINGS  # what the input pixels hold
+
 C_KMS = 299792.458
 EPSILON = 0.6  # linear limb-darkening coefficient of the rotational profile, as in ROTIN
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-SAMPLINGS = ("point", "pixel_mean")  # what the input pixels hold (model_format.SAMPLINGS)
 
 
 def _next_fast_len(n: int) -> int:
@@ -187,7 +188,7 @@ class Broadener:
         if method not in ("fft", "direct"):
             raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
         if sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+            raise ValueError(f"sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}")
         self.sampling = sampling
         self.epsilon = float(epsilon)
         self.device = torch.device(device)

@@ -22,6 +22,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fastspec.model_format import SAMPLINGS
+
 FILE_LABELS = ("teff", "logg", "mh", "vmic")
 
 
@@ -65,12 +67,31 @@ class SpectraFile:
                 self.wavelength_medium = str(f.attrs.get("wavelength_medium", "air"))
             except KeyError as exc:
                 raise ValueError(f"{self.path}: file attribute {exc} missing") from None
+            # what the pixels hold: files without the attribute (the shared v1/v2 sets) are point samples
+            self.sampling = str(f.attrs.get("sampling", "point"))
+            if self.sampling not in SAMPLINGS:
+                raise ValueError(f"{self.path}: attr sampling = {self.sampling!r} is unknown (expected one of {sorted(SAMPLINGS)})")
             broadening = str(f.attrs.get("broadening", "none"))
             if not broadening.startswith("none"):
                 raise ValueError(f"{self.path}: holds broadened spectra (attr broadening = {broadening!r}); training "
                                  "takes intrinsic spectra (fastspec-grid build without --broaden)")
             if int(f.attrs.get("n_pixels", self.n_pixels)) != self.n_pixels:
                 raise ValueError(f"{self.path}: attr n_pixels disagrees with flux shape {self.n_pixels}")
+            # `fastspec-grid build --fine-step`: the same spectra on a fine mesh, the reference's input
+            self.fine_wavelength = None
+            if "flux_fine" in f:
+                fine = f["flux_fine"]
+                try:
+                    start, step = float(f.attrs["fine_wavelength_start"]), float(f.attrs["fine_wavelength_step"])
+                except KeyError as exc:
+                    raise ValueError(f"{self.path}: has flux_fine but no attribute {exc}") from None
+                if fine.shape[0] != f["flux"].shape[0]:
+                    raise ValueError(f"{self.path}: flux_fine has {fine.shape[0]} rows, flux {f['flux'].shape[0]}")
+                self.fine_wavelength = start + step * np.arange(fine.shape[1])
+                lo, hi = self.wavelength_start - self.wavelength_step / 2, self.wavelength_start + self.wavelength_step * (self.n_pixels - 0.5)
+                if not (self.fine_wavelength[0] <= lo + 1e-9 and self.fine_wavelength[-1] >= hi - 1e-9):
+                    raise ValueError(f"{self.path}: the fine mesh {self.fine_wavelength[0]:.3f}-{self.fine_wavelength[-1]:.3f} Å "
+                                     f"does not contain the output grid's pixels {lo:.3f}-{hi:.3f} Å")
         if not np.isfinite(self.labels).all():
             raise ValueError(f"{self.path}: labels contain non-finite values")
         self._h5 = None
@@ -90,6 +111,15 @@ class SpectraFile:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Flux rows (any order, repeats allowed) as float32 (len(rows), n_pixels)."""
+        return self._read("flux", rows, self.n_pixels)
+
+    def read_fine(self, rows: np.ndarray) -> np.ndarray:
+        """The same rows on the fine mesh (fine_wavelength), float32; the file must have one."""
+        if self.fine_wavelength is None:
+            raise ValueError(f"{self.path} has no fine mesh (build it with fastspec-grid build --fine-step 0.005)")
+        return self._read("flux_fine", rows, self.fine_wavelength.size)
+
+    def _read(self, name: str, rows: np.ndarray, width: int) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"rows outside 0..{self.n - 1}")
@@ -98,7 +128,7 @@ class SpectraFile:
         if self._file_rows is not None:
             rows = self._file_rows[rows]
         uniq, inverse = np.unique(rows, return_inverse=True)  # h5py wants increasing indices
-        block = self._h5["flux"][uniq] if uniq.size else np.empty((0, self.n_pixels), np.float32)
+        block = self._h5[name][uniq] if uniq.size else np.empty((0, width), np.float32)
         return np.asarray(block, dtype=np.float32)[inverse]
 
     def close(self):
@@ -123,10 +153,13 @@ class JoinedSpectra:
         for sf in files[1:]:
             if sf.grid != first.grid:
                 raise ValueError(f"{sf.path}: wavelength grid {sf.grid} differs from {first.path}'s {first.grid}")
+            if sf.sampling != first.sampling:
+                raise ValueError(f"{sf.path} holds {sf.sampling} spectra but {first.path} holds {first.sampling} "
+                                 "ones: a model learns one kind (fastspec-grid build --sampling)")
         self.files = files
         self.path, self.paths = first.path, [sf.path for sf in files]
         self.wavelength_start, self.wavelength_step = first.wavelength_start, first.wavelength_step
-        self.n_pixels, self.wavelength_medium = first.n_pixels, first.wavelength_medium
+        self.n_pixels, self.wavelength_medium, self.sampling = first.n_pixels, first.wavelength_medium, first.sampling
         self.labels = np.concatenate([sf.labels for sf in files])
         self.n = self.labels.shape[0]
         self._offsets = np.cumsum([0] + [sf.n for sf in files])

@@ -109,9 +109,11 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
                    wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None,
-                   epsilon: float = EPSILON, segments: int = 8, emulator_error: mf.EmulatorError | None = None) -> Path:
+                   epsilon: float = EPSILON, segments: int = 8, emulator_error: mf.EmulatorError | None = None,
+                   sampling: str = "point") -> Path:
     """Write `decoder` as a model file. The decoder takes [z, 6 standard labels] (the paper's CVAE, format
-    version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage)."""
+    version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage, or 3 when it
+    learnt pixel means, `sampling`)."""
     n_pixels = decoder.layers[-1].out_features
     n_in = decoder.layers[0].in_features - decoder.latent
     targets = {len(names): t for t, names in NETWORK_LABELS.items()}
@@ -130,12 +132,15 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                            + ("the model file's broadening stage, applied by the core" if intrinsic else
                               "learnt by the network from draws broadened by fastspec_train.broadening")),
             **(provenance or {})}
-    stage = mf.BroadeningStage(epsilon=epsilon, segments=segments) if intrinsic else None
+    if sampling != "point" and not intrinsic:
+        raise ValueError("only an intrinsic decoder (with the broadening stage) can learn pixel means")
+    stage = mf.BroadeningStage(epsilon=epsilon, segments=segments, sampling=sampling) if intrinsic else None
+    version = 3 if sampling == "pixel_mean" else 2 if intrinsic or emulator_error is not None else 1
     return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent,
                           labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
                           wavelength=tuple(wavelength), output_scale=decoder.output_scale,
                           output_offset=decoder.output_offset, provenance=prov, broadening=stage,
-                          format_version=2 if intrinsic or emulator_error is not None else 1,
+                          format_version=version,
                           emulator_error=emulator_error)
 
 
@@ -193,7 +198,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     except Exception:
         prov["fastspec_version"] = "unknown"
     kw = dict(weight_dtype=weight_dtype, wavelength=sf.grid, epsilon=cfg["broadening"]["epsilon"],
-              segments=cfg["broadening"]["segments"])
+              segments=cfg["broadening"]["segments"], sampling=sf.sampling)
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
         err = measure_emulator_error(path)

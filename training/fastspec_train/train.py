@@ -228,7 +228,7 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     if target == "broadened":
         br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, epsilon=cfg.broadening.epsilon,
                        segments=cfg.broadening.segments, max_vsini=cfg.sampling.vsini_max,
-                       min_resolution=cfg.sampling.resolution_min, device=device)
+                       min_resolution=cfg.sampling.resolution_min, device=device, sampling=sf.sampling)
     train_b = Batcher(train_src, labels[split["train"]], br, device, cfg.data.block_spectra, target)
     val_b = Batcher(val_src, labels[split["val"]], br, device, cfg.data.block_spectra, target)
     # Intrinsic spectra have no (v sin i, R) draws to vary: validate each spectrum once.

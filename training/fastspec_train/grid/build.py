@@ -6,7 +6,9 @@ per spectrum; `labels` (N, 4) float64 with attrs names/units (teff, logg, mh, vm
 and `sampling`: "pixel_mean" (the default: SYNSPEC's flux and continuum integrated over each pixel, then
 divided) or "point" (the older files' point samples at the pixel centres; files without the attribute).
 With GridConfig.fine_step, also `flux_fine` (N, n_fine) float32 (4-decimal scale-offset, like the shared
-fine file): F/F_cont point-sampled on fine_wavelength_start + fine_wavelength_step·k, 0.5 Å beyond the grid.
+fine file): F/F_cont integrated over fine cells centred on fine_wavelength_start + fine_wavelength_step·k, 0.5 Å
+beyond the grid; the cells tile the output pixels, so a pixel's mean is the mean of its cells, and, unlike point
+samples of SYNSPEC's ~0.01 Å mesh (which miss up to 2e-3 of a 0.05 Å pixel mean), they keep every line's area.
 Added for resuming: `done` (N,) uint8, 1 where the row holds a finished spectrum (rows with 0 are
 empty and must not be used), and attr `builder_config` (JSON) that a resumed run must match.
 
@@ -53,7 +55,8 @@ BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
 VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
-SAMPLINGS = ("pixel_mean", "point")
+# 2: pixel means by default, fine cells, converted damping (files of layout 1, or none, are not resumed)
+LAYOUT = 2
 ROW_DATASETS = ("flux", "flux_fine")  # per-spectrum datasets a finished row writes
 FINE_MARGIN = 0.5  # Å of fine mesh beyond the output grid (as ../shared/data/synspec_fine_v4.h5)
 
@@ -74,22 +77,25 @@ class GridConfig:
     # "pixel_mean": flux and continuum integrated over each output pixel (what the model learns); "point": samples
     sampling: str = "pixel_mean"
     damping: str = "abo"  # van der Waals widths of the Gaia-ESO list: linelist.DAMPING_MODES
-    fine_step: float | None = None  # also keep F/F_cont on this fine mesh (Å), for references
+    fine_step: float | None = None  # also keep F/F_cont on fine cells of this width (Å), for references
 
     def __post_init__(self):
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.sampling not in _MF.SAMPLINGS:
+            raise ValueError(f"sampling must be one of {sorted(_MF.SAMPLINGS)}, got {self.sampling!r}")
         if self.damping not in linelist.DAMPING_MODES:
             raise ValueError(f"damping must be one of {linelist.DAMPING_MODES}, got {self.damping!r}")
-        if self.fine_step is not None and not 0 < self.fine_step <= self.wavelength_step:
-            raise ValueError(f"fine_step must be in (0, wavelength_step = {self.wavelength_step}], got {self.fine_step}")
+        if self.fine_step is not None:
+            cells = self.wavelength_step / self.fine_step
+            if not (self.fine_step > 0 and cells >= 1 and abs(cells - round(cells)) < 1e-6):
+                raise ValueError(f"fine_step must divide wavelength_step = {self.wavelength_step} Å, got {self.fine_step}")
         if self.fine_step is not None and self.broaden:
             raise ValueError("a fine mesh is kept for intrinsic spectra only (not with broaden)")
 
     def fine_wave(self) -> np.ndarray:
-        """The fine mesh of `flux_fine`: FINE_MARGIN Å beyond the output grid on both sides."""
+        """Centres of the fine cells of `flux_fine`: they tile the output pixels and FINE_MARGIN Å beyond them."""
         n = int(round((self.n_pixels * self.wavelength_step + 2 * FINE_MARGIN) / self.fine_step))
-        return self.wavelength_start - FINE_MARGIN + self.fine_step * np.arange(n)
+        first_edge = self.wavelength_start - self.wavelength_step / 2 - FINE_MARGIN
+        return first_edge + self.fine_step * (0.5 + np.arange(n))
 
     def wave(self) -> np.ndarray:
         return self.wavelength_start + self.wavelength_step * np.arange(self.n_pixels)
@@ -210,7 +216,7 @@ def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int,
         flux = native.point_samples(swave)
     rows["flux"] = flux
     if cfg.fine_step is not None:
-        rows["flux_fine"] = native.point_samples(cfg.fine_wave())
+        rows["flux_fine"] = native.pixel_means(cfg.fine_wave(), cfg.fine_step)
     for name, row in rows.items():
         if not np.all(np.isfinite(row)):
             raise RuntimeError(f"SYNSPEC returned non-finite {name} for label {label.tolist()}")
@@ -266,6 +272,7 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
                          compression="gzip", compression_opts=4, fillvalue=0.0)
         f.attrs["fine_wavelength_start"] = float(cfg.fine_wave()[0])
         f.attrs["fine_wavelength_step"] = cfg.fine_step
+        f.attrs["fine_sampling"] = "pixel_mean"
     f.create_dataset("synspec_seconds", (n,), dtype="f8", fillvalue=0.0)
     f.create_dataset("done", (n,), dtype="u1", fillvalue=0)
     f.attrs["wavelength_start"] = cfg.wavelength_start
@@ -295,7 +302,8 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     A resumed file is first rewritten from its done rows: HDF5 is not crash-safe, and a writer killed during a
     flush can leave the file's end-of-allocation mark behind chunks it already wrote, so writing into that file
     in place could reuse their space and overwrite finished spectra. A row that no longer reads back is redone."""
-    config_json = json.dumps(asdict(cfg), sort_keys=True)
+    # "layout" changes whenever what a row holds changes, so that an older run is never resumed into a newer layout
+    config_json = json.dumps({**asdict(cfg), "layout": LAYOUT}, sort_keys=True)
     tmp = out.with_name(out.name + ".partial")
     if out.exists():
         with h5py.File(out, "r") as old:

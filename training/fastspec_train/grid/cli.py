@@ -66,6 +66,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also keep each spectrum on a fine mesh of this step (e.g. 0.005) as `flux_fine`, "
                         "for reference broadening; about 10x the file size")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fr = sub.add_parser("from-fine", help="pixel means from a file of spectra on a fine mesh (e.g. the shared fine set)",
+                        description="Write the builder's layout with pixel-mean flux (sampling = pixel_mean) from a file "
+                                    "whose flux is on a fine mesh, keeping that mesh as flux_fine.")
+    fr.add_argument("fine", help="HDF5 file with flux (N, n_fine) on wavelength_start + wavelength_step * i")
+    fr.add_argument("--out", required=True, help="output HDF5 file (written complete or not at all)")
+    fr.add_argument("--wavelength", type=_range, metavar="START:END[:STEP]",
+                    help="output grid in Å (default 4450:5399.95:0.05, the model's 19000 pixels)")
     return p
 
 
@@ -83,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from . import build as B  # after parsing: --help stays fast
 
+    if args.command == "from-fine":
+        from .fine import from_fine
+
+        try:
+            n = from_fine(args.fine, args.out, args.wavelength or B.STANDARD_GRID)
+        except (OSError, ValueError) as exc:
+            print(f"fastspec-grid: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("fastspec-grid: interrupted; nothing written", file=sys.stderr)
+            return 130
+        print(f"fastspec-grid: {n} spectra as pixel means in {args.out}")
+        return 0
     try:
         if (args.n is None) == (args.labels_from is None):
             raise ValueError("give exactly one of --n (random labels) or --labels-from FILE")
