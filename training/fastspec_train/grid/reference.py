@@ -1,0 +1,162 @@
+"""Float64 reference broadening ("the truth") of a spectrum given on a fine uniform mesh, and exact pixel means.
+
+`broaden(fine_wave, fine_flux, out_wave, vsini, resolution)`: the spectrum is the piecewise-linear (PL) function
+through (fine_wave, fine_flux) (e.g. ../shared/data/synspec_fine_v4.h5, 0.005 Å), broadened by
+  1. Gray's rotational profile, linear limb darkening ε (0.6 as in ROTIN), half-width v sin i / c in ln λ;
+  2. a Gaussian of FWHM = λ/R, i.e. σ = 1/(R·2√(2 ln 2)) in ln λ,
+and evaluated at `out_wave`. Both kernels have a constant width in ln λ, so the convolution is done exactly on
+a uniform ln λ mesh instead of with per-segment kernels:
+
+  - take the exact means of the PL function over the cells [u_j ± du/2] of u_j = ln λ_0 + j·du,
+    du = (fine step / λ_max) / oversample (oversample = 4: finer than the fine mesh everywhere; the band then
+    holds the PL function's first spectral image, its corners, which a coarse fine mesh needs);
+  - convolve, reading the cell means as those of a band-limited function: FFT with the transfer function
+    Rot̂(ω)·Ĝ(ω)/sinc(ω/2π) on |ω| ≤ π (ω in rad/sample; 1/sinc undoes the cell box), Rot̂(ν) = c1·π·J1(k)/k +
+    c2·4(sin k − k cos k)/k³ (k = ν·w, w the half-width in samples), Ĝ(ν) = exp(−σ²ν²/2); edge values extend
+    both ends (the first/last kernel half-width depends on that guess). Equivalent widths are kept exactly (the
+    cell means integrate the PL function exactly, the transfer is 1 at ω = 0) and no width is added (reading point
+    samples as PL would add du²/6, what hat weights do); the kernels in the label range are far wider than du;
+  - evaluate the result at ln(out_wave) by 6-point Lagrange interpolation (linear interpolation would err by
+    du²/8·F'', ~1e-3 in line cores at R = 1e5). vsini = 0 and R = inf return the PL function at out_wave.
+
+So the truth is the PL fine function (which itself carries variance h²/6 of the fine step h over SYNSPEC's)
+convolved exactly with the profiles, to ~1e-6 (tests/test_reference_broadening.py).
+
+`fwhm=` (Å) replaces the λ/R Gaussian by ROTIN's constant-FWHM-in-Å one (for ../shared/data/rotin_reference_v1.h5):
+rotation as above, then the result is resampled on a uniform λ mesh (the fine mesh itself when vsini = 0) and
+convolved there the same way.
+
+`pixel_means(fine_wave, fine_flux, centres, step)`: the exact mean of the PL function over [c − step/2, c + step/2].
+
+numpy only, except scipy.special.j1 (rotation with a Gaussian), imported when needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+C_KMS = 299792.458
+EPSILON = 0.6
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def _rot_coeffs(epsilon: float) -> tuple[float, float]:
+    """Gray's profile G(t) = c1·√(1−t²) + c2·(1−t²), |t| ≤ 1, unit area."""
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    return 2.0 * (1.0 - epsilon) / (math.pi * (1.0 - epsilon / 3.0)), epsilon / (2.0 * (1.0 - epsilon / 3.0))
+
+
+def rotation_ft(nu: np.ndarray, w: float, epsilon: float = EPSILON) -> np.ndarray:
+    """Fourier transform ∫G_rot(x)cos(νx)dx of the unit-area rotational profile of half-width w."""
+    from scipy.special import j1
+
+    c1, c2 = _rot_coeffs(epsilon)
+    k = np.abs(np.asarray(nu, dtype=np.float64)) * w
+    small = k < 1e-2
+    ks = np.where(small, 1.0, k)
+    big = c1 * math.pi * j1(ks) / ks + c2 * 4.0 * (np.sin(ks) - ks * np.cos(ks)) / ks**3
+    k2 = k * k  # series: πJ1(k)/k = π/2(1 − k²/8 + k⁴/192), 4(sin k − k cos k)/k³ = 4/3(1 − k²/10 + k⁴/280)
+    ser = c1 * math.pi / 2 * (1 - k2 / 8 + k2 * k2 / 192) + c2 * 4 / 3 * (1 - k2 / 10 + k2 * k2 / 280)
+    return np.where(small, ser, big)
+
+
+def _convolve(y: np.ndarray, w: float, sigma: float, epsilon: float) -> np.ndarray:
+    """Cell means y (..., n) of a function read as band-limited → that function convolved with rotation (half-width
+    w) ∗ Gaussian (std sigma), both in samples, at the cell centres: transfer Rot̂(ω)·Ĝ(ω)/sinc(ω/2) on |ω| ≤ π;
+    edge values extend the ends."""
+    if w <= 0 and sigma <= 0:
+        return y.copy()
+    pad = int(math.ceil(w + 9.0 * sigma)) + 8
+    n = y.shape[-1]
+    nfft = n + 2 * pad
+    nfft += nfft % 2
+    lead = y.shape[:-1]
+    yp = np.concatenate([np.broadcast_to(y[..., :1], lead + (pad,)), y,
+                         np.broadcast_to(y[..., -1:], lead + (nfft - n - pad,))], axis=-1)
+    omega = 2.0 * math.pi * np.fft.rfftfreq(nfft)
+    transfer = np.exp(-0.5 * (sigma * omega) ** 2) / np.sinc(omega / (2 * math.pi))
+    if w > 0:
+        transfer = transfer * rotation_ft(omega, w, epsilon)
+    out = np.fft.irfft(np.fft.rfft(yp, axis=-1) * transfer, n=nfft, axis=-1)
+    return out[..., pad:pad + n]
+
+
+def _pl_antiderivative(x: np.ndarray, f: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """∫_{x0}^{t} of the PL function through (x (n,), f (..., n)), exactly, for x0 ≤ t ≤ x_{n-1}."""
+    cum = np.concatenate([np.zeros(f.shape[:-1] + (1,)),
+                          np.cumsum(0.5 * (f[..., 1:] + f[..., :-1]) * np.diff(x), axis=-1)], axis=-1)
+    k = np.clip(np.searchsorted(x, t, side="right") - 1, 0, x.size - 2)
+    s = (t - x[k]) / (x[k + 1] - x[k])
+    return cum[..., k] + (t - x[k]) * (f[..., k] + 0.5 * s * (f[..., k + 1] - f[..., k]))
+
+
+def _cell_means(x: np.ndarray, f: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Means of the PL function over the cells between consecutive edges (clipped to the mesh: constant beyond)."""
+    e = np.clip(edges, x[0], x[-1])
+    a = _pl_antiderivative(x, f, e) + (np.minimum(edges - x[0], 0.0) * f[..., :1]
+                                       + np.maximum(edges - x[-1], 0.0) * f[..., -1:])
+    return np.diff(a, axis=-1) / np.diff(edges)
+
+
+def _lagrange(t: np.ndarray, t0: float, dt: float, y: np.ndarray, order: int = 6) -> np.ndarray:
+    """Interpolate samples y (..., n) at t0 + j·dt to the points t (m,) with the local Lagrange polynomial through
+    `order` (even) neighbours (error ∝ (dt/width)^order for a function of that width)."""
+    s = (np.asarray(t, dtype=np.float64) - t0) / dt
+    j0 = np.clip(np.floor(s).astype(np.int64) - order // 2 + 1, 0, y.shape[-1] - order)
+    x = s - j0  # position within the stencil j0 .. j0+order-1
+    out = 0.0
+    for a in range(order):
+        wa = np.ones_like(x)
+        for b in range(order):
+            if b != a:
+                wa *= (x - b) / (a - b)
+        out = out + wa * y[..., j0 + a]
+    return out
+
+
+def broaden(fine_wave, fine_flux, out_wave, vsini: float = 0.0, resolution: float = math.inf, *,
+            fwhm: float | None = None, epsilon: float = EPSILON, oversample: int = 4) -> np.ndarray:
+    """Reference broadening of the PL spectrum (fine_wave (n,) uniform, Å; fine_flux (..., n)) at out_wave (m,).
+
+    vsini (km/s) ≥ 0, resolution R (FWHM = λ/R; inf = none) or fwhm (Å, constant; ROTIN's profile, then
+    `resolution` must stay inf). Returns (..., m) float64.
+    """
+    x = np.asarray(fine_wave, dtype=np.float64)
+    f = np.asarray(fine_flux, dtype=np.float64)
+    out = np.asarray(out_wave, dtype=np.float64)
+    if fwhm is not None and math.isfinite(resolution):
+        raise ValueError("give either resolution or fwhm, not both")
+    if vsini < 0 or resolution <= 0 or (fwhm is not None and fwhm < 0):
+        raise ValueError("need vsini >= 0, resolution > 0, fwhm >= 0")
+    dx = (x[-1] - x[0]) / (x.size - 1)
+    interp = np.vectorize(np.interp, signature="(m),(n),(n)->(m)")
+    gauss_u = 0.0 if fwhm is not None or math.isinf(resolution) else 1.0 / (resolution * FWHM_PER_SIGMA)
+    if vsini == 0 and gauss_u == 0 and not fwhm:
+        return interp(out, x, f)
+    du = dx / x[-1] / oversample
+    u = math.log(x[0]) + du * np.arange(int(math.floor(math.log(x[-1] / x[0]) / du)) + 1)
+    dl = dx / oversample
+    lam = x[0] + dl * np.arange(int(math.floor((x[-1] - x[0]) / dl)) + 1)
+    if vsini == 0 and fwhm:  # ROTIN's constant-Å Gaussian alone: directly on a uniform λ mesh
+        return _lagrange(out, lam[0], dl, _convolve(_cell_means(x, f, lam[0] - dl / 2 + dl * np.arange(lam.size + 1)), 0.0, fwhm / FWHM_PER_SIGMA / dl, epsilon))
+    g = _convolve(_cell_means(x, f, np.exp(u[0] - du / 2 + du * np.arange(u.size + 1))), vsini / C_KMS / du, gauss_u / du, epsilon)
+    if not fwhm:
+        return _lagrange(np.log(out), u[0], du, g)
+    # then ROTIN's Gaussian on a uniform λ mesh
+    h = _convolve(_lagrange(np.log(lam), u[0], du, g), 0.0, fwhm / FWHM_PER_SIGMA / dl, epsilon)
+    return _lagrange(out, lam[0], dl, h)
+
+
+def pixel_means(fine_wave, fine_flux, centres, step: float) -> np.ndarray:
+    """Exact mean of the PL function through (fine_wave (n,) increasing, fine_flux (..., n)) over each pixel
+    [c − step/2, c + step/2] (centres (m,)); the pixels must lie inside the mesh. Returns (..., m)."""
+    x = np.asarray(fine_wave, dtype=np.float64)
+    f = np.asarray(fine_flux, dtype=np.float64)
+    c = np.asarray(centres, dtype=np.float64)
+    lo, hi = c - 0.5 * step, c + 0.5 * step
+    if lo.min() < x[0] or hi.max() > x[-1]:
+        raise ValueError("pixels reach beyond the fine mesh")
+    return (_pl_antiderivative(x, f, hi) - _pl_antiderivative(x, f, lo)) / step
