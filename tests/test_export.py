@@ -155,6 +155,50 @@ def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
     assert np.isclose(np.median(np.abs(pred - flux)[:, 600:-600]), report["overall"]["median_abs_dF"], rtol=1e-3)
 
 
+def test_accuracy_against_the_fine_mesh_reference(tmp_path):
+    """A pixel-mean file with a fine mesh: the truth is the fine mesh through the float64 reference, the perfect
+    decoder (the file's pixels through the stage) is scored apart; a point-sample file gives the consistency truth;
+    a model is refused data of the other sampling."""
+    import h5py
+
+    from fastspec_train.accuracy import TRUTH_OPERATOR, TRUTH_REFERENCE, accuracy_report, write_testset
+    from fastspec_train.grid import reference
+
+    data = tmp_path / "fine.h5"
+    lab, _ = write_synthetic(data, n=60, n_pixels=1500)
+    wave = 4450.0 + 0.05 * np.arange(1500)
+    fine_wave = 4449.975 - 0.5 + 0.005 * (0.5 + np.arange(15000 + 200))
+    rng = np.random.default_rng(3)
+    centres, widths = rng.uniform(4455.0, 4520.0, 30), rng.uniform(0.02, 0.3, 30)  # some narrower than a pixel
+    fine = np.ones((len(lab), fine_wave.size))
+    for c, w in zip(centres, widths):
+        fine -= (0.2 + 0.1 * np.tanh((lab[:, :1] - 7000) / 2000)) * np.exp(-0.5 * ((fine_wave - c) / w) ** 2)
+    with h5py.File(data, "a") as f:
+        f["flux"][...] = reference.pixel_means(fine_wave, fine, wave, 0.05).astype(np.float32)
+        f["flux_fine"] = fine.astype(np.float32)
+        f.attrs.update(sampling="pixel_mean", fine_wavelength_start=fine_wave[0], fine_wavelength_step=0.005)
+    cfg = tiny_config(max_epochs=1)
+    cfg.model.target = "intrinsic"
+    train(cfg, data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    assert _core.Model.load(str(model)).format_version == 3
+    report = accuracy_report(model, data, tmp_path / "acc", draws=2, seed=5)
+    assert report["truth"] == TRUTH_REFERENCE
+    floor, err = report["perfect_decoder"]["overall"]["median_abs_dF"], report["overall"]["median_abs_dF"]
+    assert 0 < floor < 1e-3 and floor < err  # a 1-epoch network errs far more than the operator
+    assert "perfect decoder" in (tmp_path / "acc" / "accuracy.md").read_text()
+    testset = write_testset(model, data, tmp_path / "test.h5", draws=2, seed=5)
+    with h5py.File(testset) as f:
+        assert f.attrs["truth"] == TRUTH_REFERENCE and f["perfect_decoder"].shape == f["flux"].shape
+    point = tmp_path / "point.h5"
+    write_synthetic(point, n=60)
+    with pytest.raises(ValueError, match="made for pixel_mean spectra but .*point.h5 holds point ones"):
+        accuracy_report(model, point, tmp_path / "acc2", draws=1)
+    train(cfg, point, tmp_path / "run2", quiet=True)
+    report2 = accuracy_report(export_run(tmp_path / "run2", tmp_path / "run2.fsm"), point, tmp_path / "acc2", draws=1)
+    assert report2["truth"] == TRUTH_OPERATOR and "perfect_decoder" not in report2
+
+
 def test_intrinsic_decoder_exports_with_the_broadening_stage(tmp_path, test_seed):
     """An intrinsic decoder (4 network labels) becomes a version-2 file; the core's flux equals the torch decoder
     followed by training's float64 broadening, for random labels over the full ranges."""
@@ -170,7 +214,11 @@ def test_intrinsic_decoder_exports_with_the_broadening_stage(tmp_path, test_seed
     dec.eval()
     m = _core.Model.load(str(export_decoder(dec, tmp_path / "i.fsm", epsilon=0.6, segments=8)))
     assert (m.format_version, m.n_network_labels, m.layers[0]["in"]) == (2, 4, 9)
-    assert m.broadening == {"epsilon": 0.6, "segments": 8, "vsini_label": "vsini", "resolution_label": "resolution"}
+    assert m.broadening == {"sampling": "point", "epsilon": 0.6, "segments": 8, "vsini_label": "vsini",
+                            "resolution_label": "resolution"}
+    # a decoder of pixel means: format version 3 with the pixel-mean stage
+    m3 = _core.Model.load(str(export_decoder(dec, tmp_path / "p.fsm", sampling="pixel_mean")))
+    assert m3.format_version == 3 and m3.broadening["sampling"] == "pixel_mean"
     labels = random_labels(rng, 6)
     labels[0, 2], labels[1, 5] = 0.0, 115000.0  # the ends of the ranges
     z = rng.normal(size=(6, 5)).astype(np.float32)

@@ -37,7 +37,7 @@ def measure(model_path: Path, data_path: Path, n_stars: int, draws: int, seed: i
     """The accuracy of model_path on the first n_stars of its test split, with accuracy.py's own functions."""
     from fastspec_train.accuracy import broadened_test_set, error_stats, kept_pixels, z0_predictor
 
-    sf, rows, labels, truth, prov = broadened_test_set(model_path, data_path, draws, seed, "test", max_stars=n_stars)
+    sf, rows, labels, truth, prov, _, _ = broadened_test_set(model_path, data_path, draws, seed, "test", max_stars=n_stars)
     predict, _ = z0_predictor(model_path)
     keep = kept_pixels(sf, edge)
     stats = error_stats(np.abs(predict(labels)[:, keep] - truth[:, keep]))

@@ -3,8 +3,13 @@
 The test split is recomputed from the split settings in the model file's provenance (hash of the stellar
 labels, so it is the split training used and never saw). Every test spectrum gets `draws` (v sin i, R)
 pairs, seeded and stratified (Latin hypercube over the draws of one spectrum: v sin i uniform on
-[0, 300] km/s, R log-uniform on [1000, 115000]), so both ranges are covered evenly. The truth is the
-SYNSPEC spectrum broadened by `fastspec_train.broadening` (float64); the model runs at z = 0. Errors are
+[0, 300] km/s, R log-uniform on [1000, 115000]), so both ranges are covered evenly. The truth: when the data file
+has a fine mesh (`fastspec-grid build --fine-step`, `fastspec-grid from-fine`), that mesh broadened by the float64
+reference (`fastspec_train.grid.reference`: exact in ln λ) and sampled at the pixel centres — SYNSPEC on its own
+terms; otherwise the file's spectra through `fastspec_train.broadening` in float64, the model's own operator (a
+consistency check, not correctness; reports say which). With a fine mesh the "perfect decoder" — the file's own
+pixels through the model's broadening stage — is scored too: the floor the representation and operator set,
+apart from the network's own error. The model runs at z = 0. Errors are
 taken over the pixels more than `edge` Å (30 by default) from either end of the grid, where the broadened
 flux does not depend on the spectrum outside the grid. `split="val"` scores the validation split instead
 (for choosing between training runs; the test split is for the final numbers only).
@@ -21,10 +26,12 @@ import torch
 
 from .broadening import Broadener
 from .data import SpectraFile, physical_labels, sha256_file, split_rows
+from .grid import reference
 from .labels import LABEL_NAMES, STANDARD_LABELS
 
 VSINI_BINS = [0.0, 10.0, 50.0, 100.0, 200.0, 300.0]
 R_BINS = [1000.0, 3000.0, 10000.0, 30000.0, 115000.0]
+TEFF_BINS = [4000.0, 5500.0, 7000.0, 9000.0, 11000.0]
 EDGE_ANGSTROM = 30.0
 
 
@@ -53,12 +60,21 @@ def test_draws(n_spectra: int, draws: int, seed: int) -> tuple[np.ndarray, np.nd
     return np.concatenate(pos), np.concatenate(vs), np.minimum(np.concatenate(rs), r_lab.max)
 
 
+TRUTH_REFERENCE = "reference: the fine mesh broadened in float64 (fastspec_train.grid.reference)"
+TRUTH_OPERATOR = "consistency: the file's spectra through the model's broadening operator (fastspec_train.broadening)"
+
+
 def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     from fastspec import _core
 
-    prov = json.loads(_core.Model.load(str(model_path)).provenance)
+    model = _core.Model.load(str(model_path))
+    prov = json.loads(model.provenance)
     data = Path(data) if data else Path(prov["training_data"]["path"])
     sf = SpectraFile(data)
+    stage = model.broadening
+    if stage is not None and stage["sampling"] != sf.sampling:
+        raise ValueError(f"{model_path} was made for {stage['sampling']} spectra but {sf.path} holds {sf.sampling} ones "
+                         "(fastspec-grid build --sampling)")
     sp = prov.get("split")
     if sp is None:
         raise ValueError(f"{model_path}: provenance has no 'split'; cannot tell which spectra are held out")
@@ -66,9 +82,41 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     return sf, split[which], prov
 
 
-def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test", max_stars: int | None = None):
-    """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance); with
-    max_stars, only the first stars of the split (row k*draws is star k)."""
+def broadened_truth(sf: SpectraFile, rows: np.ndarray, vsini: np.ndarray, resolution: np.ndarray,
+                    floor: bool = False) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """(truth (n, n_pixels) float64, which truth it is (TRUTH_REFERENCE or TRUTH_OPERATOR), and with `floor` and a
+    fine mesh the perfect decoder's output: the file's pixels through the model's broadening stage) for file rows
+    `rows` broadened by (vsini[k], resolution[k])."""
+    n = len(rows)
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64, sampling=sf.sampling)
+
+    def stage(flux, k):
+        return br(torch.from_numpy(flux).double(), torch.from_numpy(vsini[k]), torch.from_numpy(resolution[k])).numpy()
+
+    if sf.fine_wavelength is None:
+        truth = np.empty((n, sf.n_pixels))
+        for k in range(0, n, 64):
+            truth[k:k + 64] = stage(sf.read(rows[k:k + 64]), slice(k, k + 64))
+        return truth, TRUTH_OPERATOR, None
+    truth = np.empty((n, sf.n_pixels))
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    for u, row in enumerate(uniq):  # one fine spectrum read per star, all its draws
+        fine = sf.read_fine(np.array([row]))[0].astype(np.float64)
+        for k in np.flatnonzero(inverse == u):
+            truth[k] = reference.broaden(sf.fine_wavelength, fine, sf.wavelength, float(vsini[k]), float(resolution[k]))
+    perfect = None
+    if floor:
+        perfect = np.empty((n, sf.n_pixels))
+        for k in range(0, n, 64):
+            perfect[k:k + 64] = stage(sf.read(rows[k:k + 64]), slice(k, k + 64))
+    return truth, TRUTH_REFERENCE, perfect
+
+
+def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test", max_stars: int | None = None,
+                       floor: bool = False):
+    """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance, which truth,
+    the perfect decoder's output or None: see broadened_truth); with max_stars, only the first stars of the split
+    (row k*draws is star k)."""
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     sf, test_rows, prov = _split_rows(Path(model_path), data, split)
@@ -77,20 +125,34 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     if test_rows.size == 0:
         raise ValueError(f"{sf.path}: the {split} split is empty")
     pos, vs, rs = test_draws(test_rows.size, draws, seed)
-    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
-    flux = sf.read(test_rows)
-    truth = np.empty((pos.size, sf.n_pixels))
-    for k in range(0, pos.size, 64):
-        sl = slice(k, k + 64)
-        truth[sl] = br(torch.from_numpy(flux[pos[sl]]).double(), torch.from_numpy(vs[sl]), torch.from_numpy(rs[sl])).numpy()
+    truth, kind, perfect = broadened_truth(sf, test_rows[pos], vs, rs, floor)
     labels = physical_labels(sf.labels[test_rows[pos]], vs, rs)
-    return sf, test_rows[pos], labels, truth, prov
+    return sf, test_rows[pos], labels, truth, prov, kind, perfect
 
 
 def kept_pixels(sf: SpectraFile, edge: float = EDGE_ANGSTROM) -> slice:
     """The pixels more than `edge` Å from either end of the grid, where the accuracy is measured."""
     k = int(math.ceil(edge / sf.wavelength_step))
     return slice(k, sf.n_pixels - k)
+
+
+def subset_stats(err: np.ndarray, labels: np.ndarray) -> dict:
+    """error_stats over all spectra, the slow+sharp ones (v sin i < 50, R > 20000), the cool (Teff < 5500 K) among
+    those, and by v sin i, R and Teff bins."""
+    vs, rs = labels[:, LABEL_NAMES.index("vsini")], labels[:, LABEL_NAMES.index("resolution")]
+    teff = labels[:, LABEL_NAMES.index("teff")]
+    slow_sharp = (vs < 50) & (rs > 20000)
+    cool = slow_sharp & (teff < 5500)
+    out = {"overall": error_stats(err),
+           "vsini_below_50_R_above_20000": error_stats(err[slow_sharp]) if slow_sharp.any() else None,
+           "cool_vsini_below_50_R_above_20000": error_stats(err[cool]) if cool.any() else None,
+           "by_vsini": {}, "by_resolution": {}, "by_teff": {}}
+    for name, values, edges in (("by_vsini", vs, VSINI_BINS), ("by_resolution", rs, R_BINS), ("by_teff", teff, TEFF_BINS)):
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (values >= lo) & ((values < hi) | (hi == edges[-1]) & (values <= hi))
+            if sel.any():
+                out[name][f"{lo:g}-{hi:g}"] = error_stats(err[sel])
+    return out
 
 
 def error_stats(abs_err: np.ndarray) -> dict:
@@ -106,26 +168,18 @@ def accuracy_report(model, data, out_dir, *, draws: int = 10, seed: int = 2026, 
                     edge: float = EDGE_ANGSTROM) -> dict:
     model = Path(model)
     out = Path(out_dir)
-    sf, rows, labels, truth, prov = broadened_test_set(model, data, draws, seed, split)
+    sf, rows, labels, truth, prov, truth_kind, perfect = broadened_test_set(model, data, draws, seed, split, floor=True)
     out.mkdir(parents=True, exist_ok=True)
     predict, backend = z0_predictor(model)
     pred = np.concatenate([predict(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])
     keep = kept_pixels(sf, edge)
     pred, truth = pred[:, keep], truth[:, keep]
-    err = np.abs(pred - truth)
-    vs, rs = labels[:, LABEL_NAMES.index("vsini")], labels[:, LABEL_NAMES.index("resolution")]
-    slow_sharp = (vs < 50) & (rs > 20000)
     report = {"model": str(model), "backend": backend, "data": str(sf.path), "data_sha256": sha256_file(sf.path),
               "trained_on_sha256": prov.get("training_data", {}).get("sha256"), "split": split,
               "edge_angstrom": edge, "n_test_stars": int(np.unique(rows).size), "draws_per_star": draws,
-              "seed": seed, "z": 0, "overall": error_stats(err),
-              "vsini_below_50_R_above_20000": error_stats(err[slow_sharp]) if slow_sharp.any() else None,
-              "by_vsini": {}, "by_resolution": {}}
-    for name, values, edges in (("by_vsini", vs, VSINI_BINS), ("by_resolution", rs, R_BINS)):
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            sel = (values >= lo) & ((values < hi) | (hi == edges[-1]) & (values <= hi))
-            if sel.any():
-                report[name][f"{lo:g}-{hi:g}"] = error_stats(err[sel])
+              "seed": seed, "z": 0, "truth": truth_kind, **subset_stats(np.abs(pred - truth), labels)}
+    if perfect is not None:  # the representation and operator alone: a perfect network's error
+        report["perfect_decoder"] = subset_stats(np.abs(perfect[:, keep] - truth), labels)
     if compare:
         other, _ = z0_predictor(Path(compare))
         pred2 = np.concatenate([other(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])[:, keep]
@@ -142,15 +196,26 @@ def markdown(r: dict) -> str:
         return (f"| {name} | {s['n_spectra']} | {s['median_abs_dF']:.2e} | {s['per_spectrum_mean_abs_dF_p50']:.2e} | "
                 f"{s['per_spectrum_mean_abs_dF_p95']:.2e} | {s['per_spectrum_mean_abs_dF_max']:.2e} |")
 
+    def table(t):
+        rows = [row("all", t["overall"])]
+        if t.get("vsini_below_50_R_above_20000"):
+            rows.append(row("v sin i < 50 km/s, R > 20000", t["vsini_below_50_R_above_20000"]))
+        if t.get("cool_vsini_below_50_R_above_20000"):
+            rows.append(row("... and Teff < 5500 K", t["cool_vsini_below_50_R_above_20000"]))
+        rows += [row(f"v sin i {k} km/s", s) for k, s in t["by_vsini"].items()]
+        rows += [row(f"R {k}", s) for k, s in t["by_resolution"].items()]
+        rows += [row(f"Teff {k} K", s) for k, s in t.get("by_teff", {}).items()]
+        return rows
+
     head = ("| subset | spectra | median \\|ΔF\\| (all pixels) | per-spectrum mean \\|ΔF\\|: p50 | p95 | max |\n"
             "|---|---|---|---|---|---|")
     lines = [f"Held-out accuracy of `{r['model']}` ({r['backend']}, z = 0) on {r['n_test_stars']} {r['split']} stars × "
              f"{r['draws_per_star']} (v sin i, R) draws, seed {r['seed']}; data `{r['data']}`; pixels more than "
-             f"{r['edge_angstrom']:g} Å from the ends.", "", head, row("all", r["overall"])]
-    if r.get("vsini_below_50_R_above_20000"):
-        lines.append(row("v sin i < 50 km/s, R > 20000", r["vsini_below_50_R_above_20000"]))
-    lines += [row(f"v sin i {k} km/s", s) for k, s in r["by_vsini"].items()]
-    lines += [row(f"R {k}", s) for k, s in r["by_resolution"].items()]
+             f"{r['edge_angstrom']:g} Å from the ends. Truth: {r.get('truth', TRUTH_OPERATOR)}.", "", head, *table(r)]
+    if r.get("perfect_decoder"):
+        lines += ["", "A perfect decoder (the file's own pixels through the model's broadening stage) against the same "
+                      "truth: the floor the representation and the operator set, apart from the network.", "", head,
+                  *table(r["perfect_decoder"])]
     if "compare" in r:
         c = r["compare"]
         lines += ["", f"Against `{c['model']}`: max |ΔF| between the two {c['max_abs_diff']:.2e}, median "
@@ -162,11 +227,15 @@ def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026) -> Pat
     """Broadened held-out spectra in the shared layout with 6 labels (teff, logg, vsini, mh, vmic, resolution)."""
     import h5py
 
-    sf, rows, labels, truth, prov = broadened_test_set(Path(model), data, draws, seed)
+    sf, rows, labels, truth, prov, truth_kind, perfect = broadened_test_set(Path(model), data, draws, seed, floor=True)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     with h5py.File(tmp, "w") as f:
         f.create_dataset("flux", data=truth.astype(np.float32), chunks=(1, sf.n_pixels), compression="gzip")
+        if perfect is not None:  # what a perfect network would give through the model's stage: the operator floor
+            f.create_dataset("perfect_decoder", data=perfect.astype(np.float32), chunks=(1, sf.n_pixels),
+                             compression="gzip")
+        f.attrs["truth"] = truth_kind
         d = f.create_dataset("labels", data=labels)
         d.attrs["names"] = np.array(LABEL_NAMES, dtype=object)
         d.attrs["units"] = np.array([lab.unit for lab in STANDARD_LABELS], dtype=object)
@@ -177,8 +246,8 @@ def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026) -> Pat
         f.attrs["wavelength_medium"] = sf.wavelength_medium
         f.attrs["source"] = str(sf.path)
         f.attrs["source_sha256"] = sha256_file(sf.path)
-        f.attrs["note"] = (f"held-out test split (never trained on) of {sf.path.name}; each spectrum broadened by "
-                           f"fastspec_train.broadening (rotation eps=0.6 then Gaussian FWHM=lambda/R), "
+        f.attrs["note"] = (f"held-out test split (never trained on) of {sf.path.name}; each spectrum broadened "
+                           f"(rotation eps=0.6 then Gaussian FWHM=lambda/R; truth: {truth_kind}), "
                            f"{draws} stratified (vsini, R) draws per star, seed {seed}")
     tmp.replace(out)
     return out

@@ -54,19 +54,16 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
     default (the test split stays for checking the uncertainties it leads to)."""
     from fastspec import _core
 
-    from .accuracy import _split_rows
-    from .broadening import Broadener
+    from .accuracy import _split_rows, broadened_truth
 
     sf, rows, _ = _split_rows(Path(model_path), data, split)
     dec = _core.Decoder(_core.Model.load(str(model_path)))
-    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64)
-    flux = torch.from_numpy(sf.read(rows)).double()
     file_labels = sf.labels[rows]
     rms = np.zeros((len(vsini_nodes), len(resolution_nodes), sf.n_pixels))
     for i, v in enumerate(vsini_nodes):
         for k, r in enumerate(resolution_nodes):
             n = rows.size
-            truth = br(flux, torch.full((n,), v, dtype=torch.float64), torch.full((n,), r, dtype=torch.float64)).numpy()
+            truth = broadened_truth(sf, rows, np.full(n, v), np.full(n, r))[0]
             labels = np.column_stack([file_labels[:, 0], file_labels[:, 1], np.full(n, v), file_labels[:, 2],
                                       file_labels[:, 3], np.full(n, r)])
             rms[i, k] = np.sqrt(((dec.forward(labels) - truth) ** 2).mean(axis=0))
@@ -86,7 +83,7 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
     from .accuracy import broadened_test_set
 
-    sf, rows, labels, truth, _ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split)
+    sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split)
     dec = fastspec.Decoder.load(model_path)
     trim = 120
     wl = sf.wavelength[trim:-trim]
@@ -132,10 +129,9 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                            + ("the model file's broadening stage, applied by the core" if intrinsic else
                               "learnt by the network from draws broadened by fastspec_train.broadening")),
             **(provenance or {})}
-    if sampling != "point" and not intrinsic:
-        raise ValueError("only an intrinsic decoder (with the broadening stage) can learn pixel means")
+    # the training data's sampling matters to the stage only: a broadened decoder outputs the broadened spectrum
     stage = mf.BroadeningStage(epsilon=epsilon, segments=segments, sampling=sampling) if intrinsic else None
-    version = 3 if sampling == "pixel_mean" else 2 if intrinsic or emulator_error is not None else 1
+    version = 3 if intrinsic and sampling == "pixel_mean" else 2 if intrinsic or emulator_error is not None else 1
     return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent,
                           labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
                           wavelength=tuple(wavelength), output_scale=decoder.output_scale,
