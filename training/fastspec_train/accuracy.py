@@ -72,9 +72,10 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     data = Path(data) if data else Path(prov["training_data"]["path"])
     sf = SpectraFile(data)
     stage = model.broadening
-    if stage is not None and stage["sampling"] != sf.sampling:
+    # without a fine mesh the truth is the model's own operator on the file's pixels: they must be of its kind
+    if stage is not None and stage["sampling"] != sf.sampling and sf.fine_wavelength is None:
         raise ValueError(f"{model_path} was made for {stage['sampling']} spectra but {sf.path} holds {sf.sampling} ones "
-                         "(fastspec-grid build --sampling)")
+                         "and no fine mesh to broaden instead (fastspec-grid build --sampling, --fine-step)")
     sp = prov.get("split")
     if sp is None:
         raise ValueError(f"{model_path}: provenance has no 'split'; cannot tell which spectra are held out")
@@ -125,6 +126,11 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     if test_rows.size == 0:
         raise ValueError(f"{sf.path}: the {split} split is empty")
     pos, vs, rs = test_draws(test_rows.size, draws, seed)
+    if floor:  # the perfect decoder of this model's kind needs the file's pixels to be of that kind
+        from fastspec import _core
+
+        stage = _core.Model.load(str(model_path)).broadening
+        floor = stage is not None and stage["sampling"] == sf.sampling
     truth, kind, perfect = broadened_truth(sf, test_rows[pos], vs, rs, floor)
     labels = physical_labels(sf.labels[test_rows[pos]], vs, rs)
     return sf, test_rows[pos], labels, truth, prov, kind, perfect
