@@ -88,7 +88,8 @@ def test_derivatives_match_central_differences(core, br64, rng):
     fd_v = (up - down) / (vsini + hv - np.maximum(vsini - hv, 0))[:, None]  # one-sided at v sin i = 0
     fd_r = (torch_broaden(br64, flux, vsini, resolution + hr) - torch_broaden(br64, flux, vsini, resolution - hr)) / (2 * hr[:, None])
     for r in range(4):
-        tol_v = (1e-2 if vsini[r] == 0 else 1e-4) * np.abs(fd_v[r]).max()
+        # one-sided at v sin i = 0, where the pixel-mean kernel is even in v sin i (derivative 0, a difference O(h))
+        tol_v = max(1e-2 * np.abs(fd_v[r]).max(), 1e-6) if vsini[r] == 0 else 1e-4 * np.abs(fd_v[r]).max()
         assert np.abs(dv[r] - fd_v[r]).max() <= tol_v, r
         assert np.abs(dr[r] - fd_r[r]).max() <= 1e-4 * np.abs(fd_r[r]).max(), r
 

@@ -92,34 +92,74 @@ ProfileValues rotation_values(double w, double eps, int half, bool derivatives) 
     return v;
 }
 
-// The Gaussian's taps for pixel-mean input: a pixel mean is the spectrum convolved with a one-pixel box (variance
-// 1/12) and sampled, so sampled taps of a Gaussian of variance sigma^2 - 1/12 give the point-sampled spectrum
-// broadened by sigma (to second order in the box; sigma^2 >= 0.108 pixel^2 over the model's R range at 0.05 A).
-// Renormalised to sum 1; dk, when asked for, is the derivative by sigma. sigma^2 <= 1/12 (R = inf) -> identity.
-void pixel_mean_gaussian(double sigma, int half, std::vector<double>& k, std::vector<double>* dk) {
-    const int n = 2 * half + 1;
-    k.assign(n, 0.0);
-    if (dk) dk->assign(n, 0.0);
-    const double s2 = sigma * sigma - 1.0 / 12.0;
-    if (!(s2 > 1e-6)) {  // narrower than the taps can show (exp(-1/(2 s2)) < 1e-217): the identity
-        k[half] = 1.0;
+// Gray's rotational profile's Fourier transform at k = omega * w (unit area) and its derivative by k:
+// R(k) = c1 pi J1(k)/k + 4 c2 (sin k - k cos k)/k^3, R'(k) = -c1 pi J2(k)/k + 4 c2 [sin k/k^2 - 3 (sin k - k cos k)/k^4];
+// series below k = 1e-2, where the closed forms cancel.
+void rotation_transform(double k, double c1, double c2, double& r, double& dr) {
+    if (k < 1e-2) {
+        r = 1.0 - (c1 * M_PI / 16.0 + 2.0 * c2 / 15.0) * k * k;
+        dr = -(c1 * M_PI / 8.0 + 4.0 * c2 / 15.0) * k;
         return;
     }
-    const double s = std::sqrt(s2);
-    std::vector<double> g(n);
-    double sum = 0, dsum = 0;
-    for (int i = 0; i < n; ++i) {
-        const double m = i - half, e = std::exp(-0.5 * m * m / s2);
-        k[i] = e;
-        g[i] = e * m * m / (s2 * s);  // d e / d s
-        sum += e;
-        dsum += g[i];
+    const double sc = std::sin(k) - k * std::cos(k), k2 = k * k;
+    const double j1k = ::j1(k), j2k = 2.0 * j1k / k - ::j0(k);  // J2 by the recurrence
+    r = c1 * M_PI * j1k / k + 4.0 * c2 * sc / (k2 * k);
+    dr = -c1 * M_PI * j2k / k + 4.0 * c2 * (std::sin(k) / k2 - 3.0 * sc / (k2 * k2));
+}
+
+// The kernel for pixel-mean input: taps whose transform is H(omega) = R(omega w) exp(-sigma^2 omega^2 / 2) / sinc(omega/2)
+// on |omega| <= pi -- rotation and Gaussian with the input's one-pixel box divided out, for a spectrum read as
+// band-limited (benchmarks/results/operator-floor-2026-12-03.md: its floor against SYNSPEC's fine mesh is 5.6e-6 for
+// slow rotators at high R, against 1.5e-4 for hat weights on the same pixel means). H is sampled at
+// omega_j = 2 pi j / nfft (the inverse real DFT, by direct cosine sums), the taps kept to |m| <= reach and divided by
+// their sum; dk_dw and dk_dsigma (when asked for) are the derivatives of the normalised taps.
+int band_limited_reach(double w, double sigma) { return int(std::ceil(w + 7.0 * sigma)) + 16; }
+
+void band_limited_kernel(double w, double sigma, double eps, int reach, std::vector<double>& k,
+                         std::vector<double>* dk_dw, std::vector<double>* dk_dsigma) {
+    const double c1 = 2.0 * (1.0 - eps) / (M_PI * (1.0 - eps / 3.0)), c2 = eps / (2.0 * (1.0 - eps / 3.0));
+    int nfft = 64;
+    while (nfft < 4 * reach) nfft *= 2;
+    const int n = 2 * reach + 1;
+    std::vector<double> t(reach + 1, 0.0), tw(dk_dw ? reach + 1 : 0, 0.0), ts(dk_dsigma ? reach + 1 : 0, 0.0);
+    for (int j = 0; j <= nfft / 2; ++j) {
+        const double om = 2.0 * M_PI * j / nfft, g = std::exp(-0.5 * sigma * sigma * om * om);
+        if (g < 1e-17) break;  // the Gaussian only falls from here on: the rest is below double rounding
+        double r, dr;
+        rotation_transform(om * w, c1, c2, r, dr);
+        const double box = j == 0 ? 1.0 : std::sin(0.5 * om) / (0.5 * om);
+        const double weight = (j == 0 || 2 * j == nfft) ? 1.0 : 2.0;  // the even, real spectrum's both halves
+        const double h = weight * r * g / box, hw = weight * om * dr * g / box, hs = -sigma * om * om * h;
+        // cos(m om) for m = 0..reach by the Chebyshev recurrence
+        const double c = std::cos(om);
+        double prev = c, cur = 1.0;  // cos(-om), cos(0)
+        for (int m = 0; m <= reach; ++m) {
+            t[m] += h * cur;
+            if (dk_dw) tw[m] += hw * cur;
+            if (dk_dsigma) ts[m] += hs * cur;
+            const double next = 2.0 * c * cur - prev;
+            prev = cur;
+            cur = next;
+        }
     }
-    const double ds_dsigma = sigma / s;
-    for (int i = 0; i < n; ++i) {
-        k[i] /= sum;
-        if (dk) (*dk)[i] = (g[i] / sum - k[i] * dsum / sum) * ds_dsigma;
-    }
+    auto centred = [&](const std::vector<double>& half) {
+        std::vector<double> full(n);
+        for (int m = -reach; m <= reach; ++m) full[m + reach] = half[std::abs(m)];
+        return full;
+    };
+    k = centred(t);
+    double sum = 0;
+    for (double x : k) sum += x;
+    auto normalised_derivative = [&](const std::vector<double>& raw, std::vector<double>* out) {
+        std::vector<double> d = centred(raw);
+        double dsum = 0;
+        for (double x : d) dsum += x;
+        out->resize(n);
+        for (int i = 0; i < n; ++i) (*out)[i] = d[i] / sum - k[i] * dsum / (sum * sum);
+    };
+    if (dk_dw) normalised_derivative(tw, dk_dw);
+    if (dk_dsigma) normalised_derivative(ts, dk_dsigma);
+    for (double& x : k) x /= sum;
 }
 
 // Full linear convolution of two centred kernels (double), the result centred too.
@@ -204,20 +244,36 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
         const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * step_);
         // Only the taps that can be non-zero: the rotation kernel vanishes beyond w + 1 pixels; the Gaussian is
         // cut at 6 sigma + 2 pixels like training's (its tail there is < 1e-8 and renormalised away).
+        const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
+        if (sampling_ == Sampling::pixel_mean) {
+            // One composite kernel: rotation, Gaussian and the input's box together (band_limited_kernel).
+            int reach = 0;
+            if (w > 0 || sigma > 0) reach = std::min(max_half(), band_limited_reach(w, sigma));
+            if (reach == 0) {
+                parts[s].flux = {1.0};  // v sin i = 0 and R = inf: the identity
+                if (derivatives) parts[s].dv = parts[s].dr = {0.0};
+            } else {
+                band_limited_kernel(w, sigma, epsilon_, reach, parts[s].flux, derivatives ? &parts[s].dv : nullptr,
+                                    derivatives ? &parts[s].dr : nullptr);
+                if (derivatives) {
+                    for (double& x : parts[s].dv) x *= dw_dv;
+                    for (double& x : parts[s].dr) x *= ds_dr;
+                }
+            }
+            k.node_half[s] = reach;
+            half = std::max(half, reach);
+            continue;
+        }
         const int hr = std::min(rot_half_max_, int(std::ceil(w)) + 1);
         const int hg = std::min(gauss_half_max_, int(std::ceil(6.0 * sigma)) + 2);
         std::vector<double> kr, kg, dkr, dkg;
         hat_weights(rotation_values(w, epsilon_, hr, derivatives), hr, kr, derivatives ? &dkr : nullptr);
-        if (sampling_ == Sampling::pixel_mean)
-            pixel_mean_gaussian(sigma, hg, kg, derivatives ? &dkg : nullptr);
-        else
-            hat_weights(gaussian_values(sigma, hg, derivatives), hg, kg, derivatives ? &dkg : nullptr);
+        hat_weights(gaussian_values(sigma, hg, derivatives), hg, kg, derivatives ? &dkg : nullptr);
         parts[s].flux = convolve(kr, kg);
         if (derivatives) {
             parts[s].dv = convolve(dkr, kg);
             for (double& x : parts[s].dv) x *= dw_dv;                     // d/dvsini = d/dw * dw/dvsini
             parts[s].dr = convolve(kr, dkg);
-            const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
             for (double& x : parts[s].dr) x *= ds_dr;
         }
         k.node_half[s] = hr + hg;

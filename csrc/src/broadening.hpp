@@ -9,9 +9,9 @@
 //   * point samples (Sampling::point): the pixel weights K(m) = integral of hat(x - m) p(x) dx read the spectrum
 //     as its piecewise-linear interpolant; they come in closed form from the profile's CDF and first moment, sum
 //     to 1, and tend to the identity as the width goes to 0 (vsini = 0, R = infinity);
-//   * pixel means (Sampling::pixel_mean, format version 3): the input is already the flux integrated over each
-//     pixel (a box of one pixel), so the Gaussian's taps are its values sampled at the integer offsets with the
-//     box's variance (1/12 pixel^2) taken off, renormalised (see pixel_mean_gaussian in broadening.cpp);
+//   * pixel means (Sampling::pixel_mean, format version 3): the input is the flux integrated over each pixel (the
+//     spectrum convolved with a one-pixel box), so one composite kernel per node has the transform
+//     rotation * Gaussian / box on |omega| <= pi, the spectrum read as band-limited (band_limited_kernel);
 //   * rotation and Gaussian are combined into one kernel per node, applied to the spectrum extended by its
 //     edge values (training's FFT applies both to the same edge-extended window: the same operator).
 #pragma once
@@ -55,7 +55,8 @@ public:
     int node_lo(std::size_t s) const { return nodes_[s].lo; }
     int node_hi(std::size_t s) const { return nodes_[s].hi; }
     const std::vector<float>& node_hat(std::size_t s) const { return nodes_[s].hat; }
-    int max_half() const { return rot_half_max_ + gauss_half_max_; }
+    // the widest kernel make_kernels returns (pixel means: the band-limited kernel's reach, w + 7 sigma + 16)
+    int max_half() const { return rot_half_max_ + gauss_half_max_ + (sampling_ == Sampling::pixel_mean ? gauss_half_max_ / 6 + 16 : 0); }
 
 private:
     struct Node {

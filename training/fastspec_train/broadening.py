@@ -23,10 +23,11 @@ gives K = δ (the identity, no NaN), and Σ K = 1 whatever the width. The convol
 `direct_convolve` for the speed comparison (numbers in training/README.md).
 
 Pixel means (sampling="pixel_mean", what the decoder of a version-3 model outputs). The input is the spectrum
-integrated over each pixel, i.e. convolved with a one-pixel box (variance 1/12 px²) and sampled; lines narrower
-than a pixel keep their strength there, which point samples lose. The Gaussian's taps are then its values at
-the integer offsets for the variance σ² − 1/12 px² (the box already applied that much), renormalised: together
-with the input's box that is the Gaussian of σ to second order. σ² ≥ 0.108 px² over the model's R range.
+integrated over each pixel, i.e. convolved with a one-pixel box and sampled; lines narrower than a pixel keep their
+strength there, which point samples lose. One composite kernel per node then has the transform
+Rot̂(ωw)·Ĝ(ω)/sinc(ω/2) on |ω| ≤ π (the box divided out, the spectrum read as band-limited), taps by an inverse
+real FFT (band_limited_kernel). Against SYNSPEC's fine mesh its floor is 5.6e-6 (median |ΔF|, v sin i < 50, R > 2e4)
+where hat weights on the same pixel means give 1.5e-4 (benchmarks/results/operator-floor-2026-12-03.md).
 
 Edges. Each window is extended by its edge value (continuum-normalised flux, so constant extension is the
 least-surprising guess) over the widest kernel, so the circular FFT convolution never wraps around.
@@ -91,15 +92,48 @@ def gaussian_kernel(sigma_px: torch.Tensor, half: int) -> torch.Tensor:
     return _hat_weights(cdf, moment, half, sigma_px.device)
 
 
-def pixel_mean_gaussian_kernel(sigma_px: torch.Tensor, half: int) -> torch.Tensor:
-    """Taps (B, 2·half+1) that turn pixel means into point samples broadened by a Gaussian of std sigma_px (B,):
-    the Gaussian of variance σ² − 1/12 sampled at the integer offsets, renormalised; σ² ≤ 1/12 → δ."""
-    s2 = sigma_px.to(torch.float64)[:, None] ** 2 - 1.0 / 12.0
-    m = torch.arange(-half, half + 1, device=sigma_px.device, dtype=torch.float64)[None, :]
-    narrow = s2 <= 1e-6  # the C++ stage's cut: exp(-1/(2·1e-6)) underflows, the identity
-    w = torch.exp(-0.5 * m**2 / torch.where(narrow, torch.ones_like(s2), s2))
-    w = torch.where(narrow, (m == 0).to(w.dtype), w)
-    return w / w.sum(dim=1, keepdim=True)
+def rotation_transform(k: torch.Tensor, epsilon: float = EPSILON) -> torch.Tensor:
+    """Fourier transform of Gray's unit-area rotational profile at k = ω·w: c1·π·J1(k)/k + 4·c2·(sin k − k cos k)/k³
+    (series below k = 1e-2, where the closed form cancels)."""
+    c1 = 2.0 * (1.0 - epsilon) / (math.pi * (1.0 - epsilon / 3.0))
+    c2 = epsilon / (2.0 * (1.0 - epsilon / 3.0))
+    small = k < 1e-2
+    ks = torch.where(small, torch.ones_like(k), k)
+    closed = c1 * math.pi * torch.special.bessel_j1(ks) / ks + 4.0 * c2 * (torch.sin(ks) - ks * torch.cos(ks)) / ks**3
+    return torch.where(small, 1.0 - (c1 * math.pi / 16.0 + 2.0 * c2 / 15.0) * k * k, closed)
+
+
+def band_limited_reach(w: float, sigma: float) -> int:
+    """How far the pixel-mean kernel's taps are kept (pixels), as the C++ stage: ⌈w + 7σ⌉ + 16."""
+    return int(math.ceil(w + 7.0 * sigma)) + 16
+
+
+def band_limited_kernel(halfwidth_px: torch.Tensor, sigma_px: torch.Tensor, half: int,
+                        epsilon: float = EPSILON) -> torch.Tensor:
+    """Taps (B, 2·half+1) that turn pixel means into the point-sampled spectrum broadened by rotation (half-width
+    w) and a Gaussian (σ), both in pixels: the inverse real DFT (nfft = the power of two ≥ 4·reach, at least 64)
+    of H(ω) = Rot̂(ωw)·exp(−σ²ω²/2)/sinc(ω/2), the spectrum read as band-limited; kept to |m| ≤ reach
+    (band_limited_reach, at most `half`) and divided by their sum. w = σ = 0: the identity. As the C++ stage."""
+    w_all = halfwidth_px.to(torch.float64)
+    s_all = sigma_px.to(torch.float64)
+    out = torch.zeros(w_all.shape[0], 2 * half + 1, dtype=torch.float64, device=halfwidth_px.device)
+    for b in range(w_all.shape[0]):
+        w, s = float(w_all[b]), float(s_all[b])
+        if w == 0 and s == 0:
+            out[b, half] = 1.0
+            continue
+        reach = min(half, band_limited_reach(w, s))
+        nfft = 64
+        while nfft < 4 * reach:
+            nfft *= 2
+        om = 2.0 * math.pi * torch.arange(nfft // 2 + 1, dtype=torch.float64, device=out.device) / nfft
+        box = torch.ones_like(om)
+        box[1:] = torch.sin(0.5 * om[1:]) / (0.5 * om[1:])
+        h = rotation_transform(om * w, epsilon) * torch.exp(-0.5 * (s * om) ** 2) / box
+        taps = torch.fft.irfft(h, n=nfft)[: reach + 1]
+        row = torch.cat([taps.flip(0)[:-1], taps])
+        out[b, half - reach:half + reach + 1] = row / row.sum()
+    return out
 
 
 def rotation_kernel(halfwidth_px: torch.Tensor, half: int, epsilon: float = EPSILON) -> torch.Tensor:
@@ -204,6 +238,8 @@ class Broadener:
         lam_max = wavelength_start + wavelength_step * (n_pixels - 1)
         self.rot_half = int(math.ceil(self.max_vsini / C_KMS * lam_max / self.step)) + 2
         self.gauss_half = int(math.ceil(6.0 * lam_max / (FWHM_PER_SIGMA * self.min_resolution * self.step))) + 2
+        # the widest kernel (the C++ stage's max_half): pixel means' band-limited kernels reach w + 7σ + 16
+        self.max_half = self.rot_half + self.gauss_half + (self.gauss_half // 6 + 16 if sampling == "pixel_mean" else 0)
         # Hat weights of each segment node over its window [node_{s−1}, node_{s+1}].
         self._hats = []
         for s, c in enumerate(self.nodes):
@@ -219,8 +255,9 @@ class Broadener:
         """Rotation and Gaussian pixel kernels for the widths at `wavelength` (both float64, (B, ·))."""
         halfwidth = vsini * (wavelength / C_KMS / self.step)
         sigma = wavelength / (FWHM_PER_SIGMA * resolution * self.step)  # 0 for R = inf
-        gauss = pixel_mean_gaussian_kernel if self.sampling == "pixel_mean" else gaussian_kernel
-        return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gauss(sigma, self.gauss_half)]
+        if self.sampling == "pixel_mean":
+            return [band_limited_kernel(halfwidth, sigma, self.max_half, self.epsilon)]
+        return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gaussian_kernel(sigma, self.gauss_half)]
 
     def __call__(self, flux, vsini, resolution) -> torch.Tensor:
         flux = torch.as_tensor(flux)
@@ -239,7 +276,7 @@ class Broadener:
         for (lo, hi, hat), lam in zip(self._hats, self.node_wavelength):
             ks = self.kernels(vsini, resolution, float(lam))
             # The window plus the kernel reach on both sides, so interior pixels see the real neighbours.
-            reach = self.rot_half + self.gauss_half
+            reach = self.max_half
             a, z = max(lo - reach, 0), min(hi + reach + 1, self.n_pixels)
             y = conv(flux[:, a:z], ks)
             out[:, lo:hi + 1] += hat * y[:, lo - a:hi + 1 - a]
