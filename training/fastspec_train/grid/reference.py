@@ -20,15 +20,18 @@ a uniform ln λ mesh instead of with per-segment kernels:
     du²/8·F'', ~1e-3 in line cores at R = 1e5). vsini = 0 and R = inf return the PL function at out_wave.
 
 So the truth is the PL fine function (which itself carries variance h²/6 of the fine step h over SYNSPEC's)
-convolved exactly with the profiles, to ~1e-6 (tests/test_reference_broadening.py).
+convolved exactly with the profiles, to ~1e-6 (tests/test_reference_broadening.py), for kernels wider than a few
+du (R ≲ 1e6, v sin i ≳ 0.3 km/s for the 0.005 Å mesh: the whole label range); narrower ones give the band-limited
+reading of the PL function, which differs from it by its corner error (h²/8·F''). Half-widths are v/c in ln λ
+(λ·v/c in λ at the line, as ROTIN; ln(1 + v/c) would differ by v/2c, 5e-4 of the width at 300 km/s).
 
 `fwhm=` (Å) replaces the λ/R Gaussian by ROTIN's constant-FWHM-in-Å one (for ../shared/data/rotin_reference_v1.h5):
-rotation as above, then the result is resampled on a uniform λ mesh (the fine mesh itself when vsini = 0) and
-convolved there the same way.
+rotation as above, then the result is resampled (Lagrange) on a uniform λ mesh of step (fine step)/oversample and
+convolved there the same way (the cell means of the PL function directly when vsini = 0).
 
 `pixel_means(fine_wave, fine_flux, centres, step)`: the exact mean of the PL function over [c − step/2, c + step/2].
 
-numpy only, except scipy.special.j1 (rotation with a Gaussian), imported when needed.
+numpy only, except scipy.special.j1 (the rotation's transform), imported when needed.
 """
 
 from __future__ import annotations
