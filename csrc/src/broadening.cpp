@@ -92,46 +92,103 @@ ProfileValues rotation_values(double w, double eps, int half, bool derivatives) 
     return v;
 }
 
-// Gray's rotational profile's Fourier transform at k = omega * w (unit area) and its derivative by k:
-// R(k) = c1 pi J1(k)/k + 4 c2 (sin k - k cos k)/k^3, R'(k) = -c1 pi J2(k)/k + 4 c2 [sin k/k^2 - 3 (sin k - k cos k)/k^4];
-// series below k = 1e-2, where the closed forms cancel.
-void rotation_transform(double k, double c1, double c2, double& r, double& dr) {
-    if (k < 1e-2) {
-        r = 1.0 - (c1 * M_PI / 16.0 + 2.0 * c2 / 15.0) * k * k;
-        dr = -(c1 * M_PI / 8.0 + 4.0 * c2 / 15.0) * k;
+// Gray's rotational profile's Fourier transform at k = omega * w (unit area) and its first two derivatives by k:
+// R(k) = A(k) + B(k), A = c1 pi J1(k)/k, B = 4 c2 (sin k - k cos k)/k^3; A' = -c1 pi J2/k, A'' = -c1 pi (J1/k - 3 J2/k^2);
+// B' = 4 c2 [sin k/k^2 - 3 sc/k^4], B'' = 4 c2 [cos k/k^2 - 5 sin k/k^3 + 12 sc/k^5] (sc = sin k - k cos k).
+// Below k = 0.1, where those cancel, the series R = 1 - a k^2 + b k^4 - c k^6.
+void rotation_transform(double k, double c1, double c2, double& r, double& dr, double& ddr) {
+    if (k < 0.1) {
+        const double a = c1 * M_PI / 16.0 + 4.0 * c2 / 30.0, b = c1 * M_PI / 384.0 + 4.0 * c2 / 840.0,
+                     c = c1 * M_PI / 18432.0 + 4.0 * c2 / 45360.0, k2 = k * k;
+        r = 1.0 - k2 * (a - k2 * (b - c * k2));
+        dr = -k * (2.0 * a - k2 * (4.0 * b - 6.0 * c * k2));
+        ddr = -2.0 * a + k2 * (12.0 * b - 30.0 * c * k2);
         return;
     }
-    const double sc = std::sin(k) - k * std::cos(k), k2 = k * k;
+    const double sn = std::sin(k), cs = std::cos(k), sc = sn - k * cs, k2 = k * k;
     const double j1k = ::j1(k), j2k = 2.0 * j1k / k - ::j0(k);  // J2 by the recurrence
     r = c1 * M_PI * j1k / k + 4.0 * c2 * sc / (k2 * k);
-    dr = -c1 * M_PI * j2k / k + 4.0 * c2 * (std::sin(k) / k2 - 3.0 * sc / (k2 * k2));
+    dr = -c1 * M_PI * j2k / k + 4.0 * c2 * (sn / k2 - 3.0 * sc / (k2 * k2));
+    ddr = -c1 * M_PI * (j1k / k - 3.0 * j2k / k2) + 4.0 * c2 * (cs / k2 - 5.0 * sn / (k2 * k) + 12.0 * sc / (k2 * k2 * k));
 }
+
+}  // namespace
+
+// Tables for band_limited_kernel, made once per stage: cos(omega_j) and 1/box(omega_j) on the finest frequency grid
+// it uses (coarser grids take every stride-th entry), and R, R', R'' on a k grid of step 1/32, read by cubic Hermite
+// interpolation (R from R and R', R' from R' and R''; error ~1e-8): Bessel functions cost 100 ns a call, and a
+// kernel needs up to 500 frequencies at 9 nodes.
+struct BroadeningStage::BandTables {
+    int nmax = 0;
+    std::vector<double> cos_om, inv_box;
+    double hk = 1.0 / 32.0;
+    std::vector<double> r, dr, ddr;
+    double c1 = 0, c2 = 0;
+
+    BandTables(int nmax_, double k_max, double eps) : nmax(nmax_) {
+        c1 = 2.0 * (1.0 - eps) / (M_PI * (1.0 - eps / 3.0));
+        c2 = eps / (2.0 * (1.0 - eps / 3.0));
+        for (int j = 0; j <= nmax / 2; ++j) {
+            const double om = 2.0 * M_PI * j / nmax;
+            cos_om.push_back(std::cos(om));
+            inv_box.push_back(j == 0 ? 1.0 : 0.5 * om / std::sin(0.5 * om));
+        }
+        const int nk = int(std::ceil(k_max / hk)) + 2;
+        r.resize(nk), dr.resize(nk), ddr.resize(nk);
+        for (int i = 0; i < nk; ++i) rotation_transform(i * hk, c1, c2, r[i], dr[i], ddr[i]);
+    }
+
+    void rotation(double k, double& rk, double& drk) const {
+        const double x = k / hk;
+        const int i = int(x);
+        if (i + 1 >= int(r.size())) {  // beyond the table (not reached within the label ranges): exact
+            double unused;
+            rotation_transform(k, c1, c2, rk, drk, unused);
+            return;
+        }
+        const double t = x - i, t2 = t * t, t3 = t2 * t;
+        const double h00 = 2 * t3 - 3 * t2 + 1, h10 = t3 - 2 * t2 + t, h01 = -2 * t3 + 3 * t2, h11 = t3 - t2;
+        rk = h00 * r[i] + h10 * hk * dr[i] + h01 * r[i + 1] + h11 * hk * dr[i + 1];
+        drk = h00 * dr[i] + h10 * hk * ddr[i] + h01 * dr[i + 1] + h11 * hk * ddr[i + 1];
+    }
+};
+
+namespace {
 
 // The kernel for pixel-mean input: taps whose transform is H(omega) = R(omega w) exp(-sigma^2 omega^2 / 2) / sinc(omega/2)
 // on |omega| <= pi -- rotation and Gaussian with the input's one-pixel box divided out, for a spectrum read as
 // band-limited (benchmarks/results/operator-floor-2026-12-03.md: its floor against SYNSPEC's fine mesh is 5.6e-6 for
 // slow rotators at high R, against 1.5e-4 for hat weights on the same pixel means). H is sampled at
-// omega_j = 2 pi j / nfft (the inverse real DFT, by direct cosine sums), the taps kept to |m| <= reach and divided by
-// their sum; dk_dw and dk_dsigma (when asked for) are the derivatives of the normalised taps.
+// omega_j = 2 pi j / nfft (the inverse real DFT, by direct cosine sums; nfft >= 1024 and >= 4 reach), the taps kept
+// to |m| <= reach and divided by their sum; dk_dw and dk_dsigma (when asked for) are the derivatives of the
+// normalised taps.
 int band_limited_reach(double w, double sigma) { return int(std::ceil(w + 7.0 * sigma)) + 16; }
 
-void band_limited_kernel(double w, double sigma, double eps, int reach, std::vector<double>& k,
-                         std::vector<double>* dk_dw, std::vector<double>* dk_dsigma) {
-    const double c1 = 2.0 * (1.0 - eps) / (M_PI * (1.0 - eps / 3.0)), c2 = eps / (2.0 * (1.0 - eps / 3.0));
-    int nfft = 64;
+int band_limited_nfft(int reach) {
+    // At least 1024 frequencies: the kernel of a sharp R rings as 1/m and a short transform wraps that ringing
+    // back onto the taps (3e-5 at N = 128, 3e-7 at 1024); wide kernels need 4 reach.
+    int nfft = 1024;
     while (nfft < 4 * reach) nfft *= 2;
-    const int n = 2 * reach + 1;
+    return nfft;
+}
+
+void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, double sigma, int reach,
+                         std::vector<double>& k, std::vector<double>* dk_dw, std::vector<double>* dk_dsigma) {
+    const int nfft = band_limited_nfft(reach), stride = tab.nmax / nfft, n = 2 * reach + 1;
     std::vector<double> t(reach + 1, 0.0), tw(dk_dw ? reach + 1 : 0, 0.0), ts(dk_dsigma ? reach + 1 : 0, 0.0);
-    for (int j = 0; j <= nfft / 2; ++j) {
-        const double om = 2.0 * M_PI * j / nfft, g = std::exp(-0.5 * sigma * sigma * om * om);
+    // exp(-a j^2), a = (sigma d_omega)^2 / 2, by its recurrence: g_{j+1} = g_j ratio_j, ratio_{j+1} = ratio_j q
+    const double d_om = 2.0 * M_PI / nfft, a = 0.5 * sigma * sigma * d_om * d_om, q = std::exp(-2.0 * a);
+    double g = 1.0, ratio = std::exp(-a);
+    for (int j = 0; j <= nfft / 2; ++j, g *= ratio, ratio *= q) {
         if (g < 1e-17) break;  // the Gaussian only falls from here on: the rest is below double rounding
-        double r, dr;
-        rotation_transform(om * w, c1, c2, r, dr);
-        const double box = j == 0 ? 1.0 : std::sin(0.5 * om) / (0.5 * om);
+        const double om = j * d_om;
+        double r = 1.0, dr = 0.0;
+        if (w > 0) tab.rotation(om * w, r, dr);
         const double weight = (j == 0 || 2 * j == nfft) ? 1.0 : 2.0;  // the even, real spectrum's both halves
-        const double h = weight * r * g / box, hw = weight * om * dr * g / box, hs = -sigma * om * om * h;
+        const double gb = weight * g * tab.inv_box[j * stride];
+        const double h = r * gb, hw = om * dr * gb, hs = -sigma * om * om * h;
         // cos(m om) for m = 0..reach by the Chebyshev recurrence
-        const double c = std::cos(om);
+        const double c = tab.cos_om[j * stride];
         double prev = c, cur = 1.0;  // cos(-om), cos(0)
         for (int m = 0; m <= reach; ++m) {
             t[m] += h * cur;
@@ -216,6 +273,8 @@ BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step
         }
         nodes_.push_back(std::move(node));
     }
+    if (sampling_ == Sampling::pixel_mean)  // w <= rot_half_max_ pixels at every node: k = omega w <= pi rot_half_max_
+        bands_ = std::make_shared<const BandTables>(band_limited_nfft(max_half()), M_PI * rot_half_max_ + 1.0, epsilon_);
 }
 
 BroadeningStage::BroadeningStage(const Model& m)
@@ -253,7 +312,7 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
                 parts[s].flux = {1.0};  // v sin i = 0 and R = inf: the identity
                 if (derivatives) parts[s].dv = parts[s].dr = {0.0};
             } else {
-                band_limited_kernel(w, sigma, epsilon_, reach, parts[s].flux, derivatives ? &parts[s].dv : nullptr,
+                band_limited_kernel(*bands_, w, sigma, reach, parts[s].flux, derivatives ? &parts[s].dv : nullptr,
                                     derivatives ? &parts[s].dr : nullptr);
                 if (derivatives) {
                     for (double& x : parts[s].dv) x *= dw_dv;

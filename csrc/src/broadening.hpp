@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <vector>
 
 #include "fastspec/fastspec.hpp"
@@ -66,6 +67,12 @@ private:
     };
     double step_, epsilon_, max_vsini_, min_resolution_;
     Sampling sampling_;
+
+public:
+    struct BandTables;  // pixel means: frequency and rotation-transform tables (broadening.cpp)
+
+private:
+    std::shared_ptr<const BandTables> bands_;
     std::size_t n_;
     int rot_half_max_, gauss_half_max_;
     std::vector<Node> nodes_;
