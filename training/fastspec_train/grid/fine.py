@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .synspec import piecewise_linear_integral
+from .reference import pixel_means
 
 
 def from_fine(src: str | Path, out: str | Path, grid: tuple[float, float, int], block: int = 32) -> int:
@@ -52,9 +52,7 @@ def from_fine(src: str | Path, out: str | Path, grid: tuple[float, float, int], 
                     sel = rows[k:k + block]
                     fine = f["flux"][sel].astype(np.float64)
                     g["flux_fine"][k:k + sel.size] = fine
-                    g["flux"][k:k + sel.size] = np.stack([
-                        piecewise_linear_integral(fine_wave, row, centres - step / 2, centres + step / 2) / step
-                        for row in fine]).astype(np.float32)
+                    g["flux"][k:k + sel.size] = pixel_means(fine_wave, fine, centres, step).astype(np.float32)
                 d = g.create_dataset("labels", data=f["labels"][...][rows])
                 for key, value in f["labels"].attrs.items():
                     d.attrs[key] = value

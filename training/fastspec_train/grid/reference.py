@@ -87,21 +87,27 @@ def _convolve(y: np.ndarray, w: float, sigma: float, epsilon: float) -> np.ndarr
     return out[..., pad:pad + n]
 
 
-def _pl_antiderivative(x: np.ndarray, f: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """∫_{x0}^{t} of the PL function through (x (n,), f (..., n)), exactly, for x0 ≤ t ≤ x_{n-1}."""
+def pl_antiderivative(x: np.ndarray, f: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """∫_{x0}^{t} of the PL function through (x (n,) increasing, f (..., n)), exactly; beyond the mesh the function
+    is its end value. Returns (..., len(t))."""
+    x, f, t = (np.asarray(a, dtype=np.float64) for a in (x, f, t))
     cum = np.concatenate([np.zeros(f.shape[:-1] + (1,)),
                           np.cumsum(0.5 * (f[..., 1:] + f[..., :-1]) * np.diff(x), axis=-1)], axis=-1)
-    k = np.clip(np.searchsorted(x, t, side="right") - 1, 0, x.size - 2)
-    s = (t - x[k]) / (x[k + 1] - x[k])
-    return cum[..., k] + (t - x[k]) * (f[..., k] + 0.5 * s * (f[..., k + 1] - f[..., k]))
+    tc = np.clip(t, x[0], x[-1])
+    k = np.clip(np.searchsorted(x, tc, side="right") - 1, 0, x.size - 2)
+    s = (tc - x[k]) / (x[k + 1] - x[k])
+    inside = cum[..., k] + (tc - x[k]) * (f[..., k] + 0.5 * s * (f[..., k + 1] - f[..., k]))
+    return inside + np.minimum(t - x[0], 0.0) * f[..., :1] + np.maximum(t - x[-1], 0.0) * f[..., -1:]
+
+
+def pl_integral(x: np.ndarray, f: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """∫_lo^hi of the PL function through (x, f (..., n)) (pl_antiderivative's conventions), exactly."""
+    return pl_antiderivative(x, f, hi) - pl_antiderivative(x, f, lo)
 
 
 def _cell_means(x: np.ndarray, f: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Means of the PL function over the cells between consecutive edges (clipped to the mesh: constant beyond)."""
-    e = np.clip(edges, x[0], x[-1])
-    a = _pl_antiderivative(x, f, e) + (np.minimum(edges - x[0], 0.0) * f[..., :1]
-                                       + np.maximum(edges - x[-1], 0.0) * f[..., -1:])
-    return np.diff(a, axis=-1) / np.diff(edges)
+    """Means of the PL function over the cells between consecutive edges (constant beyond the mesh)."""
+    return np.diff(pl_antiderivative(x, f, edges), axis=-1) / np.diff(edges)
 
 
 def _lagrange(t: np.ndarray, t0: float, dt: float, y: np.ndarray, order: int = 6) -> np.ndarray:
@@ -162,4 +168,4 @@ def pixel_means(fine_wave, fine_flux, centres, step: float) -> np.ndarray:
     lo, hi = c - 0.5 * step, c + 0.5 * step
     if lo.min() < x[0] or hi.max() > x[-1]:
         raise ValueError("pixels reach beyond the fine mesh")
-    return (_pl_antiderivative(x, f, hi) - _pl_antiderivative(x, f, lo)) / step
+    return pl_integral(x, f, lo, hi) / step

