@@ -99,6 +99,57 @@ std::vector<double> reference(const std::vector<float>& x, double vsini, double 
     return out;
 }
 
+// Pixel-mean input (docs/model-format.md, broadening = 2): the taps are the inverse real DFT of
+// H(omega) = Rot(omega w) exp(-sigma^2 omega^2 / 2) / sinc(omega / 2), Rot here by quadrature of Gray's profile itself
+// (the library uses Bessel functions, tabulated), kept to |m| <= ceil(w + 7 sigma) + 16 and normalised.
+std::vector<double> band_limited_kernel(double w, double sigma, int& reach) {
+    reach = int(std::ceil(w + 7 * sigma)) + 16;
+    int nfft = 1024;
+    while (nfft < 4 * reach) nfft *= 2;
+    const double c1 = 2 * (1 - kEps) / (M_PI * (1 - kEps / 3)), c2 = kEps / (2 * (1 - kEps / 3));
+    std::vector<double> k(2 * reach + 1, 0.0);
+    for (int j = 0; j <= nfft / 2; ++j) {
+        const double om = 2 * M_PI * j / nfft, g = std::exp(-0.5 * sigma * sigma * om * om);
+        if (g < 1e-20) break;
+        // integral of G(t) cos(om w t) over [-1, 1], t = sin(theta)
+        const double rot = w == 0 ? 1.0 : simpson([&](double th) {
+            const double G = c1 * std::cos(th) + c2 * std::cos(th) * std::cos(th);
+            return G * std::cos(om * w * std::sin(th)) * std::cos(th);
+        }, -M_PI / 2, M_PI / 2, 2000);
+        const double h = (j == 0 || 2 * j == nfft ? 1.0 : 2.0) * rot * g * (j == 0 ? 1.0 : 0.5 * om / std::sin(0.5 * om));
+        for (int m = -reach; m <= reach; ++m) k[m + reach] += h * std::cos(m * om) / nfft;
+    }
+    double sum = 0;
+    for (double v : k) sum += v;
+    for (double& v : k) v /= sum;
+    return k;
+}
+
+std::vector<double> pixel_mean_reference(const std::vector<float>& x, double vsini, double resolution) {
+    const int S = kSegments;
+    std::vector<int> node(S + 1);
+    for (int s = 0; s <= S; ++s) node[s] = int(std::nearbyint(s * (double(kN - 1) / S)));
+    std::vector<double> out(kN, 0.0);
+    for (int s = 0; s <= S; ++s) {
+        const double lam = kStart + kStep * node[s];
+        const double w = vsini * lam / kC / kStep;
+        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * kStep);
+        int h = 0;
+        std::vector<double> k = {1.0};
+        if (w > 0 || sigma > 0) k = band_limited_kernel(w, sigma, h);
+        const int lo = s > 0 ? node[s - 1] : node[s], hi = s < S ? node[s + 1] : node[s];
+        for (int i = lo; i <= hi; ++i) {
+            double wgt = 1;
+            if (i <= node[s] && s > 0) wgt = double(i - lo) / std::max(node[s] - lo, 1);
+            if (i > node[s] && s < S) wgt = double(hi - i) / std::max(hi - node[s], 1);
+            double y = 0;
+            for (int m = -h; m <= h; ++m) y += k[m + h] * x[std::clamp(i - m, 0, kN - 1)];
+            out[i] += wgt * y;
+        }
+    }
+    return out;
+}
+
 std::vector<float> random_spectrum(std::mt19937_64& rng) {
     std::uniform_real_distribution<double> u(0, 1);
     std::vector<float> x(kN);
@@ -172,6 +223,39 @@ int main() {
         double ew_in = 0, ew_out = 0;
         for (int i = 0; i < kN; ++i) ew_in += 1 - x[i], ew_out += 1 - y[i];
         CHECK_MSG(std::abs(ew_out / ew_in - 1) < 1e-5, "equivalent width %.8g -> %.8g", ew_in, ew_out);
+    }
+    // Pixel-mean input: the same checks against its own float64 reference.
+    fastspec::Broadening bm(kStart, kStep, kN, kEps, kSegments, 300.0, 1000.0, fastspec::Sampling::pixel_mean);
+    const double pm_cases[][2] = {{0, inf}, {0, 115000}, {3.7, 60000}, {45, 20000}, {300, 1000}};
+    for (const auto& c : pm_cases) {
+        const double vsini = c[0], resolution = c[1];
+        const auto x = random_spectrum(rng);
+        std::vector<float> out(kN, NAN), dv(kN, NAN), dr(kN, NAN);
+        bm.apply(x.data(), vsini, resolution, out.data(), dv.data(), dr.data());
+        const auto ref = pixel_mean_reference(x, vsini, resolution);
+        double worst = 0;
+        for (int i = 0; i < kN; ++i) worst = std::max(worst, std::abs(double(out[i]) - ref[i]));
+        CHECK_MSG(worst < 2e-6 && std::all_of(out.begin(), out.end(), [](float v) { return std::isfinite(v); }),
+                  "pixel means, vsini %g R %g: max |core - reference| = %.3g", vsini, resolution, worst);
+        const double hv = std::max(1e-5 * vsini, 1e-5), hr = 1e-5 * (std::isinf(resolution) ? 1.0 : resolution);
+        std::vector<double> fd_v(kN), fd_r(kN, 0.0);
+        if (vsini > hv) {
+            const auto vp = pixel_mean_reference(x, vsini + hv, resolution), vm = pixel_mean_reference(x, vsini - hv, resolution);
+            for (int i = 0; i < kN; ++i) fd_v[i] = (vp[i] - vm[i]) / (2 * hv);
+        }  // at vsini = 0 the kernel is even in vsini: the derivative is 0
+        if (!std::isinf(resolution)) {
+            const auto rp = pixel_mean_reference(x, vsini, resolution + hr), rm = pixel_mean_reference(x, vsini, resolution - hr);
+            for (int i = 0; i < kN; ++i) fd_r[i] = (rp[i] - rm[i]) / (2 * hr);
+        }
+        double ev = 0, er = 0;
+        for (int i = 0; i < kN; ++i) {
+            ev = std::max(ev, std::abs(dv[i] - fd_v[i]));
+            er = std::max(er, std::abs(dr[i] - fd_r[i]));
+        }
+        CHECK_MSG(ev <= 2e-4 * max_abs(fd_v) + 1e-7, "pixel means, vsini %g R %g: d/dvsini off by %.3g (scale %.3g)", vsini,
+                  resolution, ev, max_abs(fd_v));
+        CHECK_MSG(er <= 2e-4 * max_abs(fd_r) + 1e-9, "pixel means, vsini %g R %g: d/dR off by %.3g (scale %.3g)", vsini,
+                  resolution, er, max_abs(fd_r));
     }
     // Bad input: a clear InputError, nothing written.
     std::vector<float> x(kN, 1.0f), y(kN, -7.0f);
