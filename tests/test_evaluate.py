@@ -311,6 +311,33 @@ def test_labels_are_read_by_name(small_case, tmp_path):
     assert "disabled" in m["recovery"]["status"]
 
 
+def test_operator_floor_reported_apart(small_case, tmp_path):
+    """A test set with `perfect_decoder` (fastspec-train testset on fine-mesh data): the model's error and the floor
+    are reported side by side, by subset; the floor's numbers are those of perfect_decoder against flux."""
+    clean = small_case["decoder"](small_case["labels"])
+    floor = (clean + 0.5 * (small_case["noisy"] - clean)).astype(np.float32)  # half the model's error, exactly
+    data = tmp_path / "floor.h5"
+    _write_h5(data, small_case["noisy"], small_case["labels"], LABELS, truth="reference: a test")
+    with h5py.File(data, "a") as f:
+        f["perfect_decoder"] = floor
+    m = evaluate(small_case["decoder"], data, tmp_path / "r", recovery=False, progress=False, dpi=30,
+                 log=lambda *a: None)
+    assert m["truth"] == "reference: a test"
+    rows = {r["subset"]: r for r in m["operator_floor"]["subsets"]}
+    want = np.abs(floor.astype(np.float64) - small_case["noisy"]).mean(axis=1)
+    assert rows["all"]["n"] == 60 and rows["all"]["floor_median"] == pytest.approx(np.median(want), rel=1e-5)
+    assert rows["all"]["floor_median"] == pytest.approx(0.5 * rows["all"]["model_median"], rel=1e-3)
+    assert "v sin i < 50, R > 20000" in rows or not ((small_case["labels"][:, 2] < 50) & (small_case["labels"][:, 5] > 2e4)).any()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## 0. The model's error and the operator's floor" in md and "Truth: reference: a test." in md
+    assert small_case["metrics"]["operator_floor"] is None  # a test set without one: nothing claimed
+    with h5py.File(data, "a") as f:
+        del f["perfect_decoder"]
+        f["perfect_decoder"] = floor[:, :100]
+    with pytest.raises(DataError, match="'perfect_decoder' has shape"):
+        evaluate(small_case["decoder"], data, tmp_path / "r2", recovery=False, progress=False, log=lambda *a: None)
+
+
 def test_recovery_split_groups_by_source_rows(small_case, tmp_path):
     """With `source_rows` (as fastspec-train testset writes), draws of one star share a split even when
     their intrinsic labels differ in the last digits."""

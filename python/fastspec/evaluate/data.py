@@ -107,6 +107,11 @@ class EvalData:
         self.label_names = tuple(label_names)
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         self._flux = flux
+        # `fastspec-train testset` on data with a fine mesh: the model's broadening stage applied to the SYNSPEC
+        # pixels themselves (a perfect network), scored apart as the floor of the representation and operator
+        self._floor = f["perfect_decoder"] if "perfect_decoder" in f else None
+        if self._floor is not None and self._floor.shape != flux.shape:
+            raise DataError(f"{p}: 'perfect_decoder' has shape {self._floor.shape} but flux {flux.shape}")
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self._flux[start:stop], dtype=np.float32)
@@ -119,6 +124,13 @@ class EvalData:
         uniq, inv = np.unique(rows[order], return_inverse=True)
         out[order] = np.asarray(self._flux[uniq.tolist()], dtype=np.float32)[inv]
         return out
+
+    @property
+    def has_floor(self) -> bool:
+        return self._floor is not None
+
+    def read_floor(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self._floor[start:stop], dtype=np.float32)
 
     def chunks(self, chunk_size: int):
         for s in range(0, self.n, chunk_size):

@@ -91,6 +91,7 @@ def evaluate(
             gen_coeffs = np.full((n, pca.components.shape[0]), np.nan)  # model spectra, test rows only
 
         acc = stats.ResidualAccumulator(wavelength.size)
+        floor_acc = stats.ResidualAccumulator(wavelength.size) if data.has_floor else None
         t_model = 0.0
         with tqdm(total=n, unit="spectra", desc="evaluate", disable=not progress) as bar:
             for s, e, syn in data.chunks(chunk_size):
@@ -100,6 +101,8 @@ def evaluate(
                 if model.shape != syn.shape:
                     raise RuntimeError(f"decoder returned {model.shape} for {e - s} label rows; expected {syn.shape}")
                 acc.add(model, syn)
+                if floor_acc is not None:
+                    floor_acc.add(data.read_floor(s, e), syn)
                 if pca is not None:
                     syn_coeffs[s:e] = pca.transform(syn)
                     is_test = split[s:e] == 2
@@ -154,7 +157,14 @@ def evaluate(
             rec = {"status": f"skipped: {exc}; torch (the `train` extra) is not installed"}
             log(f"recovery {rec['status']}")
 
+    floor = None
+    if floor_acc is not None:  # the model's error and the floor a perfect network would reach, by subset
+        fres = floor_acc.result()
+        floor = {"pixels": {k: fres[k] for k in ("abs_median", "abs_mean", "abs_max", "abs_percentiles")},
+                 "subsets": subset_table(labels, names, per_spec["mean_abs"], fres["per_spectrum"]["mean_abs"])}
     metrics = {
+        "truth": data_info["attrs"].get("truth"),
+        "operator_floor": floor,
         "model": _model_info(decoder),
         "data": data_info,
         "pixels": {k: res[k] for k in ("n_spectra", "n_pixels_total", "abs_median", "abs_mean", "abs_max",
@@ -185,6 +195,31 @@ def evaluate(
     (out / "report.md").write_text(report.markdown(metrics, ctx))
     log(f"wrote {out / 'report.md'}, metrics.json and {len(fig_files)} figures")
     return _jsonable(metrics)
+
+
+def subset_table(labels, names, model_err, floor_err) -> list[dict]:
+    """Median and 95th percentile of the per-spectrum mean |ΔF| of the model and of the perfect decoder: all
+    spectra, slow rotators at high R (v sin i < 50 km/s, R > 20000), the cool ones among those, and by Teff, v sin i
+    and R bins."""
+    col = {n: labels[:, i] for i, n in enumerate(names)}
+    rows = [("all", np.ones(len(labels), bool))]
+    if "vsini" in col and "resolution" in col:
+        slow = (col["vsini"] < 50) & (col["resolution"] > 20000)
+        rows += [("v sin i < 50, R > 20000", slow)]
+        if "teff" in col:
+            rows += [("... and Teff < 5500 K", slow & (col["teff"] < 5500))]
+    for name, edges in (("teff", (4000, 5500, 7000, 9000, 11000)), ("vsini", (0, 10, 50, 100, 200, 300)),
+                        ("resolution", (1000, 3000, 10000, 30000, 115000))):
+        if name in col:
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                rows.append((f"{name} {lo:g}-{hi:g}", (col[name] >= lo) & (col[name] <= hi)))
+    out = []
+    for label, sel in rows:
+        if sel.any():
+            out.append({"subset": label, "n": int(sel.sum()),
+                        "model_median": float(np.median(model_err[sel])), "model_p95": float(np.percentile(model_err[sel], 95)),
+                        "floor_median": float(np.median(floor_err[sel])), "floor_p95": float(np.percentile(floor_err[sel], 95))})
+    return out
 
 
 def _split_or_none(group_keys, ropts):

@@ -51,6 +51,20 @@ def markdown(m: dict, ctx: dict) -> str:
         L.append(f"- model generation: {t['model_spectra_per_second']:.0f} spectra/s on this machine (total run {t.get('total_seconds', 0):.0f} s)")
     L.append("")
 
+    if m.get("truth"):
+        L.append(f"Truth: {m['truth']}.\n")
+    fl = m.get("operator_floor")
+    if fl:
+        L.append("## 0. The model's error and the operator's floor\n")
+        L.append("The test set carries, beside each SYNSPEC spectrum, its own pixels through the model's broadening "
+                 "stage (a perfect network): the floor the representation and the operator set. Per-spectrum "
+                 "⟨|ΔF|⟩, median and 95th percentile over the spectra of each subset.\n")
+        L.append("| subset | spectra | model median | model p95 | floor median | floor p95 |\n|---|---|---|---|---|---|")
+        for r in fl["subsets"]:
+            L.append(f"| {r['subset']} | {r['n']} | {_f(r['model_median'])} | {_f(r['model_p95'])} | "
+                     f"{_f(r['floor_median'])} | {_f(r['floor_p95'])} |")
+        L.append(f"\nOver all pixels the floor's median \\|ΔF\\| is {_f(fl['pixels']['abs_median'])} (the model's: "
+                 f"{_f(px['abs_median'])}).\n")
     L.append("## 1. Pixel statistics\n")
     L.append("| statistic | value |\n|---|---|")
     L.append(f"| pixels (spectra × pixels) | {px['n_pixels_total']:,} ({px['n_spectra']} × {px['n_pixels_total'] // max(px['n_spectra'], 1)}) |")
