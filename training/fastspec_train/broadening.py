@@ -111,7 +111,7 @@ def band_limited_reach(w: float, sigma: float) -> int:
 def band_limited_kernel(halfwidth_px: torch.Tensor, sigma_px: torch.Tensor, half: int,
                         epsilon: float = EPSILON) -> torch.Tensor:
     """Taps (B, 2·half+1) that turn pixel means into the point-sampled spectrum broadened by rotation (half-width
-    w) and a Gaussian (σ), both in pixels: the inverse real DFT (nfft = the power of two ≥ 4·reach, at least 64)
+    w) and a Gaussian (σ), both in pixels: the inverse real DFT (nfft = the power of two ≥ 4·reach, at least 1024)
     of H(ω) = Rot̂(ωw)·exp(−σ²ω²/2)/sinc(ω/2), the spectrum read as band-limited; kept to |m| ≤ reach
     (band_limited_reach, at most `half`) and divided by their sum. w = σ = 0: the identity. As the C++ stage."""
     w_all = halfwidth_px.to(torch.float64)
@@ -123,7 +123,7 @@ def band_limited_kernel(halfwidth_px: torch.Tensor, sigma_px: torch.Tensor, half
             out[b, half] = 1.0
             continue
         reach = min(half, band_limited_reach(w, s))
-        nfft = 64
+        nfft = 1024  # a short transform wraps a sharp kernel's 1/m ringing onto its taps (as the C++ stage)
         while nfft < 4 * reach:
             nfft *= 2
         om = 2.0 * math.pi * torch.arange(nfft // 2 + 1, dtype=torch.float64, device=out.device) / nfft
