@@ -1,5 +1,7 @@
 """The broadening stage's cost at batch 1: a version-2 model (network + exact rotation and Gaussian) against the
 same network alone, over the (v sin i, R) range. Target (issue 10): with broadening ≤ 1.3× the network alone.
+And the version-3 stage for pixel means (band-limited kernels) against the version-2 one, side by side: target
+(issue 23) batch-1 forward within 1.5× of the version-2 model's.
 
     FASTSPEC_BENCH_THREADS=1 python -m pytest benchmarks/bench_broadening.py --benchmark-json=out.json
     python benchmarks/bench_broadening.py out.json > out.md
@@ -35,7 +37,9 @@ def decoders(tmp_path_factory):
     full = mf.write_model(d / "full.fsm", layers, latent_dim=16, labels=mf.INTRINSIC_LABELS, weight_dtype="f16",
                           broadening=mf.BroadeningStage())
     net = mf.write_model(d / "net.fsm", layers, latent_dim=16, labels=NETWORK_LABELS, weight_dtype="f16")
-    return _core.Decoder(_core.Model.load(str(full))), _core.Decoder(_core.Model.load(str(net)))
+    pixel = mf.write_model(d / "pixel.fsm", layers, latent_dim=16, labels=mf.INTRINSIC_LABELS, weight_dtype="f16",
+                           broadening=mf.BroadeningStage(sampling="pixel_mean"), format_version=3)
+    return tuple(_core.Decoder(_core.Model.load(str(p))) for p in (full, net, pixel))
 
 
 def _round_robin(calls, rounds=ROUNDS):
@@ -51,19 +55,22 @@ def _round_robin(calls, rounds=ROUNDS):
 @pytest.mark.parametrize("kind", ["forward", "jacobian"])
 @pytest.mark.parametrize("vsini,resolution", CASES)
 def test_broadening_overhead(benchmark, decoders, vsini, resolution, kind):
-    full, net = decoders
+    full, net, pixel = decoders
     labels6 = np.array([[5777.0, 4.44, vsini, 0.0, 1.0, resolution]])
     labels4 = np.ascontiguousarray(labels6[:, [0, 1, 3, 4]])
     if kind == "forward":
-        calls = [lambda: full.forward(labels6), lambda: net.forward(labels4)]
+        calls = [lambda: full.forward(labels6), lambda: net.forward(labels4), lambda: pixel.forward(labels6)]
     else:
-        calls = [lambda: full.forward_jacobian(labels6), lambda: net.forward_jacobian(labels4)]
+        calls = [lambda: full.forward_jacobian(labels6), lambda: net.forward_jacobian(labels4),
+                 lambda: pixel.forward_jacobian(labels6)]
     _round_robin(calls, 5)  # warm the workspaces
     t = _round_robin(calls)
     ratio = float(np.median(t[:, 0] / t[:, 1]))
     benchmark.extra_info.update(kind=kind, vsini=vsini, resolution=resolution, ratio=ratio,
                                 with_broadening_ms=float(np.median(t[:, 0]) * 1e3),
-                                network_alone_ms=float(np.median(t[:, 1]) * 1e3))
+                                network_alone_ms=float(np.median(t[:, 1]) * 1e3),
+                                pixel_mean_ms=float(np.median(t[:, 2]) * 1e3),
+                                pixel_mean_ratio=float(np.median(t[:, 2] / t[:, 0])))
     benchmark.pedantic(calls[0], rounds=20, iterations=1)
 
 
@@ -73,13 +80,15 @@ def summarize(path: str) -> str:
     lines = [f"# Broadening stage at batch 1 ({data.get('datetime', '?')[:10]})", "",
              f"Machine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, {m.get('node', '?')}; one thread. "
              "Default-size network (16 + 4 → 256 → 512 → 1024 → 19000, fp16 file) with and without the broadening "
-             "stage, round-robin in one run; ratio = median of per-round ratios (target ≤ 1.3 for forward).", "",
-             "| call | v sin i (km/s) | R | with broadening (ms) | network alone (ms) | ratio |",
-             "|---|---|---|---|---|---|"]
+             "stage, and with the version-3 stage for pixel means, round-robin in one run; ratios = medians of "
+             "per-round ratios (targets: ≤ 1.3 with broadening / alone, ≤ 1.5 pixel means / point, forward).", "",
+             "| call | v sin i (km/s) | R | with broadening (ms) | network alone (ms) | ratio | pixel-mean stage (ms) | "
+             "pixel mean / point |", "|---|---|---|---|---|---|---|---|"]
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        pm = (f" {e['pixel_mean_ms']:.3f} | {e['pixel_mean_ratio']:.2f} |" if "pixel_mean_ms" in e else " | |")
         lines.append(f"| {e['kind']} | {e['vsini']:g} | {e['resolution']:g} | {e['with_broadening_ms']:.3f} | "
-                     f"{e['network_alone_ms']:.3f} | {e['ratio']:.2f} |")
+                     f"{e['network_alone_ms']:.3f} | {e['ratio']:.2f} |" + pm)
     return "\n".join(lines) + "\n"
 
 
