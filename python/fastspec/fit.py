@@ -113,9 +113,10 @@ class FitResult:
     (the free labels, then 'rv' if fitted, then the continuum coefficients 'c0', 'c1', ...).
 
     success: the optimiser converged AND no quality check failed; converged: the optimiser's own verdict;
-    quality: what failed (reduced χ² far from 1, a label on a bound of its range, a degenerate covariance),
-    each also issued as a FitQualityWarning. A label on a bound has an uncertainty that only describes the
-    curvature there.
+    quality: what failed (reduced χ² far from 1, a label on a bound of its range — v sin i = 0 is not one, a
+    star may not rotate —, an RV on a bound of rv_bounds, a degenerate covariance), each also issued as a
+    FitQualityWarning. A label on a bound has an uncertainty that only describes the curvature there.
+    upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0).
     """
 
     labels: dict
@@ -525,10 +526,10 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
     x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
 
-    def solve(theta0, tol):
+    def solve(theta0, tol, upper=ub):
         prob.reweight(theta0)  # the emulator error at this start's v sin i and R
         return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                             bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
+                             bounds=(lb, upper), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
                              f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
                              diff_step=None if jac == "analytic" else diff_step)
 
@@ -538,18 +539,21 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         _, c0 = prob.chi2_of_spectra(spectra[i:i + 1], rv_cand[i])
         theta0 = np.concatenate([np.clip(u_cand[i], -0.999, 0.999), [rv_cand[i]] if prob.fit_rv else [], c0[0]])
         runs.append(solve(theta0, 1e-4))
-    best = solve(min(runs, key=lambda r: r.cost).x, 1e-8)
+    # Each run's cost used the emulator error at its own start: compare them at their solutions.
+    best = solve(min(runs, key=lambda r: prob.chi2_at(r.x)).x, 1e-8)
     runs.append(best)
     # A slow rotator: χ² along v sin i can have a second, local minimum a few km/s above 0 (the rotation kernel
-    # changes shape where it becomes one model pixel wide, v sin i ≈ 3 km/s), where runs that come down from
-    # the random starts stop. Polish once more from v sin i = 0 and keep the lower χ².
+    # changes shape where it becomes one model pixel wide, v sin i ≈ 3 km/s), at the end of a valley in which
+    # a higher R makes up for the rotation; runs that come down from the random starts stop there. So: fit the
+    # other parameters with v sin i held at 0 (R slides back down the valley), release v sin i, polish, and
+    # keep the lower χ².
     jv = prob.names.index(AT_REST) if AT_REST in prob.names and prob.lo[prob.names.index(AT_REST)] == 0.0 else None
     if jv is not None and "resolution" in prob.names:
         lab = prob.labels_of(prob.split(best.x)[0])
         if 0.0 < lab[jv] < max(10.0, C_KMS / lab[prob.names.index("resolution")]):  # within the instrumental FWHM
-            theta = best.x.copy()
-            theta[jv] = -0.9999
-            at_rest = solve(theta, 1e-8)
+            theta, held = best.x.copy(), ub.copy()
+            theta[jv], held[jv] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
+            at_rest = solve(solve(theta, 1e-8, held).x, 1e-8)
             runs.append(at_rest)
             if prob.chi2_at(at_rest.x) < prob.chi2_at(best.x):
                 best = at_rest
