@@ -494,6 +494,9 @@ def cmd_fit(args) -> int:
     print(result)
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FitQualityWarning)):
         print(f"warning: {message}", file=sys.stderr)  # the quality checks, and hints such as air/vacuum
+    for w in caught:  # any other warning as Python would have shown it
+        if not issubclass(w.category, FitQualityWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with ExitStack() as outputs:
         if args.output:
             doc = {"spectrum": spec.source, "model": decoder.info["path"], "medium": args.medium,
