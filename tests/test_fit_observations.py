@@ -163,7 +163,8 @@ def test_specutils_spectrum_in_and_out(small_model, rng):
 
 def test_pixel_integration_for_coarse_data(small_model, rng):
     """Data binned to 0.55 Å pixels (11 model pixels each): integrate=True models them (reduced χ² ~ 1, labels
-    within their errors); sampling the model at the pixel centres does not."""
+    within their errors), and so does the default ("auto": pixels this coarse are integrated); sampling the model at
+    the pixel centres does not."""
     decoder = Decoder.load(small_model)
     truth = random_truth(rng)
     model = decoder([truth[n] for n in decoder.label_names]).astype(np.float64)
@@ -173,10 +174,12 @@ def test_pixel_integration_for_coarse_data(small_model, rng):
     error = np.full(wl.size, 0.003)
     flux = flux + rng.normal(size=wl.size) * error
     r = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, integrate=True, **FAST)
-    assert 0.8 < r.reduced_chi2 < 1.25, r
+    assert 0.8 < r.reduced_chi2 < 1.25 and r.integrate_pixels == pytest.approx(11), r
+    assert fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, **FAST).labels == r.labels
     for name, value in truth.items():
         assert abs(r.labels[name] - value) <= 5 * r.uncertainties[name], (name, r)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitQualityWarning)
-        point = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, **FAST)
+        point = fastspec.fit(wl, flux, error, decoder, rv=False, continuum_degree=0, initial=truth, integrate=False,
+                             **FAST)
     assert point.reduced_chi2 > 3 * r.reduced_chi2

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ LABEL_HELP = {
     "resolution": "resolving power R = λ/FWHM",
 }
 OUTPUT_FORMATS = (".csv", ".txt", ".npy", ".h5", ".hdf5")  # what `generate -o` can write
+HDF5_FORMATS = (".h5", ".hdf5")  # what `batch -o` writes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         # User errors (bad labels, bad files) get one clear line, not a traceback. The core's range message
         # names the Python API's clip=True; here that is the --clip option.
-        message = str(exc).replace("pass clip=true", "pass --clip")
+        message = str(exc).replace("pass clip=True", "pass --clip")
         print(f"fastspec {args.command}: error: {message}", file=sys.stderr)
         return 1
 
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CSV with a header naming the six labels (any column order, no other columns; lines "
                             "starting with # are skipped) or an .npy array (N, 6) in the order teff, logg, vsini, "
                             "mh, vmic, resolution")
-    batch.add_argument("-o", "--output", type=Path, required=True, help="HDF5 file to write")
+    batch.add_argument("-o", "--output", type=Path, required=True, help="HDF5 file to write (.h5 or .hdf5)")
     _model_options(batch)
     batch.add_argument("--chunk", type=_positive_int, default=256, help="spectra per call to the core (default 256)")
     batch.set_defaults(func=cmd_batch)
@@ -95,22 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(see 'quality' in the output), 1 on an error.")
     fit.add_argument("spectrum", type=Path,
                      help="CSV/text (header naming wavelength, flux[, error], or those three columns), FITS (a 1-D "
-                          "table, or a 1-D image with CRVAL1/CDELT1; needs astropy) or HDF5 (datasets wavelength, "
-                          "flux[, error])")
+                          "table, or a 1-D image with CRVAL1/CDELT1; needs astropy), HDF5 (datasets wavelength, "
+                          "flux[, error]) or .npy (N, 2 or 3); also what `fastspec generate -o` writes")
     fit.add_argument("--medium", choices=["air", "vacuum"], default="air", help="of the observed wavelengths (default air)")
     fit.add_argument("--model", type=Path, help="model file (default: the embedded model)")
-    fit.add_argument("--error", type=float, help="one error for every pixel (default: the file's, else estimated)")
+    fit.add_argument("--error", type=_positive_float,
+                     help="one error for every pixel, > 0 (default: the file's, else estimated)")
     fit.add_argument("--rv-bounds", type=float, nargs=2, default=(-300.0, 300.0), metavar=("LO", "HI"), help="km/s")
     fit.add_argument("--no-rv", action="store_true", help="do not fit a radial velocity")
-    fit.add_argument("--continuum-degree", type=int, default=2, help="Legendre degree of the continuum; -1: none")
+    fit.add_argument("--continuum-degree", type=int, default=2,
+                     help="Legendre degree of the continuum, 0-10; -1: none, the spectrum is normalised (default 2)")
     fit.add_argument("--bound", action="append", default=[], metavar="LABEL=LO:HI",
                      help="narrow a label's range, e.g. --bound vmic=1:3 (repeatable)")
     fit.add_argument("--clip", type=float, default=5.0, metavar="SIGMA",
                      help="reject outliers beyond SIGMA robust standard deviations (default 5; 0: off)")
     fit.add_argument("--loss", default="linear", help="least-squares loss: linear, soft_l1, huber, cauchy, arctan")
     fit.add_argument("--no-model-error", action="store_true", help="leave the emulator error out of the variance")
+    fit.add_argument("--integrate", action=argparse.BooleanOptionalAction, default=None,
+                     help="average the model over each observed pixel (default: when the pixels are at least 1.5 "
+                          "model pixels, 0.075 Å, wide); --no-integrate: sample it at the pixel centres")
     fit.add_argument("-o", "--output", type=Path, help="write the result as JSON")
-    fit.add_argument("--plot", type=Path, help="save a PNG of data, model and residuals (needs matplotlib)")
+    fit.add_argument("--plot", type=Path, help="also save a plot of data, model and residuals, in the format of its "
+                                                "extension (.png, .pdf, ...; needs matplotlib)")
     fit.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     fit.set_defaults(func=cmd_fit)
 
@@ -119,6 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _check_output(path: Path | None, formats: tuple[str, ...] | None = None, what: str = "output") -> None:
+    """Refuse an output that cannot be written, before any work: an unknown extension, a missing folder."""
+    if path is None:
+        return
+    if formats is not None and path.suffix.lower() not in formats:
+        raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no extension)'}; use {', '.join(formats)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: the folder {folder} is not writable")
+
+
+def _check_plot(path: Path | None) -> None:
+    if path is None:
+        return
+    _require_matplotlib("--plot")
+    import matplotlib.figure
+
+    known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    _check_output(path, tuple("." + k for k in sorted(known)), "plot")
 
 
 def _positive_int(text: str) -> int:
@@ -142,27 +184,13 @@ def cmd_generate(args) -> int:
     if args.seed is not None and not args.sample:
         raise ValueError("--seed only makes sense with --sample")
     suffix = args.output.suffix.lower() if args.output is not None else None
-    if suffix is not None and suffix not in OUTPUT_FORMATS:
-        raise ValueError(f"{args.output}: unknown output format {suffix or '(no extension)'}; "
-                         f"use one of {', '.join(OUTPUT_FORMATS)}")
-    if args.plot:
-        _require_matplotlib("--plot")
-    if args.plot:
-        import matplotlib.figure
-
-        known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
-        if args.plot.suffix.lower().lstrip(".") not in known:
-            raise ValueError(f"{args.plot}: unknown plot format; use one of {', '.join('.' + k for k in sorted(known))}")
+    _check_output(args.output, OUTPUT_FORMATS)
+    _check_plot(args.plot)
     decoder = Decoder.load(args.model, threads=args.threads)
     labels = {name: getattr(args, name) for name in LABEL_HELP}
     flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed)
     if args.clip:  # say what was computed: the header and the plot carry the clamped labels
-        for name, value in labels.items():
-            lo, hi = decoder.label_ranges[name]
-            if not lo <= value <= hi:
-                labels[name] = min(max(value, lo), hi)
-                print(f"fastspec generate: {name} = {value:g} is outside [{lo:g}, {hi:g}]; clamped to {labels[name]:g}",
-                      file=sys.stderr)
+        labels = dict(zip(labels, _clamped(np.array([list(labels.values())]), decoder, "generate")[0]))
     wave = decoder.wavelength
     medium = decoder.info["medium"]
     header = ("fastspec " + " ".join(f"{k}={v:g}" for k, v in labels.items())
@@ -193,6 +221,25 @@ def cmd_generate(args) -> int:
         print(f"wrote {args.output} ({flux.size} pixels, {wave[0]:.2f}-{wave[-1]:.2f} Å {medium})",
               file=sys.stderr)
     return 0
+
+
+def _clamped(labels: np.ndarray, decoder: Decoder, command: str) -> np.ndarray:
+    """Labels (N, 6) clamped to the model's ranges, as --clip computes them; each clamped label reported."""
+    out = labels.copy()
+    for j, name in enumerate(decoder.label_names):
+        lo, hi = decoder.label_ranges[name]
+        out[:, j] = np.clip(labels[:, j], lo, hi)
+        moved = np.flatnonzero(out[:, j] != labels[:, j])
+        if moved.size == 0:
+            continue
+        i = moved[0]
+        if len(labels) == 1:
+            text = f"{name} = {labels[i, j]:g} is outside [{lo:g}, {hi:g}]; clamped to {out[i, j]:g}"
+        else:
+            text = (f"{name} is outside [{lo:g}, {hi:g}] in {moved.size} row{'s' if moved.size > 1 else ''} (the "
+                    f"first: row {i + 1}, {labels[i, j]:g}); clamped to the range, and stored so")
+        print(f"fastspec {command}: {text}", file=sys.stderr)
+    return out
 
 
 @contextmanager
@@ -269,6 +316,8 @@ def read_label_table(path: Path, names: tuple[str, ...]) -> np.ndarray:
                 if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
         raise ValueError(f"{path}: no rows")
+    if len(rows[0][1]) == 1 and any(sep in rows[0][1][0] for sep in ";\t"):
+        raise ValueError(f"{path}: the columns are separated by ';' or tabs: use commas")
     header = [h.strip().lower() for h in rows[0][1]]
     duplicates = sorted({h for h in header if header.count(h) > 1})
     if duplicates:
@@ -281,6 +330,8 @@ def read_label_table(path: Path, names: tuple[str, ...]) -> np.ndarray:
         raise ValueError(f"{path}: unknown column {', '.join(map(repr, unknown))}; the header row must name "
                          f"exactly the columns {', '.join(names)}")
     columns = [header.index(n) for n in names]
+    if len(rows) == 1:
+        raise ValueError(f"{path}: no rows below the header")
     table = np.empty((len(rows) - 1, len(names)))
     for i, (number, row) in enumerate(rows[1:]):
         if len(row) != len(header):
@@ -297,10 +348,19 @@ def cmd_batch(args) -> int:
     import h5py
     from tqdm import tqdm
 
+    _check_output(args.output, HDF5_FORMATS, "output (batch writes HDF5)")
     decoder = Decoder.load(args.model, threads=args.threads)
     labels = read_label_table(args.labels, decoder.label_names)
+    if not len(labels):
+        raise ValueError(f"{args.labels}: no rows")
     _check_rows(labels, decoder, args.labels, args.clip)
+    if args.clip:  # store the labels the spectra were computed at
+        labels = _clamped(labels, decoder, "batch")
     n = len(labels)
+    need, free = n * decoder.n_pixels * 4, shutil.disk_usage(args.output.parent).free
+    if need > free:
+        raise ValueError(f"{args.output}: {n} spectra need up to {_size(need)} (float32, before compression) but "
+                         f"{args.output.parent} has {_size(free)} free")
     with _deferred_sigint() as interrupted, _atomic_output(args.output) as tmp, h5py.File(tmp, "w") as f:
         flux = _create_hdf5(f, decoder, labels, args.clip)
         with tqdm(total=n, unit="spectra", desc="fastspec batch") as bar:
@@ -310,8 +370,12 @@ def cmd_batch(args) -> int:
                 stop = min(start + args.chunk, n)
                 flux[start:stop] = decoder(labels[start:stop], clip=args.clip)
                 bar.update(stop - start)
-    print(f"wrote {n} spectra to {args.output}", file=sys.stderr)
+    print(f"wrote {n} spectr{'um' if n == 1 else 'a'} to {args.output}", file=sys.stderr)
     return 0
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.3g} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.3g} MB"
 
 
 def _create_hdf5(f, decoder: Decoder, labels: np.ndarray, clip: bool):
@@ -404,27 +468,35 @@ def cmd_fit(args) -> int:
     from .fit import FitQualityWarning, fit
     from .observations import read_spectrum
 
-    for path, what in ((args.output, ".json"), (args.plot, ".png")):
-        if path is not None and path.suffix.lower() != what:
-            raise ValueError(f"{path}: the {'result' if what == '.json' else 'plot'} is written as {what}")
-    if args.plot:
-        _require_matplotlib("--plot")
+    _check_output(args.output, (".json",), "result")
+    _check_plot(args.plot)
+    if args.continuum_degree < -1:
+        raise ValueError(f"--continuum-degree must be -1 (none) or 0-10, got {args.continuum_degree}")
     spec = read_spectrum(args.spectrum)
-    decoder = Decoder.load(args.model, threads=args.threads)
     error = args.error if args.error is not None else spec.error
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FitQualityWarning)  # reported below, with the result
+    for note in spec.notes if args.error is None else ():
+        print(f"note: {note}", file=sys.stderr)
+    decoder = Decoder.load(args.model, threads=args.threads)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitQualityWarning)  # reported below, with the result
         result = fit(spec.wavelength, spec.flux, error, decoder, rv=not args.no_rv,
-                     continuum_degree=None if args.continuum_degree < 0 else args.continuum_degree,
+                     continuum_degree=None if args.continuum_degree == -1 else args.continuum_degree,
                      rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound), medium=args.medium,
-                     clip=args.clip or None, loss=args.loss, model_error=False if args.no_model_error else "auto")
-    print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_trimmed} outside the model's "
-          f"reach trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
-          f"emulator error {'in' if result.model_error else 'not in'} the variance"
-          + (f"; noise estimated {result.error_estimate:.4g}" if result.error_estimate is not None else ""))
+                     clip=args.clip or None, loss=args.loss, model_error=False if args.no_model_error else "auto",
+                     integrate="auto" if args.integrate is None else args.integrate)
+    print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_invalid} invalid (NaN flux, or an "
+          f"error NaN or <= 0), {result.n_pixels_masked} masked, {result.n_pixels_trimmed} outside the model's reach "
+          f"trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
+          + (f"pixels integrated over {result.integrate_pixels:.3g} model pixels; " if result.integrate_pixels > 1 else "")
+          + (f"noise estimated {result.error_estimate:.4g} (the emulator error is part of it)"
+             if result.error_estimate is not None else
+             f"emulator error {'in' if result.model_error else 'not in'} the variance"))
     print(result)
-    for q in result.quality:
-        print(f"warning: {q}", file=sys.stderr)
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FitQualityWarning)):
+        print(f"warning: {message}", file=sys.stderr)  # the quality checks, and hints such as air/vacuum
+    for w in caught:  # any other warning as Python would have shown it
+        if not issubclass(w.category, FitQualityWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with ExitStack() as outputs:
         if args.output:
             doc = {"spectrum": spec.source, "model": decoder.info["path"], "medium": args.medium,
@@ -434,15 +506,17 @@ def cmd_fit(args) -> int:
                    "chi2": result.chi2, "reduced_chi2": result.reduced_chi2, "success": result.success,
                    "converged": result.converged, "quality": result.quality, "n_pixels_used": result.n_pixels_used,
                    "n_pixels_trimmed": result.n_pixels_trimmed, "n_pixels_clipped": result.n_pixels_clipped,
-                   "error_estimate": result.error_estimate, "model_error": result.model_error}
+                   "error_estimate": result.error_estimate, "model_error": result.model_error,
+                   "upper_limits": result.upper_limits, "integrate_pixels": result.integrate_pixels,
+                   "n_pixels_invalid": result.n_pixels_invalid, "n_pixels_masked": result.n_pixels_masked}
             with open(outputs.enter_context(_atomic_output(args.output)), "w") as f:
                 json.dump(doc, f, indent=1)
         if args.plot:
-            plot_fit(spec, result, outputs.enter_context(_atomic_output(args.plot)))
+            plot_fit(spec, result, outputs.enter_context(_atomic_output(args.plot)), fmt=args.plot.suffix[1:].lower())
     return 0 if result.success else 3
 
 
-def plot_fit(spec, result, path) -> None:
+def plot_fit(spec, result, path, fmt: str = "png") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,7 +537,7 @@ def plot_fit(spec, result, path) -> None:
     axr.axhline(0, color="C3", lw=0.7)
     axr.set_ylabel("data − model")
     axr.set_xlabel(f"wavelength [Å, {result.medium}]")
-    fig.savefig(path, dpi=110, format="png")
+    fig.savefig(path, dpi=110, format=fmt)
     plt.close(fig)
 
 

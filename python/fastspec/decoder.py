@@ -8,6 +8,7 @@ the core, so the errors a C++ caller sees and a Python caller sees are the same.
 
 from __future__ import annotations
 
+import functools
 import json
 from functools import cached_property
 from importlib import resources
@@ -61,6 +62,21 @@ def cuda_usable() -> bool:
 
 
 cuda_available = cuda_usable
+
+
+def _python_words(method):
+    """The core's messages spell its C++ option (clip=true); a Python caller passes clip=True."""
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except ValueError as exc:
+            if "clip=true" not in str(exc):
+                raise
+            raise ValueError(str(exc).replace("clip=true", "clip=True")) from None
+
+    return call
 
 
 class Decoder:
@@ -172,6 +188,7 @@ class Decoder:
                 f"{self._model.weight_dtype}, device={self.device!r})")
 
     # ------------------------------------------------------------------------------------ compute
+    @_python_words
     def __call__(self, params=None, *, z=None, sample: bool = False, seed=None, clip: bool = False,
                  out=None, **labels):
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z, out)):
@@ -188,6 +205,7 @@ class Decoder:
         flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d)
         return flux[0] if single else flux
 
+    @_python_words
     def jacobian(self, params=None, *, z=None, clip: bool = False, **labels) -> tuple[np.ndarray, np.ndarray]:
         """The flux and its derivatives with respect to the labels, in one call: ``flux, jac = decoder.jacobian(p)``.
 
@@ -197,6 +215,10 @@ class Decoder:
         analytically by the core (about 7 forward passes). With ``clip=True`` a label outside its range
         is clamped and its derivative is 0. On a CUDA decoder, GPU arrays in give GPU arrays out.
         """
+        for name in ("sample", "seed", "out"):
+            if name in labels:
+                raise TypeError(f"jacobian() takes no {name}=: it differentiates at the given z (default 0); "
+                                "for a sampled z, draw it yourself and pass z=")
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z)):
             return self._call_device(params, labels, z, False, None, clip, None, jacobian=True)
         labels_2d, single = self._labels_array(params, labels)

@@ -25,14 +25,17 @@ default (benchmarks/results/fit-2026-12-02.md; 3-6× with the less accurate mode
 Observations as they come: vacuum wavelengths (``medium="vacuum"``) are converted to the model's medium;
 pixels that no allowed RV maps into the model grid are trimmed (and counted); a scalar error applies to every
 pixel; masked arrays' masks are honoured.
-No error at all: a first fit with unit errors gives the residuals, their RMS (less the emulator error's share)
-is taken as the noise of every pixel, and the fit is repeated with it (``error_estimate``). Outliers (cosmic rays, bad pixels): ``clip`` rejects pixels whose
+No error at all: a first fit with one error for every pixel gives the residuals, their RMS is taken as the noise
+of every pixel, and the fit is repeated with it (``error_estimate``). Flux in any unit: the fit runs on flux
+divided by its median (the continuum polynomial carries the unit). v sin i = 0 is a physical limit: a fit there
+is no failure, and where the data cannot tell v sin i from 0 a 95 % upper limit is reported. Outliers (cosmic rays, bad pixels): ``clip`` rejects pixels whose
 normalised residual exceeds clip·σ and refits, ``loss`` passes a robust loss to least_squares.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,8 @@ from .wavelength import air_to_vacuum, vacuum_to_air
 
 C_KMS = 299792.458
 LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
+MAX_CONTINUUM_DEGREE = 10  # higher degrees bend into the wings of strong lines (Hβ, Mg b) over this 950 Å range
+AT_REST = "vsini"  # a label whose lower bound 0 is physical (a star that does not rotate), not a failed fit
 
 
 class FitQualityWarning(UserWarning):
@@ -108,9 +113,10 @@ class FitResult:
     (the free labels, then 'rv' if fitted, then the continuum coefficients 'c0', 'c1', ...).
 
     success: the optimiser converged AND no quality check failed; converged: the optimiser's own verdict;
-    quality: what failed (reduced χ² far from 1, a label on a bound of its range, a degenerate covariance),
-    each also issued as a FitQualityWarning. A label on a bound has an uncertainty that only describes the
-    curvature there.
+    quality: what failed (reduced χ² far from 1, a label on a bound of its range — v sin i = 0 is not one, a
+    star may not rotate —, an RV on a bound of rv_bounds, a degenerate covariance), each also issued as a
+    FitQualityWarning. A label on a bound has an uncertainty that only describes the curvature there.
+    upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0).
     """
 
     labels: dict
@@ -137,12 +143,17 @@ class FitResult:
     n_pixels_clipped: int = 0  # rejected as outliers by `clip`
     error_estimate: float | None = None  # the noise estimated from the spectrum, when no error was given
     model_error: bool = False  # whether the emulator error was added to the variance
+    upper_limits: dict = field(default_factory=dict)  # {label: 95 % upper limit} where the data cannot tell it from 0
+    integrate_pixels: float = 1.0  # observed pixel width in model pixels that the model was averaged over (1: none)
+    n_pixels_invalid: int = 0  # left out for NaN/inf flux, or an error that is NaN/inf or <= 0
+    n_pixels_masked: int = 0  # left out by a mask (the `mask` argument, a masked array's or a Spectrum's)
 
     def __str__(self) -> str:
         lines = [f"chi2 = {self.chi2:.6g} on {self.n_pixels_used} pixels (reduced {self.reduced_chi2:.4g}), "
                  f"success={self.success}" + ("" if not self.quality else " (" + "; ".join(self.quality) + ")")]
         for name, value in self.labels.items():
-            lines.append(f"  {name:>10} = {value:.6g} ± {self.uncertainties[name]:.3g}")
+            lines.append(f"  {name:>10} = {value:.6g} ± {self.uncertainties[name]:.3g}"
+                         + (f"  (< {self.upper_limits[name]:.3g}, 95 % upper limit)" if name in self.upper_limits else ""))
         if self.rv is not None:
             lines.append(f"  {'rv':>10} = {self.rv:.4f} ± {self.rv_uncertainty:.3g} km/s")
         return "\n".join(lines)
@@ -152,7 +163,7 @@ class _Problem:
     """The observed spectrum, the parameterisation and the residual / Jacobian functions."""
 
     def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds,
-                 medium="air", model_error=False, integrate=False):
+                 medium="air", model_error=False, integrate="auto"):
         self.decoder = decoder
         self.names = list(decoder.label_names)
         nl = len(self.names)
@@ -189,6 +200,8 @@ class _Problem:
             raise ValueError(f"wavelength and flux must be 1-D arrays of one length; got shapes {wl.shape}, {fl.shape}")
         er = np.ma.getdata(error).astype(np.float64) if np.ma.isMaskedArray(error) else np.asarray(error, dtype=np.float64)
         if er.ndim == 0:
+            if not (np.isfinite(er) and er > 0):
+                raise ValueError(f"error must be a finite number > 0 (one error for every pixel), got {float(er)}")
             er = np.full(wl.shape, float(er))
         if er.shape != wl.shape:
             raise ValueError(f"error must be a scalar or a 1-D array like flux; got shape {er.shape} for {wl.shape}")
@@ -199,7 +212,13 @@ class _Problem:
         model_medium = decoder.info["medium"]
         if medium != model_medium:  # the fit runs in the model's medium; RV is unaffected (both scale alike)
             wl = vacuum_to_air(wl) if model_medium == "air" else air_to_vacuum(wl)
-        good = np.isfinite(fl) & np.isfinite(er) & (er > 0)
+        # A wavelength given twice would count twice in χ² (orders merged by concatenation, a repeated export).
+        values, counts = np.unique(wl, return_counts=True)
+        if counts.max(initial=1) > 1:
+            raise ValueError(f"{int((counts - 1).sum())} duplicated wavelengths (the first at {values[counts > 1][0]:.4f} Å): "
+                             "each would be fitted twice; merge or drop the repeats")
+        valid = np.isfinite(fl) & np.isfinite(er) & (er > 0)
+        good = np.ones(wl.shape, bool)
         for m_ in masked:
             good &= ~m_
         if mask is not None:
@@ -207,10 +226,13 @@ class _Problem:
             if mask.shape != wl.shape or mask.dtype != bool:
                 raise ValueError(f"mask must be a boolean array of shape {wl.shape} (True = fit this pixel)")
             good &= mask
+        self.n_invalid, self.n_masked = int((~valid).sum()), int((valid & ~good).sum())
+        good &= valid
         self.fit_rv = bool(fit_rv)
         self.degree = -1 if continuum_degree is None else int(continuum_degree)
-        if self.degree < -1:
-            raise ValueError("continuum_degree must be >= 0, or None for no continuum polynomial")
+        if not -1 <= self.degree <= MAX_CONTINUUM_DEGREE:
+            raise ValueError(f"continuum_degree must be 0-{MAX_CONTINUUM_DEGREE}, or None for no continuum polynomial; "
+                             f"got {continuum_degree}")
         self.n_params = nl + int(self.fit_rv) + self.degree + 1
 
         # Trim the pixels that some allowed RV would map outside the model grid (reported, not an error).
@@ -229,15 +251,25 @@ class _Problem:
                              f"and within {allowed[0]:.3f}-{allowed[1]:.3f} Å ({model_medium}), where the model "
                              f"covers every RV in {self.rv_bounds} km/s); at least {min_pixels} are needed")
         self.mask = good
-        self.wl, self.flux, self.sigma_obs = wl[good], fl[good], er[good]
+        # Flux in any unit: the fit runs on flux / scale (the continuum polynomial takes the unit back), so that
+        # tolerances, starting scales and the degeneracy test see numbers near 1 whatever the unit.
+        scale = float(np.median(np.abs(fl[good]))) if self.degree >= 0 else 1.0
+        self.scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+        self.wl, self.flux, self.sigma_obs = wl[good], fl[good] / self.scale, er[good] / self.scale
         self.ivar_sqrt = 1.0 / self.sigma_obs
         self.model_error = bool(model_error)
-        # Pixel integration: the model averaged over the observed pixel width (the median spacing, in model
-        # pixels, odd), before it is sampled at the observed wavelengths.
-        self.box = 1
-        if integrate:
-            spacing = np.median(np.abs(np.diff(np.sort(self.wl)))) if self.wl.size > 1 else self.dw
-            self.box = max(1, int(round(spacing / self.dw)) | 1)
+        # Pixel integration: each observed pixel as the mean of the model over its width (its distance to the
+        # nearer neighbour); "auto": when the pixels are 1.5 model pixels wide or more (median).
+        if integrate not in (True, False, "auto"):
+            raise ValueError(f"integrate must be True, False or 'auto', not {integrate!r}")
+        order = np.argsort(wl)
+        gaps = np.diff(wl[order]) if wl.size > 1 else np.array([self.dw])
+        spacing = np.empty_like(wl)
+        spacing[order] = np.minimum(np.r_[gaps[:1], gaps], np.r_[gaps, gaps[-1:]])
+        self.width = float(np.median(spacing[good]) / self.dw)
+        self.half = 0.5 * spacing[good] if integrate is True or (integrate == "auto" and self.width >= 1.5) else None
+        if self.half is None:
+            self.width = 1.0
 
         # continuum basis on the fitted pixels
         span = self.wl.max() - self.wl.min()
@@ -264,14 +296,6 @@ class _Problem:
         s[..., self.is_log] = np.log10(s[..., self.is_log])
         return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
 
-    def integrated(self, spec):
-        """The model spectrum (n_model, ...) averaged over an observed pixel (identity without integrate)."""
-        if self.box == 1:
-            return spec
-        from scipy.ndimage import uniform_filter1d
-
-        return uniform_filter1d(spec, self.box, axis=0, mode="nearest")
-
     def split(self, theta):
         nl = len(self.names)
         rv = theta[nl] if self.fit_rv else 0.0
@@ -283,6 +307,42 @@ class _Problem:
         pos = (rest - self.w0) / self.dw
         k = np.clip(np.floor(pos).astype(np.int64), 0, self.n_model - 2)
         return k, pos - k
+
+    def sample(self, spec, rv):
+        """The model spec (n_model, ...) at the observed pixels, (P, ...); rv a scalar, or (R, 1) for a 1-D spec,
+        giving (R, P). Point samples: linear interpolation at the rest wavelength. Pixel integration: the mean
+        over the pixel of the model samples read as bins one model pixel wide (exact for bin-averaged data)."""
+        expand = (1,) * (spec.ndim - 1)
+        if self.half is None:
+            k, w = self._interp(rv)
+            w = w.reshape(w.shape + expand)
+            return (1 - w) * spec[k] + w * spec[k + 1]
+        a, b = self._edges(rv)
+        cum = np.concatenate([np.zeros((1,) + spec.shape[1:]), np.cumsum(spec, axis=0)])
+
+        def integral(x):  # of the bins from the grid's start (x = -0.5) to x
+            k = np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1)
+            return cum[k] + spec[k] * (x - k + 0.5).reshape(x.shape + expand)
+
+        return (integral(b) - integral(a)) / (b - a).reshape(a.shape + expand)
+
+    def rv_derivative(self, spec, rv):
+        """d(sample(spec, rv))/d rv for a 1-D spec, (P,)."""
+        if self.half is None:
+            k, _ = self._interp(rv)
+            slope = (spec[k + 1] - spec[k]) / self.dw  # the segment each pixel falls in (the interpolant's exact slope)
+            return slope * (-self.wl / C_KMS / (1.0 + rv / C_KMS) ** 2)
+        a, b = self._edges(rv)
+        bins = lambda x: spec[np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1)]  # noqa: E731
+        mean = self.sample(spec, rv)
+        # each edge x = (λ_edge / (1 + v/c) − w0) / dw moves by −(x + w0/dw) / (c + v); so does b − a, by −(b − a) / (c + v)
+        da, db = -(a + self.w0 / self.dw) / (C_KMS + rv), -(b + self.w0 / self.dw) / (C_KMS + rv)
+        return (bins(b) * db - bins(a) * da) / (b - a) + mean / (C_KMS + rv)
+
+    def _edges(self, rv):
+        """The observed pixels' edges in model pixels (the rest frame at rv)."""
+        shift = 1.0 + np.asarray(rv) / C_KMS
+        return (((self.wl - self.half) / shift - self.w0) / self.dw, ((self.wl + self.half) / shift - self.w0) / self.dw)
 
     def reweight(self, theta):
         """Variance σ_obs² + (C·σ_model)² with the emulator error at these labels (no-op without model_error)."""
@@ -297,6 +357,12 @@ class _Problem:
         sig_model = cont * ((1 - w) * err[k] + w * err[k + 1])
         self.ivar_sqrt = 1.0 / np.sqrt(self.sigma_obs**2 + sig_model**2)
 
+    def chi2_at(self, theta):
+        """χ² with the variance at theta itself (runs started elsewhere weighted the emulator error there)."""
+        self.reweight(theta)
+        r = self.residuals(theta)
+        return float(r @ r)
+
     def drop(self, reject):
         """Leave out fitted pixels (indices into the fitted set), e.g. outliers."""
         keep = np.ones(self.wl.size, bool)
@@ -305,14 +371,13 @@ class _Problem:
         self.mask[where[~keep]] = False
         self.wl, self.flux, self.sigma_obs = self.wl[keep], self.flux[keep], self.sigma_obs[keep]
         self.ivar_sqrt, self.basis = self.ivar_sqrt[keep], self.basis[keep]
+        self.half = None if self.half is None else self.half[keep]
         self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(self.wl.size, -1)
 
     def residuals(self, theta):
         u, rv, c = self.split(theta)
         self.n_model_calls += 1
-        spec = self.integrated(self.decoder(self.labels_of(u)).astype(np.float64))
-        k, w = self._interp(rv)
-        f = (1 - w) * spec[k] + w * spec[k + 1]
+        f = self.sample(self.decoder(self.labels_of(u)).astype(np.float64), rv)
         cont = self.basis @ c if self.degree >= 0 else 1.0
         return (cont * f - self.flux) * self.ivar_sqrt
 
@@ -320,18 +385,13 @@ class _Problem:
         u, rv, c = self.split(theta)
         self.n_jac_calls += 1
         spec, jac = self.decoder.jacobian(self.labels_of(u))
-        spec, jac = self.integrated(spec.astype(np.float64)), self.integrated(jac.astype(np.float64))
-        k, w = self._interp(rv)
-        f = (1 - w) * spec[k] + w * spec[k + 1]
+        spec = spec.astype(np.float64)
+        f = self.sample(spec, rv)
         cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)
         scale = cont * self.ivar_sqrt
-        cols = [((1 - w)[:, None] * jac[k] + w[:, None] * jac[k + 1]) * self.dlabel_du(u)[None, :] * scale[:, None]]
+        cols = [self.sample(jac.astype(np.float64), rv) * self.dlabel_du(u)[None, :] * scale[:, None]]
         if self.fit_rv:
-            # dF/dλ of the interpolated model spectrum (the slope of the segment each pixel falls in: the
-            # exact derivative of the residuals, whose interpolant is piecewise linear in λ), times
-            # dλ_rest/dv = −λ / c / (1 + v/c)²
-            slope = (spec[k + 1] - spec[k]) / self.dw
-            cols.append((slope * (-self.wl / C_KMS / (1.0 + rv / C_KMS) ** 2) * scale)[:, None])
+            cols.append((self.rv_derivative(spec, rv) * scale)[:, None])
         if self.degree >= 0:
             cols.append(self.basis * (f * self.ivar_sqrt)[:, None])
         return np.concatenate(cols, axis=1)
@@ -349,15 +409,11 @@ class _Problem:
 
     def chi2_of_spectra(self, spectra, rv):
         """χ² of model spectra (N, n_model) at one RV, each with its best continuum."""
-        k, w = self._interp(rv)
-        spectra = np.stack([self.integrated(sp) for sp in spectra]) if self.box > 1 else spectra
-        return self._chi2_interpolated((1 - w) * spectra[:, k] + w * spectra[:, k + 1])
+        return self._chi2_interpolated(self.sample(spectra.T, rv).T)
 
     def chi2_of_rvs(self, spectrum, rvs):
         """χ² of one model spectrum (n_model,) at each RV of rvs (R,), with its best continuum."""
-        k, w = self._interp(np.asarray(rvs, dtype=np.float64)[:, None])
-        spectrum = self.integrated(spectrum)
-        return self._chi2_interpolated(spectrum[k] + w * np.diff(spectrum)[k])[0]
+        return self._chi2_interpolated(self.sample(spectrum, np.asarray(rvs, dtype=np.float64)[:, None]))[0]
 
     def _chi2_interpolated(self, f):
         if self.degree >= 0:
@@ -371,13 +427,14 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         rv_bounds=(-300.0, 300.0), mask=None, initial: dict | None = None, seed: int | None = 0,
         jac: str = "analytic", diff_step: float | None = None, max_nfev: int | None = 200, medium: str = "air",
         model_error="auto", loss: str = "linear", f_scale: float = 1.0, clip: float | None = 5.0,
-        clip_iterations: int = 5, integrate: bool = False) -> FitResult:
+        clip_iterations: int = 5, integrate="auto") -> FitResult:
     """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum.
 
     wavelength: Å, any order, in ``medium`` ("air" or "vacuum"; converted to the model's medium, air for the
     shipped models); or a specutils ``Spectrum`` (its spectral axis in any unit, its uncertainty and mask are
     used; `fastspec.fit.model_spectrum(result, spectrum)` returns the model likewise). flux: same shape (NumPy or masked array). error: same shape, a scalar for every pixel, or
-    None to estimate the noise from the spectrum (DER_SNR; reported as ``error_estimate``). Pixels with NaN/inf
+    None to estimate the noise from the residuals of a first fit (reported as ``error_estimate``; the reduced-χ²
+    check is then left out, χ² ≈ dof by construction). Pixels with NaN/inf
     flux, NaN/inf or non-positive error, masked, or ``mask`` False are left out, and so are pixels that some RV in
     ``rv_bounds`` would move outside the model grid (counted in ``n_pixels_trimmed``: with the default ±300 km/s
     the usable range of the shipped grid is 4454.5-5394.6 Å). ``decoder``: a `fastspec.Decoder`, a model file
@@ -393,10 +450,10 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     by default (5): on 24 clean held-out spectra it clipped a median of 0 pixels and changed neither scatter nor
     bias, with 30 cosmic rays per spectrum it restored the clean-data scatter
     (benchmarks/results/fit-2026-12-02.md); None turns it off.
-    ``integrate``: average the model over each observed pixel instead of sampling it at the pixel centre — for
-    data sampled much more coarsely than the model's 0.05 Å: a running mean over the observed median pixel
-    spacing, rounded to an odd number of model pixels, before the model is interpolated at the observed
-    wavelengths (exact for pixels of that width centred on model pixels).
+    ``integrate``: model each observed pixel as the mean of the model over its width (the distance to its nearer
+    neighbour; the model's samples read as 0.05 Å bins) instead of sampling the model at the pixel centre:
+    True, False, or "auto" (default: when the median pixel is at least 1.5 model pixels wide; coarse pixels
+    sampled at their centres bias R). ``integrate_pixels`` reports the median width used (1: none).
 
     Starts: ``n_candidates`` seeded random label vectors are ranked by χ² (each with its best continuum,
     and its best RV on a scan when ``rv``); least squares runs from the best ``n_starts`` to a loose
@@ -417,8 +474,6 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         wavelength, flux, spec_error, bad = _from_specutils(wavelength)
         error = spec_error if error is None else error
         mask = ~bad if mask is None and bad is not None else mask if bad is None else np.asarray(mask, bool) & ~bad
-    if error is None:
-        return _fit_estimating_the_noise(wavelength, flux, decoder, locals())
     if n_starts < 1 or n_candidates < n_starts:
         raise ValueError("need 1 <= n_starts <= n_candidates")
     if jac not in ("analytic", "2-point", "3-point"):
@@ -435,6 +490,8 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     if model_error is True and not has_error_model:
         raise ValueError(f"model_error=True but {decoder.info['path']} carries no emulator error (format version 2 "
                          "files exported with it do); pass model_error=False")
+    if error is None:
+        return _fit_estimating_the_noise(wavelength, flux, decoder, locals())
     prob = _Problem(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds,
                     medium=medium, model_error=bool(model_error) and has_error_model, integrate=integrate)
     nl = len(prob.names)
@@ -469,10 +526,10 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
     x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
 
-    def solve(theta0, tol):
+    def solve(theta0, tol, upper=ub):
         prob.reweight(theta0)  # the emulator error at this start's v sin i and R
         return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                             bounds=(lb, ub), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
+                             bounds=(lb, upper), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
                              f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
                              diff_step=None if jac == "analytic" else diff_step)
 
@@ -482,8 +539,24 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         _, c0 = prob.chi2_of_spectra(spectra[i:i + 1], rv_cand[i])
         theta0 = np.concatenate([np.clip(u_cand[i], -0.999, 0.999), [rv_cand[i]] if prob.fit_rv else [], c0[0]])
         runs.append(solve(theta0, 1e-4))
-    best = solve(min(runs, key=lambda r: r.cost).x, 1e-8)
+    # Each run's cost used the emulator error at its own start: compare them at their solutions.
+    best = solve(min(runs, key=lambda r: prob.chi2_at(r.x)).x, 1e-8)
     runs.append(best)
+    # A slow rotator: χ² along v sin i can have a second, local minimum a few km/s above 0 (the rotation kernel
+    # changes shape where it becomes one model pixel wide, v sin i ≈ 3 km/s), at the end of a valley in which
+    # a higher R makes up for the rotation; runs that come down from the random starts stop there. So: fit the
+    # other parameters with v sin i held at 0 (R slides back down the valley), release v sin i, polish, and
+    # keep the lower χ².
+    jv = prob.names.index(AT_REST) if AT_REST in prob.names and prob.lo[prob.names.index(AT_REST)] == 0.0 else None
+    if jv is not None and "resolution" in prob.names:
+        lab = prob.labels_of(prob.split(best.x)[0])
+        if 0.0 < lab[jv] < max(10.0, C_KMS / lab[prob.names.index("resolution")]):  # within the instrumental FWHM
+            theta, held = best.x.copy(), ub.copy()
+            theta[jv], held[jv] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
+            at_rest = solve(solve(theta, 1e-8, held).x, 1e-8)
+            runs.append(at_rest)
+            if prob.chi2_at(at_rest.x) < prob.chi2_at(best.x):
+                best = at_rest
     # Outliers: reject pixels far out in the robust spread of the normalised residuals, then polish again.
     n_clipped = 0
     for _ in range(clip_iterations if clip is not None else 0):
@@ -516,14 +589,11 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # The emulator's error is correlated over pixels (a star's residual pattern is fixed), so beyond its share
     # of the variance it biases the labels by an amount that does not average down: the model file's measured
     # label systematics (noise-free held-out fits) are added in quadrature.
-    systematics = decoder.info["provenance"].get("label_systematics") if prob.model_error else None
-    if systematics:
-        for j, name in enumerate(prob.names):
-            s_sys = systematics.get(name)
-            if name == "resolution" and "resolution_dex" in systematics:
-                s_sys = systematics["resolution_dex"] * labels[j] * np.log(10.0)
-            if s_sys:
-                cov[j, j] += float(s_sys) ** 2
+    if prob.model_error:
+        _add_systematics(cov, prob.names, labels, decoder)
+    # back to the flux unit of the data: the continuum coefficients (and their covariance) carry it
+    c_unit = np.concatenate([np.ones(nl + int(prob.fit_rv)), np.full(prob.degree + 1, prob.scale)])
+    cov *= np.outer(c_unit, c_unit)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     resid = prob.residuals(best.x)
     chi2_best = float(resid @ resid)
@@ -541,9 +611,14 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     elif red < 0.3:
         quality.append(f"reduced chi2 = {red:.3g}: the errors look overestimated")
     for j, name in enumerate(prob.names):
-        if abs(u[j]) > 1 - 1e-3 and prob.s_hi[j] > prob.s_lo[j]:
+        at_rest = name == AT_REST and u[j] < 0 and prob.lo[j] == 0.0  # v sin i = 0: a star that does not rotate
+        if abs(u[j]) > 1 - 1e-3 and prob.s_hi[j] > prob.s_lo[j] and not at_rest:
             quality.append(f"{name} = {labels[j]:.6g} is on a bound of its allowed range "
                            f"[{prob.lo[j]:.6g}, {prob.hi[j]:.6g}]: its uncertainty is not meaningful")
+    lo_rv, hi_rv = prob.rv_bounds
+    if prob.fit_rv and min(rv_best - lo_rv, hi_rv - rv_best) < 1e-3 * (hi_rv - lo_rv):
+        quality.append(f"rv = {float(rv_best):.2f} km/s is on a bound of rv_bounds ({lo_rv:g}, {hi_rv:g}): the star "
+                       "may move faster; widen rv_bounds (--rv-bounds)")
     eig = np.linalg.eigvalsh(jtj)
     if not np.all(np.isfinite(sig)) or eig[0] <= eig[-1] * 1e-14:
         quality.append("degenerate: some parameter combination is not constrained by the data "
@@ -561,15 +636,19 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
                           f"are the wavelengths in {'vacuum' if medium == 'air' else 'air'}? Pass medium="
                           f"'{'vacuum' if medium == 'air' else 'air'}' if so", FitQualityWarning, stacklevel=2)
 
+    upper_limits = {}
+    if jv is not None and labels[jv] < 2 * sig[jv]:
+        upper_limits[AT_REST] = _upper_limit(labels[jv], sig[jv])
+
     model_flux = np.full(prob.mask.shape, np.nan)
-    model_flux[prob.mask] = resid / prob.ivar_sqrt + prob.flux
+    model_flux[prob.mask] = (resid / prob.ivar_sqrt + prob.flux) * prob.scale
     prob.n_model_calls -= 1  # that call was bookkeeping, not part of the fit
     return FitResult(
         labels={n: float(v) for n, v in zip(prob.names, labels)},
         uncertainties={n: float(s) for n, s in zip(prob.names, sig[:nl])},
         rv=float(rv_best) if prob.fit_rv else None,
         rv_uncertainty=float(sig[nl]) if prob.fit_rv else None,
-        continuum=np.asarray(c, dtype=np.float64),
+        continuum=np.asarray(c, dtype=np.float64) * prob.scale,
         covariance=cov,
         parameter_names=names,
         chi2=chi2_best,
@@ -589,29 +668,68 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         n_pixels_trimmed=prob.n_trimmed,
         n_pixels_clipped=int(n_clipped),
         model_error=prob.model_error,
+        upper_limits=upper_limits,
+        integrate_pixels=prob.width,
+        n_pixels_invalid=prob.n_invalid,
+        n_pixels_masked=prob.n_masked,
     )
 
 
+def _add_systematics(cov, names, labels, decoder) -> None:
+    """Add the model file's label systematics (noise-free held-out fits) to the label variances of cov."""
+    systematics = decoder.info["provenance"].get("label_systematics") or {}
+    for j, name in enumerate(names):
+        s_sys = systematics.get(name)
+        if name == "resolution" and "resolution_dex" in systematics:
+            s_sys = systematics["resolution_dex"] * labels[j] * np.log(10.0)
+        if s_sys:
+            cov[j, j] += float(s_sys) ** 2
+
+
+def _upper_limit(value: float, sigma: float, level: float = 0.95) -> float:
+    """The `level` quantile of N(value, sigma²) cut to >= 0: a label that the data cannot tell from its physical
+    limit 0 (a flat prior on >= 0, the Gaussian likelihood of the fit's covariance)."""
+    from scipy.stats import norm
+
+    below = norm.cdf(-value / sigma)  # the likelihood's mass under 0, cut away
+    return float(value + sigma * norm.ppf(below + level * (1.0 - below)))
+
+
 def _fit_estimating_the_noise(wavelength, flux, decoder, args: dict) -> FitResult:
-    """fit(error=None): fit with unit errors, take the residuals' RMS (less the emulator error's share) as every
-    pixel's noise, and fit again from that solution with it."""
-    kw = {k: v for k, v in args.items() if k not in ("wavelength", "flux", "error", "decoder", "least_squares",
-                                                     "spec_error", "bad")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FitQualityWarning)  # unit errors: the χ² of this pass means nothing
-        first = fit(wavelength, flux, 1.0, decoder, **{**kw, "model_error": False})
+    """fit(error=None): fit with one error for every pixel, take the RMS of the residuals as every pixel's noise,
+    and fit again from that solution with it.
+
+    The residuals about the model include the emulator's error, so it is not added to the variance again; its
+    label systematics still go into the covariance (``model_error``). The χ² of the second fit is ~dof by
+    construction, so it says nothing about the errors: the reduced-χ² check is left out. A floor of 1e-6 of the
+    flux scale (ten times the float32 model's rounding) keeps a noise-free spectrum fittable."""
+    kw = {k: args[k] for k in inspect.signature(fit).parameters if k not in ("wavelength", "flux", "error", "decoder")}
     data = np.ma.getdata(flux).astype(np.float64)
+    finite = np.abs(data[np.isfinite(data)])
+    unit = float(np.median(finite)) if finite.size and np.median(finite) > 0 else 1.0  # an error of the data's scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)  # made-up errors: the χ² of this pass means nothing
+        first = fit(wavelength, flux, unit, decoder, **{**kw, "model_error": False})
     resid = (data - first.model_flux)[first.mask]
-    n_params = len(first.parameter_names)
-    var = float(resid @ resid) / max(resid.size - n_params, 1)
-    use_model_error = args["model_error"] is not False and decoder._model.has_emulator_error
-    if use_model_error:  # the emulator error explains part of the scatter
-        err = decoder._model.emulator_error(first.labels["vsini"], first.labels["resolution"]).astype(np.float64)
-        var = max(var - float(np.mean(err**2)), 0.01 * var)
-    sigma = float(np.sqrt(var))
-    if not sigma > 0:
-        raise ValueError("error=None: the residuals of the fit are 0, so the noise cannot be estimated; give the errors")
-    again = {**kw, "initial": first.labels, "n_starts": 1}
-    result = fit(wavelength, flux, sigma, decoder, **again)
+    sigma = max(float(np.sqrt(resid @ resid / max(resid.size - len(first.parameter_names), 1))), 1e-6 * unit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit(wavelength, flux, sigma, decoder, **{**kw, "initial": first.labels, "n_starts": 1,
+                                                          "model_error": False})
+    chi2_check = "reduced chi2"
+    for w in caught:
+        if not str(w.message).startswith(chi2_check):
+            warnings.warn(w.message, w.category, stacklevel=3)
+    result.quality = [q for q in result.quality if not q.startswith(chi2_check)]
+    result.success = result.converged and not result.quality
+    if args["model_error"] is not False and decoder._model.has_emulator_error:
+        _add_systematics(result.covariance, list(result.labels), list(result.labels.values()), decoder)
+        result.uncertainties = {n: float(np.sqrt(result.covariance[j, j])) for j, n in enumerate(result.labels)}
+        result.model_error = True
     result.error_estimate = sigma
     return result
+
+
+# `fastspec.fit` is the function (the package exports it under the module's name): the helper documented as
+# `fastspec.fit.model_spectrum` must be reachable from it.
+fit.model_spectrum = model_spectrum

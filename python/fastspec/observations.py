@@ -1,15 +1,17 @@
 """Reading an observed spectrum from a file: CSV/text, FITS (a 1-D table, or a 1-D image with a linear or
-log-linear wavelength solution; needs astropy) or HDF5. One function, `read_spectrum`, for `fastspec fit`.
+log-linear wavelength solution; needs astropy), HDF5, or the package's own outputs (`fastspec generate -o` .h5,
+.npy or .csv). One function, `read_spectrum`, for `fastspec fit`.
 
 Columns are found by name (case-insensitive): wavelength (`wavelength`, `wave`, `lambda`, `wl`, `loglam` as
 log10 Å), flux (`flux`, `f`), error (`error`, `err`, `sigma`, `uncertainty`, `ivar` as 1/σ²). A CSV without a
-header row is read as wavelength, flux[, error]. The error is optional everywhere (None: fit estimates it).
+header row is read as wavelength, flux[, error]. The error is optional everywhere (None: fit estimates it); an
+error column with no finite value (an empty column of a spreadsheet export) counts as absent, with a note.
 """
 
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ class Spectrum:
     flux: np.ndarray
     error: np.ndarray | None
     source: str
+    notes: list = field(default_factory=list)  # what the reader decided that the user should hear about
 
 
 def sigma_from_ivar(ivar) -> np.ndarray:
@@ -40,7 +43,8 @@ def _pick(names, wanted, what, path, required=True):
         if w in lower:
             return names[lower.index(w)]
     if required:
-        raise ValueError(f"{path}: no {what} column; looked for {', '.join(wanted)} among {', '.join(names)}")
+        raise ValueError(f"{path}: no {what} column; looked for {', '.join(wanted)} among "
+                         f"{', '.join(names) or '(no 1-D datasets)'}")
     return None
 
 
@@ -52,12 +56,15 @@ def _from_columns(columns: dict, path) -> Spectrum:
     wave = np.asarray(columns[wname], dtype=np.float64)
     if wname.lower() == "loglam":
         wave = 10.0**wave
-    error = None
+    error, notes = None, []
     if ename is not None:
         error = np.asarray(columns[ename], dtype=np.float64)
-        if ename.lower() == "ivar":
+        if not np.isfinite(error).any():
+            error = None
+            notes.append(f"the error column {ename!r} is empty: the errors are estimated from the fit")
+        elif ename.lower() == "ivar":
             error = sigma_from_ivar(error)
-    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path))
+    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path), notes)
 
 
 def _read_csv(path: Path) -> Spectrum:
@@ -67,6 +74,8 @@ def _read_csv(path: Path) -> Spectrum:
                 if line.strip() and not line.lstrip().startswith("#")]
     if not rows:
         raise ValueError(f"{path}: no data rows")
+    if ";" in rows[0][1][0]:
+        raise ValueError(f"{path}: the columns are separated by ';': use commas (or spaces)")
     first = [c.strip() for c in rows[0][1]]
     try:
         [float(c) for c in first]
@@ -127,11 +136,23 @@ def _read_hdf5(path: Path) -> Spectrum:
 
     with h5py.File(path, "r") as f:
         columns = {k: f[k][()] for k in f if isinstance(f[k], h5py.Dataset) and f[k].ndim == 1}
+        if "wavelength_start" in f.attrs and "flux" in f and f["flux"].ndim == 2:  # `fastspec generate/batch`
+            if f["flux"].shape[0] != 1:
+                raise ValueError(f"{path}: {f['flux'].shape[0]} spectra (a `fastspec batch` file); fit takes one")
+            n, start, step = f["flux"].shape[1], float(f.attrs["wavelength_start"]), float(f.attrs["wavelength_step"])
+            return Spectrum(start + step * np.arange(n), f["flux"][0].astype(np.float64), None, str(path))
     return _from_columns(columns, path)
 
 
+def _read_npy(path: Path) -> Spectrum:
+    table = np.load(path, allow_pickle=False)
+    if table.ndim != 2 or table.shape[1] not in (2, 3):
+        raise ValueError(f"{path}: expected an array (N, 2) or (N, 3) of wavelength, flux[, error]; got {table.shape}")
+    return _from_columns(dict(zip(("wavelength", "flux", "error"), table.astype(np.float64).T)), path)
+
+
 def read_spectrum(path: str | Path) -> Spectrum:
-    """An observed spectrum from a .csv/.txt/.dat, .fits/.fit/.fits.gz or .h5/.hdf5 file (see the module doc)."""
+    """An observed spectrum from a .csv/.txt/.dat, .fits/.fit/.fits.gz, .h5/.hdf5 or .npy file (see the module doc)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -142,8 +163,10 @@ def read_spectrum(path: str | Path) -> Spectrum:
         spec = _read_hdf5(path)
     elif name.endswith((".csv", ".txt", ".dat", ".tsv")):
         spec = _read_csv(path)
+    elif name.endswith(".npy"):
+        spec = _read_npy(path)
     else:
-        raise ValueError(f"{path}: unknown spectrum format; use .csv/.txt/.dat, .fits or .h5")
+        raise ValueError(f"{path}: unknown spectrum format; use .csv/.txt/.dat, .fits, .h5 or .npy")
     if spec.wavelength.ndim != 1 or spec.flux.shape != spec.wavelength.shape or (
             spec.error is not None and spec.error.shape != spec.wavelength.shape):
         raise ValueError(f"{path}: wavelength, flux and error must be 1-D and of one length")

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--model", required=True, help=".fsm file written by export (its provenance names the split)")
         s.add_argument("--data", help="HDF5 file of intrinsic spectra (default: the one in the model's provenance)")
         s.add_argument("--out", required=True, help="output folder (accuracy) or .h5 file (testset)")
-        s.add_argument("--draws", type=int, default=10, help="(vsini, R) draws per held-out spectrum")
-        s.add_argument("--seed", type=int, default=2026)
+        s.add_argument("--draws", type=int, default=10, help="(vsini, R) draws per held-out spectrum (default 10)")
+        s.add_argument("--seed", type=int, default=2026, help="seed of the (vsini, R) draws (default 2026)")
         if name == "accuracy":
             s.add_argument("--compare", help="a second .fsm (e.g. the f32 export) to report the max/median |ΔF| between the two")
         s.set_defaults(func=_accuracy if name == "accuracy" else _testset)

@@ -28,6 +28,23 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return f
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (those options say in words what they do when not given)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     d = RecoveryOptions()
     p = subparsers.add_parser(
@@ -37,14 +54,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "`fastspec-train testset`): pixel statistics, heat maps and marginals of the per-spectrum error, "
         "parameter recovery (PCA + dense network; needs torch) and overlays. Writes PNG figures, a markdown "
         "report and a JSON of every number into --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     p.add_argument("--model", default=None, help="model file (.fsm); default: the embedded default model")
     p.add_argument("--data", required=True, help="HDF5 file of broadened SYNSPEC spectra with 6 labels")
     p.add_argument("--out", required=True, help="output folder for report.md, metrics.json and the PNGs")
-    p.add_argument("--chunk-size", type=int, default=128, help="spectra read and generated at a time")
-    p.add_argument("--max-spectra", type=int, default=None, help="use only the first N spectra")
-    p.add_argument("--bins", type=int, default=10, help="bins per label for heat maps and marginals")
+    p.add_argument("--chunk-size", type=_positive_int, default=128, help="spectra read and generated at a time")
+    p.add_argument("--max-spectra", type=_positive_int, default=None, help="use only the first N spectra (default: all)")
+    p.add_argument("--bins", type=_positive_int, default=10, help="bins per label for heat maps and marginals")
     p.add_argument("--n-worst", type=int, default=10, help="worst spectra listed")
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the model")
@@ -54,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--recovery-widths", type=_widths, default=d.widths, help="hidden widths, e.g. 5000-2000-1000-64")
     g.add_argument("--recovery-epochs", type=int, default=d.epochs, help="maximum training epochs")
     g.add_argument("--recovery-patience", type=int, default=d.patience, help="early stop after this many epochs without improvement")
-    g.add_argument("--recovery-batch-size", type=int, default=d.batch_size)
+    g.add_argument("--recovery-batch-size", type=_positive_int, default=d.batch_size, help="training batch size")
     g.add_argument("--recovery-lr", type=float, default=d.lr, help="Adamax learning rate")
     g.add_argument("--recovery-components", type=int, default=d.n_components, help="PCA components")
     g.add_argument("--recovery-noise-draws", type=int, default=d.noise_draws, help="noisy copies of each training spectrum per epoch")
@@ -109,8 +126,8 @@ def run(args) -> int:
                  medium=decoder.info.get("medium")).close()
         m = evaluate(decoder, args.data, args.out, **options_from_args(args))
     except DataError as exc:
-        print(f"fastspec evaluate: {exc}", file=sys.stderr)
-        return 2
+        print(f"fastspec evaluate: error: {exc}", file=sys.stderr)
+        return 1  # as the other commands on bad input (2 is argparse's usage error)
     px = m["pixels"]
     print(f"median |dF| {px['abs_median']:.3e}, 99th percentile {px['abs_percentiles']['p99']:.3e}, "
           f"mean residual {px['residual_mean']:+.2e} over {px['n_spectra']} spectra")

@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
                                    "with the layout of ../shared/data/synspec_intrinsic_v1.h5. Run the same command "
                                    "again to continue an interrupted run.")
     b.add_argument("--out", required=True, help="output HDF5 file (resumed if it exists from the same command)")
-    b.add_argument("--n", type=int, help="number of spectra with labels drawn uniformly (needs --seed for reproducibility)")
+    b.add_argument("--n", type=int, help="number of spectra with labels drawn uniformly (reproducible: the draw is seeded by --seed)")
     b.add_argument("--seed", type=int, default=0, help="seed of the label draw (default 0)")
     b.add_argument("--labels-from", metavar="FILE",
                    help="take labels (teff, logg, mh, vmic) from an HDF5 file with a 'labels' dataset, .npy or a text table")
