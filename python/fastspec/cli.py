@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .decoder import Decoder
+from .evaluate.cli import _positive_int  # one parser of "a positive integer" for every subcommand
 
 LABEL_HELP = {
     "teff": "effective temperature [K]",
@@ -161,16 +162,6 @@ def _check_plot(path: Path | None) -> None:
 
     known = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     _check_output(path, tuple("." + k for k in sorted(known)), "plot")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:

@@ -70,8 +70,10 @@ std::vector<double> gaussian_kernel(double sigma, int half) {
     return k;
 }
 
-// The broadened spectrum in double precision, from the format's description.
-std::vector<double> reference(const std::vector<float>& x, double vsini, double resolution) {
+// The broadened spectrum in double precision, from the format's description: each node's kernel (kernel_at(w, sigma,
+// half) returns 2 half + 1 taps for the widths in pixels at the node), applied to the edge-extended spectrum, blended.
+template <class KernelAt>
+std::vector<double> blended(const std::vector<float>& x, double vsini, double resolution, KernelAt kernel_at) {
     const int S = kSegments;
     std::vector<int> node(S + 1);
     for (int s = 0; s <= S; ++s) node[s] = int(std::nearbyint(s * (double(kN - 1) / S)));
@@ -80,12 +82,8 @@ std::vector<double> reference(const std::vector<float>& x, double vsini, double 
         const double lam = kStart + kStep * node[s];
         const double w = vsini * lam / kC / kStep;
         const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * kStep);
-        const int hr = int(std::ceil(w)) + 1, hg = int(std::ceil(6 * sigma)) + 2;
-        const auto kr = rotation_kernel(w, hr), kg = gaussian_kernel(sigma, hg);
-        std::vector<double> k(kr.size() + kg.size() - 1, 0.0);
-        for (std::size_t i = 0; i < kr.size(); ++i)
-            for (std::size_t j = 0; j < kg.size(); ++j) k[i + j] += kr[i] * kg[j];
-        const int h = hr + hg;
+        int h = 0;
+        const std::vector<double> k = kernel_at(w, sigma, h);
         const int lo = s > 0 ? node[s - 1] : node[s], hi = s < S ? node[s + 1] : node[s];
         for (int i = lo; i <= hi; ++i) {
             double wgt = 1;
@@ -97,6 +95,19 @@ std::vector<double> reference(const std::vector<float>& x, double vsini, double 
         }
     }
     return out;
+}
+
+// Point samples (broadening = 1): rotation's and the Gaussian's hat weights, convolved.
+std::vector<double> reference(const std::vector<float>& x, double vsini, double resolution) {
+    return blended(x, vsini, resolution, [](double w, double sigma, int& h) {
+        const int hr = int(std::ceil(w)) + 1, hg = int(std::ceil(6 * sigma)) + 2;
+        const auto kr = rotation_kernel(w, hr), kg = gaussian_kernel(sigma, hg);
+        std::vector<double> k(kr.size() + kg.size() - 1, 0.0);
+        for (std::size_t i = 0; i < kr.size(); ++i)
+            for (std::size_t j = 0; j < kg.size(); ++j) k[i + j] += kr[i] * kg[j];
+        h = hr + hg;
+        return k;
+    });
 }
 
 // Pixel-mean input (docs/model-format.md, broadening = 2): the taps are the inverse real DFT of
@@ -126,28 +137,10 @@ std::vector<double> band_limited_kernel(double w, double sigma, int& reach) {
 }
 
 std::vector<double> pixel_mean_reference(const std::vector<float>& x, double vsini, double resolution) {
-    const int S = kSegments;
-    std::vector<int> node(S + 1);
-    for (int s = 0; s <= S; ++s) node[s] = int(std::nearbyint(s * (double(kN - 1) / S)));
-    std::vector<double> out(kN, 0.0);
-    for (int s = 0; s <= S; ++s) {
-        const double lam = kStart + kStep * node[s];
-        const double w = vsini * lam / kC / kStep;
-        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * kStep);
-        int h = 0;
-        std::vector<double> k = {1.0};
-        if (w > 0 || sigma > 0) k = band_limited_kernel(w, sigma, h);
-        const int lo = s > 0 ? node[s - 1] : node[s], hi = s < S ? node[s + 1] : node[s];
-        for (int i = lo; i <= hi; ++i) {
-            double wgt = 1;
-            if (i <= node[s] && s > 0) wgt = double(i - lo) / std::max(node[s] - lo, 1);
-            if (i > node[s] && s < S) wgt = double(hi - i) / std::max(hi - node[s], 1);
-            double y = 0;
-            for (int m = -h; m <= h; ++m) y += k[m + h] * x[std::clamp(i - m, 0, kN - 1)];
-            out[i] += wgt * y;
-        }
-    }
-    return out;
+    return blended(x, vsini, resolution, [](double w, double sigma, int& h) {
+        h = 0;
+        return w > 0 || sigma > 0 ? band_limited_kernel(w, sigma, h) : std::vector<double>{1.0};
+    });
 }
 
 std::vector<float> random_spectrum(std::mt19937_64& rng) {
