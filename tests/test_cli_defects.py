@@ -219,8 +219,8 @@ def test_info_v2_model_shows_roles_and_broadening(tmp_path, capsys):
     rows = [line.split() for line in text.splitlines()]
     table = {parts[0]: parts for parts in rows if parts and parts[0] in ("teff", "vsini", "resolution")}
     assert table["vsini"][-1] == "vsini" and table["resolution"][-1] == "resolution" and table["teff"][-1] == "network"
-    assert ("broadening   rotation (eps=0.6) then Gaussian FWHM = lambda/R, 8 segments (applied by the core)"
-            in text.splitlines())
+    assert ("broadening   rotation (eps=0.6) then Gaussian FWHM = lambda/R, 8 segments, point samples in "
+            "(hat-weighted kernels) (applied by the core; format version 2)" in text.splitlines())
 
 
 def test_info_model_without_broadening(small_model, capsys):

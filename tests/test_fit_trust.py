@@ -40,11 +40,14 @@ def test_non_rotating_star_is_not_given_a_false_rotation(shipped, rng):
     for _ in range(2):
         r = quiet_fit(shipped.wavelength, clean + rng.normal(size=clean.size) * 0.01, 0.01, shipped)
         v, sv = r.labels["vsini"], r.uncertainties["vsini"]
-        assert v <= 2 * sv, r
+        # consistent with 0: beyond 3σ in 0.1 % of noise draws (2σ, the first bound, failed CI seed 1131830969
+        # with 2.46 ± 1.15 km/s: a 2σ draw happens a few % of the time)
+        assert v <= 3 * sv, r
         assert abs(r.labels["resolution"] - 20000) <= 3 * r.uncertainties["resolution"], r
         assert r.success and not r.quality, r
-        assert "vsini" in r.upper_limits and v <= r.upper_limits["vsini"] < 15, r.upper_limits
-        assert "upper limit" in str(r)
+        if v <= 2 * sv:  # the data cannot tell it from 0: an upper limit, shown
+            assert "vsini" in r.upper_limits and v <= r.upper_limits["vsini"] < 15, r.upper_limits
+            assert "upper limit" in str(r)
 
 
 def test_clear_rotation_gets_no_upper_limit(shipped, rng):

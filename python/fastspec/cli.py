@@ -420,8 +420,11 @@ def cmd_info(args) -> int:
           + " -> ".join(f"{d}({a})" for d, a in zip(dims, acts)))
     stage = info.get("broadening")
     if stage:
+        kind = ("pixel means in (band-limited kernels)" if stage.get("sampling") == "pixel_mean"
+                else "point samples in (hat-weighted kernels)")
         print(f"broadening   rotation (eps={stage['epsilon']:g}) then Gaussian FWHM = lambda/R, "
-              f"{stage['segments']} segments (applied by the core)")
+              f"{stage['segments']} segments, {kind} (applied by the core; format version "
+              f"{info.get('format_version', '?')})")
     else:
         print(f"broadening   none (format version {info.get('format_version', 1)}: "
               "the network outputs the broadened spectrum)")

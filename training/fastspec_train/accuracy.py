@@ -104,7 +104,8 @@ def broadened_truth(sf: SpectraFile, rows: np.ndarray, vsini: np.ndarray, resolu
     for u, row in enumerate(uniq):  # one fine spectrum read per star, all its draws
         fine = sf.read_fine(np.array([row]))[0].astype(np.float64)
         for k in np.flatnonzero(inverse == u):
-            truth[k] = reference.broaden(sf.fine_wavelength, fine, sf.wavelength, float(vsini[k]), float(resolution[k]))
+            truth[k] = reference.broaden(sf.fine_wavelength, fine, sf.wavelength, float(vsini[k]), float(resolution[k]),
+                                         fine_sampling=sf.fine_sampling)
     perfect = None
     if floor:
         perfect = np.empty((n, sf.n_pixels))

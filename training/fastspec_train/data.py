@@ -79,6 +79,7 @@ class SpectraFile:
                 raise ValueError(f"{self.path}: attr n_pixels disagrees with flux shape {self.n_pixels}")
             # `fastspec-grid build --fine-step`: the same spectra on a fine mesh, the reference's input
             self.fine_wavelength = None
+            self.fine_sampling = str(f.attrs.get("fine_sampling", "point"))  # builder: "pixel_mean" (cell means)
             if "flux_fine" in f:
                 fine = f["flux_fine"]
                 try:

@@ -27,6 +27,7 @@ cross-check.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -99,8 +100,9 @@ class GridConfig:
 
     def fine_wave(self) -> np.ndarray:
         """Centres of the fine cells of `flux_fine`: they tile the output pixels and FINE_MARGIN Å beyond them."""
-        n = int(round((self.n_pixels * self.wavelength_step + 2 * FINE_MARGIN) / self.fine_step))
-        first_edge = self.wavelength_start - self.wavelength_step / 2 - FINE_MARGIN
+        margin = math.ceil(FINE_MARGIN / self.fine_step - 1e-9) * self.fine_step  # whole cells, so they tile the pixels
+        n = int(round((self.n_pixels * self.wavelength_step + 2 * margin) / self.fine_step))
+        first_edge = self.wavelength_start - self.wavelength_step / 2 - margin
         return first_edge + self.fine_step * (0.5 + np.arange(n))
 
     def wave(self) -> np.ndarray:
@@ -220,7 +222,7 @@ def synthesize_one(cfg: GridConfig, syn: synspec.Synspec, ll: Path, nlines: int,
         if cfg.broaden_with == "rotin":
             flux = np.interp(cfg.wave(), cells, rotin.broaden(syn.rotin_wide, cells, fine, vsini, res, input_mesh=True))
         else:
-            flux = reference.broaden(cells, fine, cfg.wave(), vsini, res)
+            flux = reference.broaden(cells, fine, cfg.wave(), vsini, res, fine_sampling="pixel_mean")
     elif cfg.sampling == "pixel_mean":
         flux = native.pixel_means(swave, cfg.wavelength_step)
     else:

@@ -37,7 +37,7 @@ def from_fine(src: str | Path, out: str | Path, grid: tuple[float, float, int], 
             raise ValueError(f"{src}: its mesh {fine_wave[0]:.3f}-{fine_wave[-1]:.3f} Å does not contain the pixels of "
                              f"the grid {centres[0] - step / 2:.3f}-{centres[-1] + step / 2:.3f} Å")
         if not step >= 2 * fstep:
-            raise ValueError(f"{src}: its step {fstep} Å is not finer than the grid's {step} Å")
+            raise ValueError(f"{src}: its step {fstep} Å must be at most half the grid's {step} Å")
         done = f["done"][...].astype(bool) if "done" in f else np.ones(n, bool)
         rows = np.flatnonzero(done)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,9 @@ def read_turbospectrum(path: Path, keep_isotopes: bool = False) -> np.ndarray:
         if len(parts) < 3 or not head.lstrip().startswith("'"):
             raise GridSetupError(f"{path}:{i + 1}: expected a species header like \"'  26.000  '  1  42\", got {head!r}")
         species = float(parts[1].split()[0])
+        if not 1 <= species < 100:
+            raise GridSetupError(f"{path}:{i + 1}: species {parts[1].strip()!r} is not an atom (Z 1-99); molecules are "
+                                 "not supported (SYNSPEC's atomic list takes Z.ion codes)")
         ion, nlines = (int(x) for x in parts[2].split()[:2])
         if ion not in (1, 2):
             raise GridSetupError(f"{path}:{i + 1}: ionisation stage {ion}; only neutral (1) and singly ionised (2) are supported")

@@ -105,9 +105,24 @@ def pl_integral(x: np.ndarray, f: np.ndarray, lo: np.ndarray, hi: np.ndarray) ->
     return pl_antiderivative(x, f, hi) - pl_antiderivative(x, f, lo)
 
 
-def _cell_means(x: np.ndarray, f: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Means of the PL function over the cells between consecutive edges (constant beyond the mesh)."""
-    return np.diff(pl_antiderivative(x, f, edges), axis=-1) / np.diff(edges)
+def _cell_means(x: np.ndarray, f: np.ndarray, edges: np.ndarray, sampling: str = "point") -> np.ndarray:
+    """Means over the cells between consecutive edges of the spectrum the fine mesh holds: the PL function through
+    point samples, or (sampling="pixel_mean", f the means over cells of width dx centred on x, as the grid builder's
+    `flux_fine`) the function whose integral over those cells is exact: its antiderivative, known exactly at the
+    cells' edges, is read between them by the 6-point Lagrange polynomial (reading the means as PL points would
+    blur by dx²/4)."""
+    if sampling == "point":
+        return np.diff(pl_antiderivative(x, f, edges), axis=-1) / np.diff(edges)
+    if sampling != "pixel_mean":
+        raise ValueError(f"fine sampling must be 'point' or 'pixel_mean', got {sampling!r}")
+    dx = (x[-1] - x[0]) / (x.size - 1)
+    # the antiderivative at the cell edges x0 - dx/2 + k dx, less the continuum's share (smaller numbers)
+    cum = np.concatenate([np.zeros(f.shape[:-1] + (1,)), np.cumsum((f - 1.0) * dx, axis=-1)], axis=-1)
+    e = np.clip(edges, x[0] - dx / 2, x[-1] + dx / 2)
+    a = _lagrange(e, x[0] - dx / 2, dx, cum) + (e - (x[0] - dx / 2))
+    # beyond the mesh: its end values
+    a = a + np.minimum(edges - e, 0.0) * f[..., :1] + np.maximum(edges - e, 0.0) * f[..., -1:]
+    return np.diff(a, axis=-1) / np.diff(edges)
 
 
 def _lagrange(t: np.ndarray, t0: float, dt: float, y: np.ndarray, order: int = 6) -> np.ndarray:
@@ -127,11 +142,13 @@ def _lagrange(t: np.ndarray, t0: float, dt: float, y: np.ndarray, order: int = 6
 
 
 def broaden(fine_wave, fine_flux, out_wave, vsini: float = 0.0, resolution: float = math.inf, *,
-            fwhm: float | None = None, epsilon: float = EPSILON, oversample: int = 4) -> np.ndarray:
+            fwhm: float | None = None, epsilon: float = EPSILON, oversample: int = 4,
+            fine_sampling: str = "point") -> np.ndarray:
     """Reference broadening of the PL spectrum (fine_wave (n,) uniform, Å; fine_flux (..., n)) at out_wave (m,).
 
     vsini (km/s) ≥ 0, resolution R (FWHM = λ/R; inf = none) or fwhm (Å, constant; ROTIN's profile, then
-    `resolution` must stay inf). Returns (..., m) float64.
+    `resolution` must stay inf). fine_sampling="pixel_mean": fine_flux holds means over cells of the mesh's step
+    centred on fine_wave (the grid builder's `flux_fine`), read exactly (_cell_means). Returns (..., m) float64.
     """
     x = np.asarray(fine_wave, dtype=np.float64)
     f = np.asarray(fine_flux, dtype=np.float64)
@@ -151,7 +168,8 @@ def broaden(fine_wave, fine_flux, out_wave, vsini: float = 0.0, resolution: floa
     lam = x[0] + dl * np.arange(int(math.floor((x[-1] - x[0]) / dl)) + 1)
     if vsini == 0 and fwhm:  # ROTIN's constant-Å Gaussian alone: directly on a uniform λ mesh
         return _lagrange(out, lam[0], dl, _convolve(_cell_means(x, f, lam[0] - dl / 2 + dl * np.arange(lam.size + 1)), 0.0, fwhm / FWHM_PER_SIGMA / dl, epsilon))
-    g = _convolve(_cell_means(x, f, np.exp(u[0] - du / 2 + du * np.arange(u.size + 1))), vsini / C_KMS / du, gauss_u / du, epsilon)
+    g = _convolve(_cell_means(x, f, np.exp(u[0] - du / 2 + du * np.arange(u.size + 1)), fine_sampling),
+                  vsini / C_KMS / du, gauss_u / du, epsilon)
     if not fwhm:
         return _lagrange(np.log(out), u[0], du, g)
     # then ROTIN's Gaussian on a uniform λ mesh
