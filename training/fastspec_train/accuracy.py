@@ -84,21 +84,25 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
 
 
 def broadened_truth(sf: SpectraFile, rows: np.ndarray, vsini: np.ndarray, resolution: np.ndarray,
-                    floor: bool = False) -> tuple[np.ndarray, str, np.ndarray | None]:
+                    floor: bool = False, stage: dict | None = None) -> tuple[np.ndarray, str, np.ndarray | None]:
     """(truth (n, n_pixels) float64, which truth it is (TRUTH_REFERENCE or TRUTH_OPERATOR), and with `floor` and a
     fine mesh the perfect decoder's output: the file's pixels through the model's broadening stage) for file rows
-    `rows` broadened by (vsini[k], resolution[k])."""
+    `rows` broadened by (vsini[k], resolution[k]). stage: the model's broadening stage ({'epsilon', 'segments'},
+    as Model.broadening gives it; None: the defaults)."""
     n = len(rows)
-    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64, sampling=sf.sampling)
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, dtype=torch.float64, sampling=sf.sampling,
+                   **({"epsilon": stage["epsilon"], "segments": stage["segments"]} if stage else {}))
 
-    def stage(flux, k):
-        return br(torch.from_numpy(flux).double(), torch.from_numpy(vsini[k]), torch.from_numpy(resolution[k])).numpy()
+    def through_stage():  # the file's own pixels through the model's operator
+        out = np.empty((n, sf.n_pixels))
+        for k in range(0, n, 64):
+            sl = slice(k, k + 64)
+            out[sl] = br(torch.from_numpy(sf.read(rows[sl])).double(), torch.from_numpy(vsini[sl]),
+                         torch.from_numpy(resolution[sl])).numpy()
+        return out
 
     if sf.fine_wavelength is None:
-        truth = np.empty((n, sf.n_pixels))
-        for k in range(0, n, 64):
-            truth[k:k + 64] = stage(sf.read(rows[k:k + 64]), slice(k, k + 64))
-        return truth, TRUTH_OPERATOR, None
+        return through_stage(), TRUTH_OPERATOR, None
     truth = np.empty((n, sf.n_pixels))
     uniq, inverse = np.unique(rows, return_inverse=True)
     for u, row in enumerate(uniq):  # one fine spectrum read per star, all its draws
@@ -106,12 +110,7 @@ def broadened_truth(sf: SpectraFile, rows: np.ndarray, vsini: np.ndarray, resolu
         for k in np.flatnonzero(inverse == u):
             truth[k] = reference.broaden(sf.fine_wavelength, fine, sf.wavelength, float(vsini[k]), float(resolution[k]),
                                          fine_sampling=sf.fine_sampling)
-    perfect = None
-    if floor:
-        perfect = np.empty((n, sf.n_pixels))
-        for k in range(0, n, 64):
-            perfect[k:k + 64] = stage(sf.read(rows[k:k + 64]), slice(k, k + 64))
-    return truth, TRUTH_REFERENCE, perfect
+    return truth, TRUTH_REFERENCE, through_stage() if floor else None
 
 
 def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "test", max_stars: int | None = None,
@@ -127,12 +126,12 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     if test_rows.size == 0:
         raise ValueError(f"{sf.path}: the {split} split is empty")
     pos, vs, rs = test_draws(test_rows.size, draws, seed)
-    if floor:  # the perfect decoder of this model's kind needs the file's pixels to be of that kind
-        from fastspec import _core
+    from fastspec import _core
 
-        stage = _core.Model.load(str(model_path)).broadening
-        floor = stage is not None and stage["sampling"] == sf.sampling
-    truth, kind, perfect = broadened_truth(sf, test_rows[pos], vs, rs, floor)
+    stage = _core.Model.load(str(model_path)).broadening
+    # the perfect decoder of this model's kind needs the file's pixels to be of that kind
+    floor = floor and stage is not None and stage["sampling"] == sf.sampling
+    truth, kind, perfect = broadened_truth(sf, test_rows[pos], vs, rs, floor, stage)
     labels = physical_labels(sf.labels[test_rows[pos]], vs, rs)
     return sf, test_rows[pos], labels, truth, prov, kind, perfect
 

@@ -57,13 +57,14 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
     from .accuracy import _split_rows, broadened_truth
 
     sf, rows, _ = _split_rows(Path(model_path), data, split)
-    dec = _core.Decoder(_core.Model.load(str(model_path)))
+    model = _core.Model.load(str(model_path))
+    dec = _core.Decoder(model)
     file_labels = sf.labels[rows]
     rms = np.zeros((len(vsini_nodes), len(resolution_nodes), sf.n_pixels))
     for i, v in enumerate(vsini_nodes):
         for k, r in enumerate(resolution_nodes):
             n = rows.size
-            truth = broadened_truth(sf, rows, np.full(n, v), np.full(n, r))[0]
+            truth = broadened_truth(sf, rows, np.full(n, v), np.full(n, r), stage=model.broadening)[0]
             labels = np.column_stack([file_labels[:, 0], file_labels[:, 1], np.full(n, v), file_labels[:, 2],
                                       file_labels[:, 3], np.full(n, r)])
             rms[i, k] = np.sqrt(((dec.forward(labels) - truth) ** 2).mean(axis=0))
