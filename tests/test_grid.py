@@ -524,3 +524,24 @@ def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):
     bad = B.GridConfig(wavelength_start=5100.0, n_pixels=100, linelist=str(syn_list))
     with pytest.raises(GridSetupError, match=r"not inside the line list .* \(4549.62-5001.86 Å\)"):
         B.prepare(bad)
+
+
+def test_a_run_from_before_broaden_with_resumes_and_other_runs_do_not(tmp_path):
+    """Intrinsic files written before `broaden_with` existed (no key) resume; a --broaden file's method matters,
+    and any other setting still refuses the resume."""
+    import json
+    from dataclasses import asdict
+
+    labels = B.draw_labels(3, 3200)
+    cfg = B.GridConfig()
+    out = tmp_path / "old.h5"
+    B._open_output(out, labels, cfg).close()
+    with h5py.File(out, "r+") as f:
+        stored = json.loads(f.attrs["builder_config"])
+        del stored["broaden_with"]
+        f.attrs["builder_config"] = json.dumps(stored)
+    B._open_output(out, labels, cfg).close()  # resumes
+    with pytest.raises(GridSetupError, match="other settings"):
+        B._open_output(out, labels, B.GridConfig(damping="classical")).close()
+    assert B._comparable({**asdict(cfg), "broaden": True}) != B._comparable({**asdict(cfg), "broaden": True,
+                                                                            "broaden_with": "rotin"})

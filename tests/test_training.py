@@ -413,3 +413,27 @@ def test_devpack_round_trip_keeps_test_rows_home(tmp_path):
     test = set(split_indices(orig.labels, 0.1, 0.1, 20261125)["test"].tolist())
     assert not test & set(rows)
     assert np.abs(out.read(np.arange(out.n)) - orig.read(np.array(sorted(rows)))[np.argsort(np.argsort(rows))]).max() <= 0.5 / QUANTUM + 1e-7
+
+
+def test_a_stage_can_start_from_a_model_file(tmp_path):
+    """init_from = a .fsm (a shipped model whose checkpoint is gone): the decoder starts at the file's weights
+    (lr 0 keeps them bit for bit), the encoder fresh; a file of
+    another architecture or grid is refused by name."""
+    from fastspec_train.export import export_run
+
+    a = tmp_path / "a.h5"
+    write_synthetic(a, n=80, seed=3)
+    train(tiny_config(max_epochs=1), a, tmp_path / "s1", quiet=True)
+    fsm = export_run(tmp_path / "s1", tmp_path / "s1.fsm", weight_dtype="f32")
+    frozen = joined_config(max_epochs=1, lr=0.0, min_lr=0.0, scheduler="none", init_from=str(fsm))
+    train(frozen, a, tmp_path / "s2", quiet=True)
+    kept = _weights(tmp_path / "s2" / "checkpoint.pt")
+    for k, (w, b) in enumerate(_core.Model.load(str(fsm)).weights()):
+        assert np.array_equal(kept[f"decoder.layers.{k}.weight"].numpy(), w)
+        assert np.array_equal(kept[f"decoder.layers.{k}.bias"].numpy(), b)
+    assert "weights from" in (tmp_path / "s2" / "train.log").read_text()
+
+    other = joined_config(max_epochs=1, init_from=str(fsm))
+    other.model.decoder = [*other.model.decoder[:-1], other.model.decoder[-1] * 2]
+    with pytest.raises(ValueError, match="s1.fsm: cannot start from this model file: layers"):
+        train(other, a, tmp_path / "s3", quiet=True)

@@ -141,6 +141,42 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                           emulator_error=emulator_error)
 
 
+def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | None = None) -> None:
+    """Copy the weights of a model file into `decoder` (the inverse of export): a warm start from a shipped model
+    whose training checkpoint is gone. The file must hold the same architecture, latent size, network labels with
+    the same normalisation, output transform and pixel count; f16/bf16 weights arrive as the core widens them."""
+    from fastspec import _core
+
+    path = Path(path)
+    m = _core.Model.load(str(path))
+    n_in = decoder.layers[0].in_features - decoder.latent
+    want_labels = mf.INTRINSIC_LABELS if n_in == len(mf.INTRINSIC_LABELS) else STANDARD_LABELS
+    have = [(l["name"], l["min"], l["max"], l["scaling"]) for l in m.labels]
+    want = [(l.name, l.min, l.max, l.scaling) for l in want_labels]
+    shapes = [(l.out_features, l.in_features) for l in decoder.layers]
+    file_shapes = [(l["out"], l["in"]) for l in m.layers]
+    problems = []
+    if file_shapes != shapes:
+        problems.append(f"layers {file_shapes}, the config's decoder {shapes}")
+    if m.latent_dim != decoder.latent:
+        problems.append(f"latent {m.latent_dim}, the config's {decoder.latent}")
+    if have != want:
+        problems.append(f"labels {have}, training's {want}")
+    if (m.output_scale, m.output_offset) != (decoder.output_scale, decoder.output_offset):
+        problems.append(f"output transform {m.output_scale}*sigmoid+{m.output_offset}, the config's "
+                        f"{decoder.output_scale}*sigmoid+{decoder.output_offset}")
+    if grid is not None and not np.isclose(m.wavelength_start, grid[0]) or grid is not None and not np.isclose(
+            m.wavelength_step, grid[1]):
+        problems.append(f"wavelengths from {m.wavelength_start} A in steps of {m.wavelength_step}, the data's from "
+                        f"{grid[0]} in {grid[1]}")
+    if problems:
+        raise ValueError(f"train.init_from {path}: cannot start from this model file: " + "; ".join(problems))
+    with torch.no_grad():
+        for layer, (w, b) in zip(decoder.layers, m.weights()):
+            layer.weight.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+            layer.bias.copy_(torch.from_numpy(np.asarray(b, dtype=np.float32)))
+
+
 def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dict, dict]:
     """(decoder, config dict, checkpoint state) of a run folder."""
     run = Path(run)

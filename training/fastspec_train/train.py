@@ -250,8 +250,14 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
         # A second stage: start from an earlier run's weights (same architecture), fresh optimizer and schedule.
         if not Path(tcfg.init_from).is_file():
             raise FileNotFoundError(f"train.init_from: no checkpoint at {tcfg.init_from}")
-        init = torch.load(tcfg.init_from, map_location=device, weights_only=False)
-        model.load_state_dict(init["model"])
+        if Path(tcfg.init_from).suffix == ".fsm":
+            # a model file (a shipped model): its decoder only; the encoder starts fresh (it sees 10 % of rows)
+            from .export import load_model_file_weights
+            load_model_file_weights(model.decoder, tcfg.init_from, sf.grid)
+            model.to(device)
+        else:
+            init = torch.load(tcfg.init_from, map_location=device, weights_only=False)
+            model.load_state_dict(init["model"])
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = _make_scheduler(opt, tcfg)
 

@@ -311,6 +311,12 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
     return f
 
 
+def _comparable(config: dict) -> dict:
+    """The settings that decide what a row holds: broaden_with matters only to --broaden runs (files of intrinsic
+    spectra written before the setting existed resume as they are)."""
+    return {k: v for k, v in config.items() if k != "broaden_with" or config.get("broaden")}
+
+
 def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
     """Create the file, or reopen it for a resumed run after checking it is the same run.
 
@@ -326,7 +332,7 @@ def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
             if config is None or "done" not in old:
                 raise GridSetupError(f"{out} exists but was not written by fastspec-grid; choose another --out")
             same_labels = old["labels"].shape == labels.shape and np.array_equal(old["labels"][...], labels)
-            if json.loads(config) != json.loads(config_json) or not same_labels:
+            if _comparable(json.loads(config)) != _comparable(json.loads(config_json)) or not same_labels:
                 raise GridSetupError(f"{out} exists from a run with other settings or labels; resume with the same "
                                      f"command (its settings: {config}) or choose another --out")
             done = old["done"][...].astype(bool)
