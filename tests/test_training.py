@@ -437,3 +437,20 @@ def test_a_stage_can_start_from_a_model_file(tmp_path):
     other.model.decoder = [*other.model.decoder[:-1], other.model.decoder[-1] * 2]
     with pytest.raises(ValueError, match="s1.fsm: cannot start from this model file: layers"):
         train(other, a, tmp_path / "s3", quiet=True)
+
+
+def test_export_measures_the_emulator_error_on_a_subset(tmp_path):
+    """--emulator-error-stars N: the block is measured on N evenly spaced validation stars (the provenance says N),
+    one RMS spectrum per (v sin i, R) node, finite; N < 1 refused."""
+    from fastspec_train.export import export_run, measure_emulator_error
+
+    a = tmp_path / "a.h5"
+    write_synthetic(a, n=120, seed=4)
+    train(tiny_config(max_epochs=1), a, tmp_path / "s1", quiet=True)
+    path = export_run(tmp_path / "s1", tmp_path / "s1.fsm", emulator_error=True, emulator_error_stars=3)
+    m = _core.Model.load(str(path))
+    prov = json.loads(m.provenance)
+    assert prov["emulator_error"]["n_stars"] == 3 and m.has_emulator_error
+    assert np.isfinite(m.emulator_error(5.0, 20000.0)).all() and m.emulator_error(5.0, 20000.0).max() > 0
+    with pytest.raises(ValueError, match="max_stars must be >= 1"):
+        measure_emulator_error(path, max_stars=0)

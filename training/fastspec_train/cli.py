@@ -24,7 +24,8 @@ def _train(a) -> int:
 def _export(a) -> int:
     from .export import export_run
 
-    path = export_run(a.run, a.out, weight_dtype=a.dtype, which=a.which, emulator_error=a.emulator_error)
+    path = export_run(a.run, a.out, weight_dtype=a.dtype, which=a.which, emulator_error=a.emulator_error,
+                      emulator_error_stars=a.emulator_error_stars)
     print(path)
     return 0
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--which", default="best", choices=["best", "last"], help="best.pt or checkpoint.pt weights")
     e.add_argument("--emulator-error", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the model's error on the validation split and store it in the file, for "
-                        "fastspec.fit(model_error=True) (default: on; a minute or two)")
+                        "fastspec.fit(model_error=True) (default: on; a minute or two, an hour or more against a "
+                        "fine-mesh truth: see --emulator-error-stars)")
+    e.add_argument("--emulator-error-stars", type=int, metavar="N",
+                   help="measure it on N evenly spaced validation stars (default: all)")
     e.set_defaults(func=_export)
 
     for name, helptext in (("accuracy", "held-out accuracy of an exported model"),

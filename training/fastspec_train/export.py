@@ -48,15 +48,21 @@ ERROR_RESOLUTION_NODES = (1000.0, 3000.0, 10000.0, 30000.0, 60000.0, 115000.0)
 
 
 def measure_emulator_error(model_path: str | Path, data: str | Path | None = None, split: str = "val",
-                           vsini_nodes=ERROR_VSINI_NODES, resolution_nodes=ERROR_RESOLUTION_NODES) -> mf.EmulatorError:
+                           vsini_nodes=ERROR_VSINI_NODES, resolution_nodes=ERROR_RESOLUTION_NODES,
+                           max_stars: int | None = None) -> mf.EmulatorError:
     """RMS over the held-out stars of (model at z = 0 − SYNSPEC broadened in float64) per pixel, at every
     (v sin i, R) node: the block `fit(model_error=True)` adds to the variance. Uses the validation split by
-    default (the test split stays for checking the uncertainties it leads to)."""
+    default (the test split stays for checking the uncertainties it leads to). max_stars: an evenly spaced subset
+    of the split (a fine-mesh truth costs ~1 s a spectrum and node: 42 nodes x 110 stars is over an hour)."""
     from fastspec import _core
 
     from .accuracy import _split_rows, broadened_truth
 
     sf, rows, _ = _split_rows(Path(model_path), data, split)
+    if max_stars is not None and max_stars < 1:
+        raise ValueError(f"max_stars must be >= 1, got {max_stars}")
+    if max_stars is not None and max_stars < rows.size:
+        rows = rows[np.linspace(0, rows.size - 1, max_stars).round().astype(int)]
     model = _core.Model.load(str(model_path))
     dec = _core.Decoder(model)
     file_labels = sf.labels[rows]
@@ -84,7 +90,8 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
     from .accuracy import broadened_test_set
 
-    sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split)
+    sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split,
+                                                     max_stars=n_stars)
     dec = fastspec.Decoder.load(model_path)
     trim = 120
     wl = sf.wavelength[trim:-trim]
@@ -191,7 +198,7 @@ def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dic
 
 
 def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", which: str = "best",
-               emulator_error: bool = False) -> Path:
+               emulator_error: bool = False, emulator_error_stars: int | None = None) -> Path:
     """Export a run's decoder; with emulator_error, measure its error on the validation split (as exported, in
     its dtype) and write the file again with that block."""
     from .data import SpectraFile, sha256_file, split_rows
@@ -234,8 +241,8 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
               segments=cfg["broadening"]["segments"], sampling=sf.sampling)
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
-        err = measure_emulator_error(path)
-        prov["emulator_error"] = {"split": "val", "n_stars": primary_sizes["val"],
+        err = measure_emulator_error(path, max_stars=emulator_error_stars)
+        prov["emulator_error"] = {"split": "val", "n_stars": min(primary_sizes["val"], emulator_error_stars or 10**9),
                                   "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
                                   "median_rms": float(np.median(err.rms))}
         prov["label_systematics"] = measure_label_systematics(path)
