@@ -148,11 +148,41 @@ def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
         assert f["flux"].shape == (3 * len(expected), 1500) and list(f["labels"].attrs["names"]) == [
             lab.name for lab in STANDARD_LABELS]
         flux, labels = f["flux"][:], f["labels"][:]
-    # The model's error on the written spectra is the one the report gives (on pixels > 30 Å = 600 pixels from
-    # the ends: the report's edge rule).
+    # The model's error on the written spectra is the one the report gives (on the pixels beyond the report's edge:
+    # on this 75 Å grid the widest kernel's reach, 16.3 Å = 326 pixels, since 30 Å would keep a fifth of it).
     pred = _core.Decoder(_core.Model.load(str(model))).forward(np.ascontiguousarray(labels))
-    assert report["edge_angstrom"] == 30.0
-    assert np.isclose(np.median(np.abs(pred - flux)[:, 600:-600]), report["overall"]["median_abs_dF"], rtol=1e-3)
+    assert report["edge_angstrom"] == pytest.approx(16.3)
+    assert np.isclose(np.median(np.abs(pred - flux)[:, 326:-326]), report["overall"]["median_abs_dF"], rtol=1e-3)
+
+
+def test_accuracy_edge_follows_the_broadening_and_a_short_grid_is_refused(tmp_path, capsys):
+    """The edge accuracy leaves out: 30 Å on the standard grid, the widest kernel's reach (v sin i 300 km/s then R
+    1000 to 6σ at the red end) on a red grid, where it is more, and on a short one; a 20 Å grid, shorter than twice
+    the reach, is refused by name (it used to give NaN statistics and exit 0); --edge measures it anyway."""
+    from types import SimpleNamespace
+
+    from fastspec_train.accuracy import broadening_reach, default_edge
+    from fastspec_train.cli import main
+
+    def grid(start, n):
+        return SimpleNamespace(path="g.h5", wavelength_start=start, wavelength_step=0.05, n_pixels=n)
+
+    assert default_edge(grid(4450.0, 19000)) == 30.0
+    assert broadening_reach(grid(4450.0, 19000)) == pytest.approx(5400 * 300 / 299792.458 + 6 * 5400 / 2354.8, abs=0.3)
+    assert default_edge(grid(8500.0, 19000)) == broadening_reach(grid(8500.0, 19000)) > 30.0
+    assert default_edge(grid(4450.0, 1200)) == broadening_reach(grid(4450.0, 1200)) < 30.0
+
+    data = tmp_path / "short.h5"
+    write_synthetic(data, n=80, n_pixels=400)  # 4450-4470 Å
+    train(tiny_config(max_epochs=1), data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    assert main(["accuracy", "--model", str(model), "--out", str(tmp_path / "acc"), "--draws", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "the grid is 19.95 Å long" in err and "longer than 32.2 Å" in err and "--edge" in err, err
+    assert not (tmp_path / "acc" / "accuracy.json").exists()
+    assert main(["accuracy", "--model", str(model), "--out", str(tmp_path / "acc"), "--draws", "1", "--edge", "5"]) == 0
+    report = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
+    assert report["edge_angstrom"] == 5.0 and 0 < report["overall"]["median_abs_dF"] < 1
 
 
 def test_accuracy_against_the_fine_mesh_reference(tmp_path):
