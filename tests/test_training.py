@@ -454,3 +454,24 @@ def test_export_measures_the_emulator_error_on_a_subset(tmp_path):
     assert np.isfinite(m.emulator_error(5.0, 20000.0)).all() and m.emulator_error(5.0, 20000.0).max() > 0
     with pytest.raises(ValueError, match="max_stars must be >= 1"):
         measure_emulator_error(path, max_stars=0)
+
+
+def test_export_from_one_validation_star_warns_and_claims_no_spread(tmp_path):
+    """A 20 Å grid of 20 stars has 1 validation star: the emulator error (an RMS over it) is kept with a warning,
+    the label systematics (a MAD, exactly 0 from one star) are left out; both say n in the provenance."""
+    from fastspec_train.export import MIN_SPREAD_STARS, FewStarsWarning, export_run
+
+    a = tmp_path / "a.h5"
+    write_synthetic(a, n=20, n_pixels=400, seed=3)
+    train(tiny_config(max_epochs=1), a, tmp_path / "s1", quiet=True)
+    with pytest.warns(FewStarsWarning) as caught:
+        path = export_run(tmp_path / "s1", tmp_path / "s1.fsm", emulator_error=True)
+    assert {str(w.message).split(" from ")[0] for w in caught} == {
+        "the emulator error (an RMS per pixel) is measured",
+        "the label systematics are left out (fit adds none): they would be measured"}
+    prov = json.loads(_core.Model.load(str(path)).provenance)
+    assert prov["split"]["sizes"]["val"] == 1 < MIN_SPREAD_STARS
+    assert prov["emulator_error"]["n_stars"] == 1 and "fewer than 10" in prov["emulator_error"]["warning"]
+    systematics = prov["label_systematics"]
+    assert systematics["n_stars"] == 1 and "fewer than 10" in systematics["warning"]
+    assert not {"teff", "logg", "vsini", "mh", "vmic", "resolution_dex"} & set(systematics)

@@ -41,6 +41,27 @@ def decoder_layers(decoder: Decoder) -> list:
                      "sigmoid" if k == n - 1 else "relu") for k, layer in enumerate(decoder.layers)]
 
 
+# The fewest held-out stars a spread over stars is taken from without a warning: from n stars an RMS is uncertain by
+# about 1/sqrt(2n) of itself (22 % at 10) and a MAD by about 1.2/sqrt(n) (37 % at 10); from one star the MAD is 0.
+MIN_SPREAD_STARS = 10
+
+
+class FewStarsWarning(UserWarning):
+    """The emulator error or the label systematics come from fewer than MIN_SPREAD_STARS held-out stars."""
+
+
+def _few_stars(n: int, what: str, split: str) -> str | None:
+    """A warning (issued and returned) when `what` is taken from fewer than MIN_SPREAD_STARS stars, else None."""
+    if n >= MIN_SPREAD_STARS:
+        return None
+    import warnings
+
+    text = (f"{what} from {n} {split} star(s), fewer than {MIN_SPREAD_STARS}: a spread over so few stars is mostly "
+            "noise (more stars: a larger grid or data.val_fraction, --emulator-error-stars of 10 or more)")
+    warnings.warn(text, FewStarsWarning, stacklevel=3)
+    return text
+
+
 # Where the emulator error is measured: v sin i and R nodes spanning the label ranges (denser where the
 # spectra change fastest, at small v sin i and high R).
 ERROR_VSINI_NODES = (0.0, 5.0, 15.0, 40.0, 100.0, 200.0, 300.0)
@@ -63,6 +84,9 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
         raise ValueError(f"max_stars must be >= 1, got {max_stars}")
     if max_stars is not None and max_stars < rows.size:
         rows = rows[np.linspace(0, rows.size - 1, max_stars).round().astype(int)]
+    if rows.size == 0:
+        raise ValueError(f"{sf.path}: the {split} split is empty: no star to measure the emulator error on")
+    _few_stars(rows.size, "the emulator error (an RMS per pixel) is measured", split)
     model = _core.Model.load(str(model_path))
     dec = _core.Decoder(model)
     file_labels = sf.labels[rows]
@@ -83,7 +107,8 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
     R; RV and a quadratic continuum free, as `fastspec.fit` runs by default) are fitted, and the robust spread
     (1.4826 MAD) of fit − truth per label is returned ({label: σ}, R in dex of R as 'resolution_dex'). The pixel
     errors of the emulator are correlated (a star's residual pattern is fixed), so they do not average down
-    over pixels as noise does: `fit(model_error=True)` adds these σ in quadrature to its uncertainties."""
+    over pixels as noise does: `fit(model_error=True)` adds these σ in quadrature to its uncertainties. From fewer
+    than MIN_SPREAD_STARS stars no σ is given (the MAD of one star is 0), only n_stars and a warning (also issued)."""
     import warnings
 
     import fastspec
@@ -92,11 +117,15 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
     sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split,
                                                      max_stars=n_stars)
+    out = {"n_stars": len(rows), "split": split, "method": "1.4826 MAD of fit - truth, noise-free held-out spectra"}
+    warning = _few_stars(len(rows), "the label systematics are left out (fit adds none): they would be measured", split)
+    if warning:
+        return {**out, "warning": warning}
     dec = fastspec.Decoder.load(model_path)
     trim = 120
     wl = sf.wavelength[trim:-trim]
     deltas = []
-    for i in range(min(n_stars, len(rows))):
+    for i in range(len(rows)):  # one draw a star: row i is star i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             r = fastspec.fit(wl, truth[i, trim:-trim], 1e-3, dec, rv_bounds=(-50.0, 50.0), model_error=False, seed=i)
@@ -106,10 +135,9 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
         deltas.append(d)
     deltas = np.array(deltas)
     sig = 1.4826 * np.median(np.abs(deltas - np.median(deltas, axis=0)), axis=0)
-    out = {n: float(v) for n, v in zip(LABEL_NAMES, sig)}
-    out["resolution_dex"] = out.pop("resolution")
-    out.update(n_stars=int(len(deltas)), split=split, method="1.4826 MAD of fit - truth, noise-free held-out spectra")
-    return out
+    sigmas = {n: float(v) for n, v in zip(LABEL_NAMES, sig)}
+    sigmas["resolution_dex"] = sigmas.pop("resolution")
+    return {**sigmas, **out}
 
 
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
@@ -242,9 +270,13 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
         err = measure_emulator_error(path, max_stars=emulator_error_stars)
-        prov["emulator_error"] = {"split": "val", "n_stars": min(primary_sizes["val"], emulator_error_stars or 10**9),
+        n_err = min(primary_sizes["val"], emulator_error_stars or 10**9)
+        prov["emulator_error"] = {"split": "val", "n_stars": n_err,
                                   "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
                                   "median_rms": float(np.median(err.rms))}
+        if n_err < MIN_SPREAD_STARS:
+            prov["emulator_error"]["warning"] = (f"an RMS over {n_err} stars, fewer than {MIN_SPREAD_STARS}: "
+                                                 "mostly noise")
         prov["label_systematics"] = measure_label_systematics(path)
         path = export_decoder(dec, out, provenance=prov, emulator_error=err, **kw)
     return path
