@@ -185,6 +185,38 @@ def test_accuracy_edge_follows_the_broadening_and_a_short_grid_is_refused(tmp_pa
     assert report["edge_angstrom"] == 5.0 and 0 < report["overall"]["median_abs_dF"] < 1
 
 
+def test_label_systematics_trim_a_wavelength_margin(tmp_path, monkeypatch):
+    """The label-systematics fits leave out a margin in Å (the fastest rotation plus the RV bound at the red end),
+    whatever the grid step: on a 0.1 Å grid 53 pixels (5.29 Å) at each end (it was 120 pixels whatever the step, 12 Å here)."""
+    from types import SimpleNamespace
+
+    import h5py
+
+    import fastspec
+    from fastspec_train.export import SYSTEMATICS_RV_BOUNDS, measure_label_systematics, systematics_margin
+
+    assert systematics_margin(5400.0) == pytest.approx(5400.0 * (300.0 + 50.0) / 299792.458)  # 6.30 Å
+    data = tmp_path / "coarse.h5"
+    write_synthetic(data, n=120, n_pixels=800, seed=0)
+    with h5py.File(data, "a") as f:
+        f.attrs["wavelength_step"] = 0.1  # 4450-4529.9 Å
+    train(tiny_config(max_epochs=1), data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    seen = []
+
+    def fake_fit(wl, flux, error, decoder, rv_bounds, **kw):
+        seen.append((wl[0], wl[-1], flux.size, rv_bounds))
+        return SimpleNamespace(labels=dict(teff=6000.0, logg=4.0, vsini=10.0, mh=0.0, vmic=1.0, resolution=20000.0))
+
+    monkeypatch.setattr(fastspec, "fit", fake_fit)
+    out = measure_label_systematics(model)
+    margin = systematics_margin(4529.9)
+    assert out["n_stars"] == len(seen) >= 10 and out["margin_angstrom"] == pytest.approx(margin, abs=1e-3)
+    first, last, n, rv = seen[0]
+    assert n == 800 - 2 * 53 and rv == SYSTEMATICS_RV_BOUNDS
+    assert first == pytest.approx(4450.0 + 5.3) and last == pytest.approx(4529.9 - 5.3) and 0 < 5.3 - margin < 0.1
+
+
 def test_accuracy_against_the_fine_mesh_reference(tmp_path):
     """A pixel-mean file with a fine mesh: the truth is the fine mesh through the float64 reference, the perfect
     decoder (the file's pixels through the stage) is scored apart; a point-sample file gives the consistency truth;

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastspec import model_format as mf
-from .broadening import EPSILON
+from .broadening import C_KMS, EPSILON
 from .config import from_dict
 from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS
 from .model import Decoder
@@ -101,6 +101,19 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
     return mf.EmulatorError(np.array(vsini_nodes), np.array(resolution_nodes), rms.astype(np.float32))
 
 
+SYSTEMATICS_RV_BOUNDS = (-50.0, 50.0)  # km/s: the RV range the noise-free fits may use
+
+
+def systematics_margin(wavelength_end: float, rv_bounds=SYSTEMATICS_RV_BOUNDS) -> float:
+    """Å left out at each end of the grid in the label-systematics fits: as far as the fastest rotation of the
+    label range and the RV bound move flux at the red end (6.3 Å on the standard grid: 127 of its 0.05 Å pixels).
+    So the fitter trims nothing at any allowed RV, and the rotational wing of a line beyond the grid (in the
+    truth's fine mesh, not in the model) stays out; the Gaussian's far wing at the lowest R (14 Å at R = 1000) is
+    left in: both sides extend the edge values there."""
+    vsini_max = next(lab.max for lab in STANDARD_LABELS if lab.name == "vsini")
+    return wavelength_end * (vsini_max + max(abs(v) for v in rv_bounds)) / C_KMS
+
+
 def measure_label_systematics(model_path: str | Path, data: str | Path | None = None, split: str = "val",
                               n_stars: int = 80, seed: int = 5) -> dict:
     """What the emulator's error does to fitted labels: noise-free held-out spectra (broadened at stratified v sin i,
@@ -117,18 +130,24 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
     sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split,
                                                      max_stars=n_stars)
-    out = {"n_stars": len(rows), "split": split, "method": "1.4826 MAD of fit - truth, noise-free held-out spectra"}
+    margin = systematics_margin(float(sf.wavelength[-1]))
+    trim = int(np.ceil(margin / sf.wavelength_step - 1e-9))
+    out = {"n_stars": len(rows), "split": split, "method": "1.4826 MAD of fit - truth, noise-free held-out spectra",
+           "margin_angstrom": round(margin, 3)}
     warning = _few_stars(len(rows), "the label systematics are left out (fit adds none): they would be measured", split)
     if warning:
         return {**out, "warning": warning}
+    if 2 * trim >= sf.n_pixels:
+        raise ValueError(f"{sf.path}: a margin of {margin:.2f} Å ({trim} pixels) at each end for the label systematics "
+                         f"leaves none of the grid's {sf.n_pixels} pixels to fit")
     dec = fastspec.Decoder.load(model_path)
-    trim = 120
     wl = sf.wavelength[trim:-trim]
     deltas = []
     for i in range(len(rows)):  # one draw a star: row i is star i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = fastspec.fit(wl, truth[i, trim:-trim], 1e-3, dec, rv_bounds=(-50.0, 50.0), model_error=False, seed=i)
+            r = fastspec.fit(wl, truth[i, trim:-trim], 1e-3, dec, rv_bounds=SYSTEMATICS_RV_BOUNDS, model_error=False,
+                              seed=i)
         got = np.array([r.labels[n] for n in LABEL_NAMES])
         d = got - labels[i]
         d[LABEL_NAMES.index("resolution")] = np.log10(got[-1]) - np.log10(labels[i, -1])
