@@ -116,6 +116,27 @@ def test_export_run_provenance(tmp_path):
     json.dumps(p)
 
 
+def test_provenance_names_the_training_data_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Trained and exported with a relative --data, the model still finds its data from another folder (the path in
+    the provenance is absolute, the one given kept beside it); a file no longer there is named, with --data."""
+    from fastspec_train.cli import main
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    write_synthetic(tmp_path / "work" / "syn.h5", n=60, n_pixels=800)
+    train(tiny_config(max_epochs=1), "syn.h5", "run", quiet=True)
+    model = export_run("run", tmp_path / "run.fsm")
+    p = read_model(model)[2]["training_data"]
+    assert p["path"] == str(tmp_path / "work" / "syn.h5") and p["path_as_given"] == "syn.h5"
+    monkeypatch.chdir(tmp_path)
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1"]) == 0
+    (tmp_path / "work" / "syn.h5").rename(tmp_path / "moved.h5")
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"was trained on {tmp_path / 'work' / 'syn.h5'}" in err and "--data" in err, err
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1", "--data", "moved.h5"]) == 0
+
+
 def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
     import h5py
 

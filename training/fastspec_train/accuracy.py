@@ -70,7 +70,12 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
 
     model = _core.Model.load(str(model_path))
     prov = json.loads(model.provenance)
-    data = Path(data) if data else Path(prov["training_data"]["path"])
+    if not data:
+        data = Path(prov["training_data"]["path"])
+        if not data.is_file():
+            raise FileNotFoundError(f"{model_path} was trained on {data} (its provenance says), which is not there; "
+                                    "give the file with --data")
+    data = Path(data)
     sf = SpectraFile(data)
     stage = model.broadening
     # without a fine mesh the truth is the model's own operator on the file's pixels: they must be of its kind

@@ -264,13 +264,15 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
                      split_rows(sf, d["val_fraction"], d["test_fraction"], d["split_seed"], d["max_spectra"]).items()}
     extra = summary.get("extra_data") or [{"path": p, "sha256": None} for p in ckpt.get("extra_data", [])]
     init_from = cfg["train"].get("init_from") or ""
-    prov = {"training_data": {"path": str(data_path), "sha256": sha, "n_spectra": sf.n},
+    # absolute paths, so that accuracy and testset find the files from any folder (as given to training: the rest)
+    as_given = {"path_as_given": str(data_path)} if not data_path.is_absolute() else {}
+    prov = {"training_data": {"path": str(data_path.resolve()), **as_given, "sha256": sha, "n_spectra": sf.n},
             "split": {"val_fraction": cfg["data"]["val_fraction"], "test_fraction": cfg["data"]["test_fraction"],
                       "split_seed": cfg["data"]["split_seed"], "max_spectra": cfg["data"]["max_spectra"],
                       "sizes": primary_sizes,  # of the primary file: what accuracy/emulator error recompute
                       **({"sizes_with_extra_data": ckpt.get("split_sizes")} if extra else {})},
             # the other files' rows (n counted now: a file still being built may have grown since training)
-            "extra_training_data": [{"path": e["path"], "sha256": e["sha256"] or sha256_file(e["path"]),
+            "extra_training_data": [{"path": str(Path(e["path"]).resolve()), "sha256": e["sha256"] or sha256_file(e["path"]),
                                      "n_spectra": SpectraFile(e["path"]).n} for e in extra],
             **({"init_from": {"path": init_from, "sha256": sha256_file(init_from) if Path(init_from).is_file() else None}}
                if init_from else {}),
