@@ -526,6 +526,26 @@ def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):
         B.prepare(bad)
 
 
+def test_default_linelist_covers_what_the_range_needs(tmp_path, monkeypatch):
+    """The Gaia-ESO list is converted over the synthesis range and 50 Å for line wings: 4395-5455 Å for the standard
+    grid as before, 5095-5225 Å for 5150-5170 Å (it was at least 4400-5450 Å for any range)."""
+    monkeypatch.setattr(synspec, "build_synspec", lambda: None)
+    monkeypatch.setattr(atmospheres, "load_grid", lambda: None)
+    asked = []
+
+    def fake_ges(wrange, keep_isotopes, damping):
+        asked.append(wrange)
+        path = tmp_path / "ges.txt"
+        path.write_text(f"{wrange[0] / 10:.4f} 26.00\n{wrange[1] / 10:.4f} 26.00\n")  # λ in nm, as SYNSPEC's
+        return path, 2
+
+    monkeypatch.setattr(linelist, "ges_linelist", fake_ges)
+    B.prepare(B.GridConfig())
+    B.prepare(B.GridConfig(wavelength_start=5150.0, n_pixels=400))
+    B.prepare(B.GridConfig(wavelength_start=6000.0, n_pixels=2000, broaden=True))  # 5975-6125 Å synthesised
+    np.testing.assert_allclose(asked, [(4395.0, 5454.95), (5095.0, 5224.95), (5925.0, 6174.95)])
+
+
 def test_a_run_from_before_broaden_with_resumes_and_other_runs_do_not(tmp_path):
     """Intrinsic files written before `broaden_with` existed (no key) resume; a --broaden file's method matters,
     and any other setting still refuses the resume."""

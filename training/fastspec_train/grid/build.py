@@ -56,6 +56,9 @@ STANDARD_GRID = tuple(_MF.STANDARD_WAVELENGTH[:3])  # 4450 Å, 0.05 Å, 19000 pi
 BROADENED_NAMES = tuple(label.name for label in _MF.STANDARD_LABELS)  # the model's six, in its order
 BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
 VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
+# Å of the Gaia-ESO list converted beyond the synthesis range, for the wings of lines outside it (4395-5455 Å for
+# the standard grid, as before)
+LINELIST_MARGIN = 50.0
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
 REFERENCE_STEP = 0.005  # Å: the cells the broadened test spectra are made from
@@ -118,6 +121,11 @@ class GridConfig:
     def synthesis_range(self) -> tuple[float, float]:
         w = self.synthesis_wave()
         return float(w[0] - SYNTHESIS_MARGIN), float(w[-1] + SYNTHESIS_MARGIN)
+
+    def linelist_range(self) -> tuple[float, float]:
+        """The range (Å) the default line list is converted over: the synthesis range and LINELIST_MARGIN."""
+        lo, hi = self.synthesis_range()
+        return lo - LINELIST_MARGIN, hi + LINELIST_MARGIN
 
     def label_names(self) -> tuple[str, ...]:
         return BROADENED_NAMES if self.broaden else LABEL_NAMES
@@ -259,9 +267,7 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     if cfg.linelist:
         ll, n = linelist.user_linelist(cfg.linelist, cfg.damping)
     else:
-        lo, hi = cfg.synthesis_range()
-        ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes,
-                                      cfg.damping)
+        ll, n = linelist.ges_linelist(cfg.linelist_range(), cfg.keep_isotopes, cfg.damping)
     # as the wrapper's checkinput: SYNSPEC silently computes nonsense outside its line list
     first, last = linelist.wavelength_span(ll)
     lo, hi = cfg.synthesis_range()
