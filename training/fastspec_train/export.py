@@ -104,13 +104,12 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
 SYSTEMATICS_RV_BOUNDS = (-50.0, 50.0)  # km/s: the RV range the noise-free fits may use
 
 
-def systematics_margin(wavelength_end: float, rv_bounds=SYSTEMATICS_RV_BOUNDS) -> float:
+def systematics_margin(wavelength_end: float, rv_bounds=SYSTEMATICS_RV_BOUNDS, vsini_max: float = 300.0) -> float:
     """Å left out at each end of the grid in the label-systematics fits: as far as the fastest rotation of the
-    label range and the RV bound move flux at the red end (6.3 Å on the standard grid: 127 of its 0.05 Å pixels).
+    label box (vsini_max, the model's) and the RV bound move flux at the red end (6.3 Å on the standard grid: 127 of its 0.05 Å pixels).
     So the fitter trims nothing at any allowed RV, and the rotational wing of a line beyond the grid (in the
     truth's fine mesh, not in the model) stays out; the Gaussian's far wing at the lowest R (14 Å at R = 1000) is
     left in: both sides extend the edge values there."""
-    vsini_max = next(lab.max for lab in STANDARD_LABELS if lab.name == "vsini")
     return wavelength_end * (vsini_max + max(abs(v) for v in rv_bounds)) / C_KMS
 
 
@@ -126,11 +125,11 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 
     import fastspec
 
-    from .accuracy import broadened_test_set
+    from .accuracy import broadened_test_set, model_box
 
     sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split,
                                                      max_stars=n_stars)
-    margin = systematics_margin(float(sf.wavelength[-1]))
+    margin = systematics_margin(float(sf.wavelength[-1]), vsini_max=model_box(model_path)["vsini"][1])
     trim = int(np.ceil(margin / sf.wavelength_step - 1e-9))
     out = {"n_stars": len(rows), "split": split, "method": "1.4826 MAD of fit - truth, noise-free held-out spectra",
            "margin_angstrom": round(margin, 3)}
@@ -162,10 +161,11 @@ def measure_label_systematics(model_path: str | Path, data: str | Path | None = 
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
                    wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None,
                    epsilon: float = EPSILON, segments: int = 8, emulator_error: mf.EmulatorError | None = None,
-                   sampling: str = "point") -> Path:
+                   sampling: str = "point", label_box: dict | None = None) -> Path:
     """Write `decoder` as a model file. The decoder takes [z, 6 standard labels] (the paper's CVAE, format
     version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage, or 3 when it
-    learnt pixel means, `sampling`)."""
+    learnt pixel means, `sampling`). label_box: the box training normalised in (the data file's; None: the paper's),
+    written as the labels' ranges."""
     n_pixels = decoder.layers[-1].out_features
     n_in = decoder.layers[0].in_features - decoder.latent
     targets = {len(names): t for t, names in NETWORK_LABELS.items()}
@@ -188,7 +188,8 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
     stage = mf.BroadeningStage(epsilon=epsilon, segments=segments, sampling=sampling) if intrinsic else None
     version = 3 if intrinsic and sampling == "pixel_mean" else 2 if intrinsic or emulator_error is not None else 1
     return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent,
-                          labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
+                          labels=mf.boxed_labels(label_box, mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS),
+                          weight_dtype=weight_dtype,
                           wavelength=tuple(wavelength), output_scale=decoder.output_scale,
                           output_offset=decoder.output_offset, provenance=prov, broadening=stage,
                           format_version=version,
@@ -286,8 +287,10 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
         prov["fastspec_version"] = version("fastspec")
     except Exception:
         prov["fastspec_version"] = "unknown"
+    if sf.label_box is not None:
+        prov["label_box"] = sf.label_box
     kw = dict(weight_dtype=weight_dtype, wavelength=sf.grid, epsilon=cfg["broadening"]["epsilon"],
-              segments=cfg["broadening"]["segments"], sampling=sf.sampling)
+              segments=cfg["broadening"]["segments"], sampling=sf.sampling, label_box=sf.label_box)
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
         err = measure_emulator_error(path, max_stars=emulator_error_stars)
