@@ -1,5 +1,6 @@
 """The `fastspec` command line: generate, batch, info."""
 
+import json
 import subprocess
 import sys
 
@@ -81,6 +82,13 @@ def test_info(small_model, capsys):
     assert main(["info", str(small_model)]) == 0
     text = capsys.readouterr().out
     assert "small.fsm" in text and "teff" in text and "19000" in text and "purpose" in text
+
+
+def test_info_takes_model_like_the_other_subcommands(small_model, tmp_path, capsys):
+    assert main(["info", "--model", str(small_model), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(small_model)
+    assert main(["info", str(small_model), "--model", str(tmp_path / "other.fsm")]) == 1
+    assert "two model files given" in capsys.readouterr().err
 
 
 def test_console_script_runs(small_model):

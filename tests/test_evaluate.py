@@ -311,6 +311,32 @@ def test_labels_are_read_by_name(small_case, tmp_path):
     assert "disabled" in m["recovery"]["status"]
 
 
+def test_report_texts_follow_the_grid(tmp_path):
+    """A 40 Å model of 0.1 Å pixels: the report counts its 400 pixels (not 19000), bins them in 1 Å (10 pixels, not
+    20 of 0.05 Å: metrics' per_pixel_1A agrees) and zooms on 19 Å of it (about half the grid, not 30 Å)."""
+    from fastspec import Decoder
+
+    from fastspec.evaluate import figures
+
+    path = write_model(tmp_path / "short.fsm", random_decoder([16], latent_dim=4, n_pixels=400), latent_dim=4,
+                       wavelength=(4450.0, 0.1, 400, "air"))
+    dec = Decoder.load(path)
+    rng = np.random.default_rng(2)
+    lo = np.array([dec.label_ranges[k][0] for k in LABELS])
+    hi = np.array([dec.label_ranges[k][1] for k in LABELS])
+    labels = lo + (hi - lo) * rng.random((12, 6))
+    flux = (dec(labels) + SIGMA * rng.standard_normal((12, 400))).astype(np.float32)
+    _write_h5(tmp_path / "t.h5", flux, labels, LABELS, wavelength_step=0.1)
+    m = evaluate(dec, tmp_path / "t.h5", tmp_path / "r", recovery=False, progress=False, dpi=40, log=lambda *a: None)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "over the 400 pixels of one spectrum (4450.00–4489.90 Å)" in md and "19000" not in md
+    assert "blue: 1 Å bins" in md and "a 19 Å zoom" in md and "30 Å" not in md
+    assert len(m["per_pixel_1A"]["wavelength"]) == 40
+    wl = 4450.0 + 0.1 * np.arange(400)
+    lo_z, hi_z = figures._zoom_window(wl, np.ones(400), np.zeros(400))
+    assert hi_z - lo_z == pytest.approx(19.0) and wl[0] <= lo_z and hi_z <= wl[-1] + 1e-9
+
+
 def test_operator_floor_reported_apart(small_case, tmp_path):
     """A test set with `perfect_decoder` (fastspec-train testset on fine-mesh data): the model's error and the floor
     are reported side by side, by subset; the floor's numbers are those of perfect_decoder against flux."""

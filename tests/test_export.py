@@ -116,6 +116,27 @@ def test_export_run_provenance(tmp_path):
     json.dumps(p)
 
 
+def test_provenance_names_the_training_data_from_any_folder(tmp_path, monkeypatch, capsys):
+    """Trained and exported with a relative --data, the model still finds its data from another folder (the path in
+    the provenance is absolute, the one given kept beside it); a file no longer there is named, with --data."""
+    from fastspec_train.cli import main
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    write_synthetic(tmp_path / "work" / "syn.h5", n=60, n_pixels=800)
+    train(tiny_config(max_epochs=1), "syn.h5", "run", quiet=True)
+    model = export_run("run", tmp_path / "run.fsm")
+    p = read_model(model)[2]["training_data"]
+    assert p["path"] == str(tmp_path / "work" / "syn.h5") and p["path_as_given"] == "syn.h5"
+    monkeypatch.chdir(tmp_path)
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1"]) == 0
+    (tmp_path / "work" / "syn.h5").rename(tmp_path / "moved.h5")
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"was trained on {tmp_path / 'work' / 'syn.h5'}" in err and "--data" in err, err
+    assert main(["testset", "--model", str(model), "--out", "t.h5", "--draws", "1", "--data", "moved.h5"]) == 0
+
+
 def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
     import h5py
 
@@ -148,11 +169,73 @@ def test_accuracy_and_testset_use_only_held_out_stars(tmp_path):
         assert f["flux"].shape == (3 * len(expected), 1500) and list(f["labels"].attrs["names"]) == [
             lab.name for lab in STANDARD_LABELS]
         flux, labels = f["flux"][:], f["labels"][:]
-    # The model's error on the written spectra is the one the report gives (on pixels > 30 Å = 600 pixels from
-    # the ends: the report's edge rule).
+    # The model's error on the written spectra is the one the report gives (on the pixels beyond the report's edge:
+    # on this 75 Å grid the widest kernel's reach, 16.3 Å = 326 pixels, since 30 Å would keep a fifth of it).
     pred = _core.Decoder(_core.Model.load(str(model))).forward(np.ascontiguousarray(labels))
-    assert report["edge_angstrom"] == 30.0
-    assert np.isclose(np.median(np.abs(pred - flux)[:, 600:-600]), report["overall"]["median_abs_dF"], rtol=1e-3)
+    assert report["edge_angstrom"] == pytest.approx(16.3)
+    assert np.isclose(np.median(np.abs(pred - flux)[:, 326:-326]), report["overall"]["median_abs_dF"], rtol=1e-3)
+
+
+def test_accuracy_edge_follows_the_broadening_and_a_short_grid_is_refused(tmp_path, capsys):
+    """The edge accuracy leaves out: 30 Å on the standard grid, the widest kernel's reach (v sin i 300 km/s then R
+    1000 to 6σ at the red end) on a red grid, where it is more, and on a short one; a 20 Å grid, shorter than twice
+    the reach, is refused by name (it used to give NaN statistics and exit 0); --edge measures it anyway."""
+    from types import SimpleNamespace
+
+    from fastspec_train.accuracy import broadening_reach, default_edge
+    from fastspec_train.cli import main
+
+    def grid(start, n):
+        return SimpleNamespace(path="g.h5", wavelength_start=start, wavelength_step=0.05, n_pixels=n)
+
+    assert default_edge(grid(4450.0, 19000)) == 30.0
+    assert broadening_reach(grid(4450.0, 19000)) == pytest.approx(5400 * 300 / 299792.458 + 6 * 5400 / 2354.8, abs=0.3)
+    assert default_edge(grid(8500.0, 19000)) == broadening_reach(grid(8500.0, 19000)) > 30.0
+    assert default_edge(grid(4450.0, 1200)) == broadening_reach(grid(4450.0, 1200)) < 30.0
+
+    data = tmp_path / "short.h5"
+    write_synthetic(data, n=80, n_pixels=400)  # 4450-4470 Å
+    train(tiny_config(max_epochs=1), data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    assert main(["accuracy", "--model", str(model), "--out", str(tmp_path / "acc"), "--draws", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "the grid is 19.95 Å long" in err and "longer than 32.2 Å" in err and "--edge" in err, err
+    assert not (tmp_path / "acc" / "accuracy.json").exists()
+    assert main(["accuracy", "--model", str(model), "--out", str(tmp_path / "acc"), "--draws", "1", "--edge", "5"]) == 0
+    report = json.loads((tmp_path / "acc" / "accuracy.json").read_text())
+    assert report["edge_angstrom"] == 5.0 and 0 < report["overall"]["median_abs_dF"] < 1
+
+
+def test_label_systematics_trim_a_wavelength_margin(tmp_path, monkeypatch):
+    """The label-systematics fits leave out a margin in Å (the fastest rotation plus the RV bound at the red end),
+    whatever the grid step: on a 0.1 Å grid 53 pixels (5.29 Å) at each end (it was 120 pixels whatever the step, 12 Å here)."""
+    from types import SimpleNamespace
+
+    import h5py
+
+    import fastspec
+    from fastspec_train.export import SYSTEMATICS_RV_BOUNDS, measure_label_systematics, systematics_margin
+
+    assert systematics_margin(5400.0) == pytest.approx(5400.0 * (300.0 + 50.0) / 299792.458)  # 6.30 Å
+    data = tmp_path / "coarse.h5"
+    write_synthetic(data, n=120, n_pixels=800, seed=0)
+    with h5py.File(data, "a") as f:
+        f.attrs["wavelength_step"] = 0.1  # 4450-4529.9 Å
+    train(tiny_config(max_epochs=1), data, tmp_path / "run", quiet=True)
+    model = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    seen = []
+
+    def fake_fit(wl, flux, error, decoder, rv_bounds, **kw):
+        seen.append((wl[0], wl[-1], flux.size, rv_bounds))
+        return SimpleNamespace(labels=dict(teff=6000.0, logg=4.0, vsini=10.0, mh=0.0, vmic=1.0, resolution=20000.0))
+
+    monkeypatch.setattr(fastspec, "fit", fake_fit)
+    out = measure_label_systematics(model)
+    margin = systematics_margin(4529.9)
+    assert out["n_stars"] == len(seen) >= 10 and out["margin_angstrom"] == pytest.approx(margin, abs=1e-3)
+    first, last, n, rv = seen[0]
+    assert n == 800 - 2 * 53 and rv == SYSTEMATICS_RV_BOUNDS
+    assert first == pytest.approx(4450.0 + 5.3) and last == pytest.approx(4529.9 - 5.3) and 0 < 5.3 - margin < 0.1
 
 
 def test_accuracy_against_the_fine_mesh_reference(tmp_path):

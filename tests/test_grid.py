@@ -298,6 +298,33 @@ def test_resume_refuses_other_settings(tmp_path, monkeypatch):
             B.build(out, B.draw_labels(3, 1), B.GridConfig(n_pixels=20, seed=1, **other), workers=1, progress=False)
 
 
+def test_label_box_is_drawn_in_and_recorded(tmp_path, monkeypatch, capsys):
+    """--label NAME=LO:HI: labels are drawn in the box (the paper's ranges for the labels it does not name), the file
+    records it as label_box (what training reads), labels outside it and a bad box are refused."""
+    from fastspec_train.data import SpectraFile
+
+    monkeypatch.setattr(B, "synthesize_one", lambda cfg, *a: ({"flux": np.ones(cfg.n_pixels, np.float32)}, 0.0))
+    monkeypatch.setattr(B, "prepare", lambda cfg: (None, "none", 0))
+    monkeypatch.setattr(B, "check_labels", lambda labels, broaden=False: None)
+    cfg = B.GridConfig(n_pixels=20, seed=1, label_box=(("teff", 5000.0, 6000.0), ("vsini", 0.0, 100.0)))
+    labels = B.draw_labels(200, 1, box=cfg.box())
+    assert 5000 <= labels[:, 0].min() and labels[:, 0].max() <= 6000 and labels[:, 1].max() > 4.5  # logg: 2-5
+    six = B.draw_labels(200, 1, broaden=True, box=cfg.box())
+    assert six[:, 2].max() <= 100 and six[:, 5].min() >= 1000
+    assert np.array_equal(B.draw_labels(5, 1), B.draw_labels(5, 1, box=None))
+    B.build(tmp_path / "g.h5", labels[:4], cfg, workers=1, progress=False)
+    assert SpectraFile(tmp_path / "g.h5").label_box == {"teff": [5000.0, 6000.0], "vsini": [0.0, 100.0]}
+    with pytest.raises(ValueError, match="row 0: teff = .* is outside the label box"):
+        B.build(tmp_path / "h.h5", np.array([[7000.0, 4.0, 0.0, 1.0]]), cfg, workers=1, progress=False)
+    for bad, why in (((("tef", 1.0, 2.0),), "names"), ((("teff", 6000.0, 5000.0),), "increasing"),
+                     ((("teff", 5000.0, 6000.0), ("teff", 5000.0, 7000.0)), "twice")):
+        with pytest.raises(ValueError, match=why):
+            B.GridConfig(label_box=bad)
+    with pytest.raises(SystemExit):
+        cli.main(["build", "--n", "3", "--out", str(tmp_path / "c.h5"), "--label", "teff:5000:6000"])
+    assert "--label wants NAME=LO:HI" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- real SYNSPEC
 
 def test_synspec_builds_and_synthesizes(tmp_path):
@@ -524,6 +551,26 @@ def test_linelist_must_cover_the_synthesis(tmp_path, monkeypatch):
     bad = B.GridConfig(wavelength_start=5100.0, n_pixels=100, linelist=str(syn_list))
     with pytest.raises(GridSetupError, match=r"not inside the line list .* \(4549.62-5001.86 Å\)"):
         B.prepare(bad)
+
+
+def test_default_linelist_covers_what_the_range_needs(tmp_path, monkeypatch):
+    """The Gaia-ESO list is converted over the synthesis range and 50 Å for line wings: 4395-5455 Å for the standard
+    grid as before, 5095-5225 Å for 5150-5170 Å (it was at least 4400-5450 Å for any range)."""
+    monkeypatch.setattr(synspec, "build_synspec", lambda: None)
+    monkeypatch.setattr(atmospheres, "load_grid", lambda: None)
+    asked = []
+
+    def fake_ges(wrange, keep_isotopes, damping):
+        asked.append(wrange)
+        path = tmp_path / "ges.txt"
+        path.write_text(f"{wrange[0] / 10:.4f} 26.00\n{wrange[1] / 10:.4f} 26.00\n")  # λ in nm, as SYNSPEC's
+        return path, 2
+
+    monkeypatch.setattr(linelist, "ges_linelist", fake_ges)
+    B.prepare(B.GridConfig())
+    B.prepare(B.GridConfig(wavelength_start=5150.0, n_pixels=400))
+    B.prepare(B.GridConfig(wavelength_start=6000.0, n_pixels=2000, broaden=True))  # 5975-6125 Å synthesised
+    np.testing.assert_allclose(asked, [(4395.0, 5454.95), (5095.0, 5224.95), (5925.0, 6174.95)])
 
 
 def test_a_run_from_before_broaden_with_resumes_and_other_runs_do_not(tmp_path):

@@ -454,3 +454,72 @@ def test_export_measures_the_emulator_error_on_a_subset(tmp_path):
     assert np.isfinite(m.emulator_error(5.0, 20000.0)).all() and m.emulator_error(5.0, 20000.0).max() > 0
     with pytest.raises(ValueError, match="max_stars must be >= 1"):
         measure_emulator_error(path, max_stars=0)
+
+
+def test_export_from_one_validation_star_warns_and_claims_no_spread(tmp_path):
+    """A 20 Å grid of 20 stars has 1 validation star: the emulator error (an RMS over it) is kept with a warning,
+    the label systematics (a MAD, exactly 0 from one star) are left out; both say n in the provenance."""
+    from fastspec_train.export import MIN_SPREAD_STARS, FewStarsWarning, export_run
+
+    a = tmp_path / "a.h5"
+    write_synthetic(a, n=20, n_pixels=400, seed=3)
+    train(tiny_config(max_epochs=1), a, tmp_path / "s1", quiet=True)
+    with pytest.warns(FewStarsWarning) as caught:
+        path = export_run(tmp_path / "s1", tmp_path / "s1.fsm", emulator_error=True)
+    assert {str(w.message).split(" from ")[0] for w in caught} == {
+        "the emulator error (an RMS per pixel) is measured",
+        "the label systematics are left out (fit adds none): they would be measured"}
+    prov = json.loads(_core.Model.load(str(path)).provenance)
+    assert prov["split"]["sizes"]["val"] == 1 < MIN_SPREAD_STARS
+    assert prov["emulator_error"]["n_stars"] == 1 and "fewer than 10" in prov["emulator_error"]["warning"]
+    systematics = prov["label_systematics"]
+    assert systematics["n_stars"] == 1 and "fewer than 10" in systematics["warning"]
+    assert not {"teff", "logg", "vsini", "mh", "vmic", "resolution_dex"} & set(systematics)
+
+
+def test_a_data_file_label_box_normalises_training_and_goes_into_the_model(tmp_path):
+    """A data file with its own label_box: training maps that box's ends to ±1, the model file carries it (so the
+    core, fit, evaluate and the CLI check labels against it), accuracy draws inside it; (v sin i, R) draws outside
+    it, labels outside it and a warm start are refused."""
+    import h5py
+
+    from fastspec import Decoder
+    from fastspec_train.accuracy import accuracy_report
+    from fastspec_train.export import export_run, load_run_decoder
+
+    box = {"teff": [3500.0, 12000.0], "vsini": [0.0, 200.0], "vmic": [0.0, 5.0], "resolution": [2000.0, 60000.0]}
+    ends = np.array([[3500.0, 2.0, 0.0, -1.5, 0.0, 2000.0], [12000.0, 5.0, 200.0, 1.5, 5.0, 60000.0]])
+    np.testing.assert_allclose(normalise_labels(torch.from_numpy(ends), box=box).numpy(), [[-1] * 6, [1] * 6], atol=1e-6)
+
+    a = tmp_path / "a.h5"
+    write_synthetic(a, n=80, seed=5)
+    with h5py.File(a, "a") as f:
+        f.attrs["label_box"] = json.dumps(box)
+    cfg = tiny_config(max_epochs=1)
+    with pytest.raises(ValueError, match="outside the label box .*sampling.vsini_max"):
+        train(cfg, a, tmp_path / "wide", quiet=True)
+    cfg.sampling.vsini_max, cfg.sampling.resolution_min, cfg.sampling.resolution_max = 200.0, 2000.0, 60000.0
+    train(cfg, a, tmp_path / "run", quiet=True)
+    path = export_run(tmp_path / "run", tmp_path / "run.fsm")
+    dec = Decoder.load(path)
+    want = {lab.name: tuple(box.get(lab.name, (lab.min, lab.max))) for lab in STANDARD_LABELS}
+    assert dec.label_ranges == want and dec.info["provenance"]["label_box"] == box
+    # the file's normalisation is the one training used: the torch decoder on the box-normalised labels
+    labels = np.array([[6000.0, 4.0, 150.0, 0.2, 4.5, 40000.0]])
+    torch_dec = load_run_decoder(tmp_path / "run")[0]
+    with torch.no_grad():
+        y = normalise_labels(torch.from_numpy(labels), box=box)
+        ref = torch_dec(torch.zeros(1, torch_dec.latent), y).double().numpy()
+    np.testing.assert_allclose(dec(labels), ref, atol=2e-6)
+    with pytest.raises(ValueError):
+        dec(np.array([[6000.0, 4.0, 250.0, 0.2, 1.0, 40000.0]]))  # v sin i beyond the box
+    report = accuracy_report(path, a, tmp_path / "acc", draws=2)  # draws in the box, else the core refuses them
+    assert report["overall"]["n_spectra"] > 0
+
+    cfg.train.init_from = str(path)
+    with pytest.raises(ValueError, match="own label_box; starting from train.init_from"):
+        train(cfg, a, tmp_path / "warm", quiet=True)
+    with h5py.File(a, "a") as f:
+        f.attrs["label_box"] = json.dumps({**box, "teff": [5000.0, 12000.0]})
+    with pytest.raises(ValueError, match="teff = .* outside the file's label_box"):
+        SpectraFile(a)

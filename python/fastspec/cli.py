@@ -2,7 +2,7 @@
 
     fastspec generate --teff 5777 --logg 4.44 --vsini 2 --mh 0 --vmic 1 --resolution 50000 -o sun.csv --plot sun.png
     fastspec batch labels.csv -o spectra.h5
-    fastspec info [model.fsm]
+    fastspec info [--model model.fsm]
     fastspec fit spectrum.fits --medium vacuum -o result.json --plot fit.png
     fastspec evaluate --model M --data D --out report/
 """
@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.set_defaults(func=cmd_batch)
 
     info = sub.add_parser("info", help="describe a model file (default: the embedded model)")
-    info.add_argument("model", nargs="?", type=Path, help="model file (default: the embedded model)")
+    info.add_argument("model", nargs="?", type=Path, help="model file (default: the embedded model); or --model")
+    info.add_argument("--model", dest="model_option", type=Path, metavar="MODEL",
+                      help="model file, as in the other subcommands")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
 
@@ -404,7 +406,9 @@ def _check_rows(labels: np.ndarray, decoder: Decoder, path: Path, clip: bool) ->
 def cmd_info(args) -> int:
     from . import build_info
 
-    decoder = Decoder.load(args.model)
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError(f"two model files given: {args.model} and --model {args.model_option}")
+    decoder = Decoder.load(args.model_option or args.model)
     info = decoder.info
     if args.json:
         print(json.dumps({**info, "build": build_info()}, indent=2, default=str))

@@ -63,6 +63,23 @@ INTRINSIC_LABELS = tuple(
     for l in STANDARD_LABELS)
 
 
+def boxed_labels(box: dict | None, labels: tuple[Label, ...] = STANDARD_LABELS) -> tuple[Label, ...]:
+    """`labels` with the ranges of `box` ({name: [min, max]}, e.g. a grid file's `label_box`); the labels it does
+    not name keep theirs, None keeps them all (the paper's box)."""
+    box = box or {}
+    known = {lab.name: lab for lab in labels}
+    unknown = sorted(set(box) - set(known))
+    if unknown:
+        raise ValueError(f"label box names {unknown}; the labels are {list(known)}")
+    for name, value in box.items():
+        lo, hi = (float(v) for v in value)
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi) or known[name].scaling == "log10" and lo <= 0:
+            raise ValueError(f"label box {name} = [{lo:g}, {hi:g}] must be finite and increasing"
+                             + (" and > 0 (a log10 label)" if known[name].scaling == "log10" else ""))
+    return tuple(Label(lab.name, lab.unit, *(float(v) for v in box[lab.name]), lab.scaling, lab.role)
+                 if lab.name in box else lab for lab in labels)
+
+
 @dataclass(frozen=True)
 class EmulatorError:
     """The model's own error, measured on held-out spectra: RMS of (model − truth) per pixel, rms[i, k, p] at

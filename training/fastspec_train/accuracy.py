@@ -10,9 +10,10 @@ terms; otherwise the file's spectra through `fastspec_train.broadening` in float
 consistency check, not correctness; reports say which). With a fine mesh the "perfect decoder" — the file's own
 pixels through the model's broadening stage — is scored too: the floor the representation and operator set,
 apart from the network's own error. The model runs at z = 0. Errors are
-taken over the pixels more than `edge` Å (30 by default) from either end of the grid, where the broadened
-flux does not depend on the spectrum outside the grid. `split="val"` scores the validation split instead
-(for choosing between training runs; the test split is for the final numbers only).
+taken over the pixels more than `edge` Å from either end of the grid, where the broadened flux does not depend on
+the spectrum outside the grid (`default_edge`: 30 Å, or the widest kernel's reach where that is more; on a grid too
+short for that, the reach alone; a grid shorter than twice the reach is refused). `split="val"` scores the
+validation split instead (for choosing between training runs; the test split is for the final numbers only).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .labels import LABEL_NAMES, STANDARD_LABELS
 VSINI_BINS = [0.0, 10.0, 50.0, 100.0, 200.0, 300.0]
 R_BINS = [1000.0, 3000.0, 10000.0, 30000.0, 115000.0]
 TEFF_BINS = [4000.0, 5500.0, 7000.0, 9000.0, 11000.0]
-EDGE_ANGSTROM = 30.0
+PAPER_BOX = {lab.name: (lab.min, lab.max) for lab in STANDARD_LABELS}  # a model file's labels may have their own
+EDGE_ANGSTROM = 30.0  # the paper's edge (the reach below is 19.4 Å on its grid): numbers stay comparable
 
 
 def z0_predictor(model_path: Path):
@@ -44,20 +46,27 @@ def z0_predictor(model_path: Path):
                                                 clip=False), dtype=np.float64)), "fastspec._core"
 
 
-def test_draws(n_spectra: int, draws: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row positions, vsini, R) for `draws` stratified draws per test spectrum."""
-    vs_lab = next(lab for lab in STANDARD_LABELS if lab.name == "vsini")
-    r_lab = next(lab for lab in STANDARD_LABELS if lab.name == "resolution")
+def model_box(model_path) -> dict:
+    """{label: (min, max)} of a model file: the box its test draws and broadening kernels stay in."""
+    from fastspec import _core
+
+    return {lab["name"]: (lab["min"], lab["max"]) for lab in _core.Model.load(str(model_path)).labels}
+
+
+def test_draws(n_spectra: int, draws: int, seed: int, box: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row positions, vsini, R) for `draws` stratified draws per test spectrum, in the box's (v sin i, R) ranges
+    (None: the paper's)."""
+    (vs_lo, vs_hi), (r_lo, r_hi) = ((box or PAPER_BOX)[n] for n in ("vsini", "resolution"))
     rng = np.random.default_rng([seed, 3])
     pos, vs, rs = [], [], []
     for i in range(n_spectra):
         a = (rng.permutation(draws) + rng.random(draws)) / draws
         b = (rng.permutation(draws) + rng.random(draws)) / draws
         pos.append(np.full(draws, i))
-        vs.append(vs_lab.min + (vs_lab.max - vs_lab.min) * a)
-        lo, hi = math.log10(r_lab.min), math.log10(r_lab.max)
+        vs.append(vs_lo + (vs_hi - vs_lo) * a)
+        lo, hi = math.log10(r_lo), math.log10(r_hi)
         rs.append(10.0 ** (lo + (hi - lo) * b))
-    return np.concatenate(pos), np.concatenate(vs), np.minimum(np.concatenate(rs), r_lab.max)
+    return np.concatenate(pos), np.concatenate(vs), np.clip(np.concatenate(rs), r_lo, r_hi)
 
 
 TRUTH_REFERENCE = "reference: the fine mesh broadened in float64 (fastspec_train.grid.reference)"
@@ -69,7 +78,12 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
 
     model = _core.Model.load(str(model_path))
     prov = json.loads(model.provenance)
-    data = Path(data) if data else Path(prov["training_data"]["path"])
+    if not data:
+        data = Path(prov["training_data"]["path"])
+        if not data.is_file():
+            raise FileNotFoundError(f"{model_path} was trained on {data} (its provenance says), which is not there; "
+                                    "give the file with --data")
+    data = Path(data)
     sf = SpectraFile(data)
     stage = model.broadening
     # without a fine mesh the truth is the model's own operator on the file's pixels: they must be of its kind
@@ -125,7 +139,7 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
         test_rows = test_rows[:max_stars]
     if test_rows.size == 0:
         raise ValueError(f"{sf.path}: the {split} split is empty")
-    pos, vs, rs = test_draws(test_rows.size, draws, seed)
+    pos, vs, rs = test_draws(test_rows.size, draws, seed, model_box(model_path))
     from fastspec import _core
 
     stage = _core.Model.load(str(model_path)).broadening
@@ -136,9 +150,42 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     return sf, test_rows[pos], labels, truth, prov, kind, perfect
 
 
-def kept_pixels(sf: SpectraFile, edge: float = EDGE_ANGSTROM) -> slice:
-    """The pixels more than `edge` Å from either end of the grid, where the accuracy is measured."""
+def broadening_reach(sf: SpectraFile, box: dict | None = None) -> float:
+    """Å: the half-width of the widest kernel in the label box (the model's; None: the paper's): rotation at the
+    largest v sin i, then a Gaussian of the lowest R to 6σ, at the grid's red end, as the Broadener sizes it. Within
+    this of either end the broadened flux depends on the spectrum beyond the grid."""
+    box = box or PAPER_BOX
+    br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, max_vsini=box["vsini"][1],
+                   min_resolution=box["resolution"][0])
+    return (br.rot_half + br.gauss_half) * sf.wavelength_step
+
+
+def default_edge(sf: SpectraFile, box: dict | None = None) -> float:
+    """The edge (Å) accuracy leaves out at either end: EDGE_ANGSTROM, or the broadening's reach where that is more;
+    the reach alone on a grid too short to keep half of its pixels that way; refused on a grid shorter than twice
+    the reach (every pixel then depends on the spectrum beyond the grid)."""
+    box = box or PAPER_BOX
+    reach = broadening_reach(sf, box)
+    length = sf.wavelength_step * (sf.n_pixels - 1)
+    if 2 * reach >= length:
+        raise ValueError(f"{sf.path}: the grid is {length:g} Å long ({sf.wavelength_start:g}-"
+                         f"{sf.wavelength_start + length:g} Å), but the widest broadening kernel (v sin i "
+                         f"{box['vsini'][1]:g} km/s, R {box['resolution'][0]:g}) reaches "
+                         f"{reach:.1f} Å from each end: no pixel is free of the spectrum beyond the grid. Accuracy "
+                         f"needs a grid longer than {2 * reach:.1f} Å, or an explicit smaller edge (--edge)")
+    edge = max(EDGE_ANGSTROM, reach)
+    return edge if 4 * edge <= length else reach  # half the grid kept, or as much as the reach allows
+
+
+def kept_pixels(sf: SpectraFile, edge: float | None = None) -> slice:
+    """The pixels more than `edge` Å (default_edge when None) from either end of the grid, where the accuracy is
+    measured; an edge that leaves none is refused."""
+    if edge is None:
+        edge = default_edge(sf)
     k = int(math.ceil(edge / sf.wavelength_step))
+    if 2 * k >= sf.n_pixels:
+        raise ValueError(f"{sf.path}: an edge of {edge:g} Å ({k} pixels) at both ends leaves none of the grid's "
+                         f"{sf.n_pixels} pixels ({sf.wavelength_step * (sf.n_pixels - 1):g} Å)")
     return slice(k, sf.n_pixels - k)
 
 
@@ -171,14 +218,18 @@ def error_stats(abs_err: np.ndarray) -> dict:
 
 
 def accuracy_report(model, data, out_dir, *, draws: int = 10, seed: int = 2026, compare=None, split: str = "test",
-                    edge: float = EDGE_ANGSTROM) -> dict:
+                    edge: float | None = None) -> dict:
+    """edge: Å left out at either end (None: default_edge)."""
     model = Path(model)
     out = Path(out_dir)
+    if edge is None:  # refused before any spectrum is broadened when the grid is too short
+        sf, _, _ = _split_rows(model, data, split)
+        edge = default_edge(sf, model_box(model))
     sf, rows, labels, truth, prov, truth_kind, perfect = broadened_test_set(model, data, draws, seed, split, floor=True)
+    keep = kept_pixels(sf, edge)
     out.mkdir(parents=True, exist_ok=True)
     predict, backend = z0_predictor(model)
     pred = np.concatenate([predict(labels[k:k + 256]) for k in range(0, labels.shape[0], 256)])
-    keep = kept_pixels(sf, edge)
     pred, truth = pred[:, keep], truth[:, keep]
     report = {"model": str(model), "backend": backend, "data": str(sf.path), "data_sha256": sha256_file(sf.path),
               "trained_on_sha256": prov.get("training_data", {}).get("sha256"), "split": split,

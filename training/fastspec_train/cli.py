@@ -33,7 +33,7 @@ def _export(a) -> int:
 def _accuracy(a) -> int:
     from .accuracy import accuracy_report
 
-    report = accuracy_report(a.model, a.data, a.out, draws=a.draws, seed=a.seed, compare=a.compare)
+    report = accuracy_report(a.model, a.data, a.out, draws=a.draws, seed=a.seed, compare=a.compare, edge=a.edge)
     print(json.dumps(report["overall"], indent=1))
     return 0
 
@@ -87,10 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--seed", type=int, default=2026, help="seed of the (vsini, R) draws (default 2026)")
         if name == "accuracy":
             s.add_argument("--compare", help="a second .fsm (e.g. the f32 export) to report the max/median |ΔF| between the two")
+            s.add_argument("--edge", type=float, metavar="ANGSTROM",
+                           help="leave out the pixels within this many Å of either end (default: 30, or the reach of "
+                                "the widest broadening kernel where that is more, or less on a short grid)")
         s.set_defaults(func=_accuracy if name == "accuracy" else _testset)
 
     a = p.parse_args(argv)
-    return a.func(a)
+    if a.command == "train":  # a training run's errors keep their traceback
+        return a.func(a)
+    try:
+        return a.func(a)
+    except (ValueError, OSError) as exc:  # a short grid, a missing file: one clear line, not a traceback
+        print(f"fastspec-train {a.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fastspec.model_format import SAMPLINGS
+from fastspec.model_format import SAMPLINGS, boxed_labels
 
 FILE_LABELS = ("teff", "logg", "mh", "vmic")
 
@@ -75,6 +76,10 @@ class SpectraFile:
             if not broadening.startswith("none"):
                 raise ValueError(f"{self.path}: holds broadened spectra (attr broadening = {broadening!r}); training "
                                  "takes intrinsic spectra (fastspec-grid build without --broaden)")
+            # the label box the spectra were drawn in, {name: [min, max]} as JSON (none: the paper's box): training
+            # normalises with it and the model file carries it
+            box = f.attrs.get("label_box")
+            self.label_box = json.loads(box) if box is not None else None
             if int(f.attrs.get("n_pixels", self.n_pixels)) != self.n_pixels:
                 raise ValueError(f"{self.path}: attr n_pixels disagrees with flux shape {self.n_pixels}")
             # `fastspec-grid build --fine-step`: the same spectra on a fine mesh, the reference's input
@@ -95,6 +100,17 @@ class SpectraFile:
                                      f"does not contain the output grid's pixels {lo:.3f}-{hi:.3f} Å")
         if not np.isfinite(self.labels).all():
             raise ValueError(f"{self.path}: labels contain non-finite values")
+        if self.label_box is not None:
+            try:
+                box = {lab.name: lab for lab in boxed_labels(self.label_box)}
+            except ValueError as exc:
+                raise ValueError(f"{self.path}: attr label_box: {exc}") from None
+            for j, name in enumerate(FILE_LABELS):
+                lo, hi = box[name].min, box[name].max
+                outside = (self.labels[:, j] < lo) | (self.labels[:, j] > hi)
+                if outside.any():
+                    raise ValueError(f"{self.path}: row {int(np.argmax(outside))} has {name} = "
+                                     f"{self.labels[outside, j][0]:g}, outside the file's label_box [{lo:g}, {hi:g}]")
         self._h5 = None
 
     @property
@@ -154,6 +170,9 @@ class JoinedSpectra:
         for sf in files[1:]:
             if sf.grid != first.grid:
                 raise ValueError(f"{sf.path}: wavelength grid {sf.grid} differs from {first.path}'s {first.grid}")
+            if sf.label_box != first.label_box:
+                raise ValueError(f"{sf.path}: label box {sf.label_box} differs from {first.path}'s {first.label_box} "
+                                 "(none: the paper's): a model is normalised in one box")
             if sf.sampling != first.sampling:
                 raise ValueError(f"{sf.path} holds {sf.sampling} spectra but {first.path} holds {first.sampling} "
                                  "ones: a model learns one kind (fastspec-grid build --sampling)")
@@ -161,6 +180,7 @@ class JoinedSpectra:
         self.path, self.paths = first.path, [sf.path for sf in files]
         self.wavelength_start, self.wavelength_step = first.wavelength_start, first.wavelength_step
         self.n_pixels, self.wavelength_medium, self.sampling = first.n_pixels, first.wavelength_medium, first.sampling
+        self.label_box = first.label_box
         self.labels = np.concatenate([sf.labels for sf in files])
         self.n = self.labels.shape[0]
         self._offsets = np.cumsum([0] + [sf.n for sf in files])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fastspec import model_format as mf
-from .broadening import EPSILON
+from .broadening import C_KMS, EPSILON
 from .config import from_dict
 from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS
 from .model import Decoder
@@ -39,6 +39,27 @@ def decoder_layers(decoder: Decoder) -> list:
     return [mf.Layer(layer.weight.detach().cpu().numpy().astype(np.float32),
                      layer.bias.detach().cpu().numpy().astype(np.float32),
                      "sigmoid" if k == n - 1 else "relu") for k, layer in enumerate(decoder.layers)]
+
+
+# The fewest held-out stars a spread over stars is taken from without a warning: from n stars an RMS is uncertain by
+# about 1/sqrt(2n) of itself (22 % at 10) and a MAD by about 1.2/sqrt(n) (37 % at 10); from one star the MAD is 0.
+MIN_SPREAD_STARS = 10
+
+
+class FewStarsWarning(UserWarning):
+    """The emulator error or the label systematics come from fewer than MIN_SPREAD_STARS held-out stars."""
+
+
+def _few_stars(n: int, what: str, split: str) -> str | None:
+    """A warning (issued and returned) when `what` is taken from fewer than MIN_SPREAD_STARS stars, else None."""
+    if n >= MIN_SPREAD_STARS:
+        return None
+    import warnings
+
+    text = (f"{what} from {n} {split} star(s), fewer than {MIN_SPREAD_STARS}: a spread over so few stars is mostly "
+            "noise (more stars: a larger grid or data.val_fraction, --emulator-error-stars of 10 or more)")
+    warnings.warn(text, FewStarsWarning, stacklevel=3)
+    return text
 
 
 # Where the emulator error is measured: v sin i and R nodes spanning the label ranges (denser where the
@@ -63,6 +84,9 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
         raise ValueError(f"max_stars must be >= 1, got {max_stars}")
     if max_stars is not None and max_stars < rows.size:
         rows = rows[np.linspace(0, rows.size - 1, max_stars).round().astype(int)]
+    if rows.size == 0:
+        raise ValueError(f"{sf.path}: the {split} split is empty: no star to measure the emulator error on")
+    _few_stars(rows.size, "the emulator error (an RMS per pixel) is measured", split)
     model = _core.Model.load(str(model_path))
     dec = _core.Decoder(model)
     file_labels = sf.labels[rows]
@@ -77,48 +101,71 @@ def measure_emulator_error(model_path: str | Path, data: str | Path | None = Non
     return mf.EmulatorError(np.array(vsini_nodes), np.array(resolution_nodes), rms.astype(np.float32))
 
 
+SYSTEMATICS_RV_BOUNDS = (-50.0, 50.0)  # km/s: the RV range the noise-free fits may use
+
+
+def systematics_margin(wavelength_end: float, rv_bounds=SYSTEMATICS_RV_BOUNDS, vsini_max: float = 300.0) -> float:
+    """Å left out at each end of the grid in the label-systematics fits: as far as the fastest rotation of the
+    label box (vsini_max, the model's) and the RV bound move flux at the red end (6.3 Å on the standard grid: 127 of its 0.05 Å pixels).
+    So the fitter trims nothing at any allowed RV, and the rotational wing of a line beyond the grid (in the
+    truth's fine mesh, not in the model) stays out; the Gaussian's far wing at the lowest R (14 Å at R = 1000) is
+    left in: both sides extend the edge values there."""
+    return wavelength_end * (vsini_max + max(abs(v) for v in rv_bounds)) / C_KMS
+
+
 def measure_label_systematics(model_path: str | Path, data: str | Path | None = None, split: str = "val",
                               n_stars: int = 80, seed: int = 5) -> dict:
     """What the emulator's error does to fitted labels: noise-free held-out spectra (broadened at stratified v sin i,
     R; RV and a quadratic continuum free, as `fastspec.fit` runs by default) are fitted, and the robust spread
     (1.4826 MAD) of fit − truth per label is returned ({label: σ}, R in dex of R as 'resolution_dex'). The pixel
     errors of the emulator are correlated (a star's residual pattern is fixed), so they do not average down
-    over pixels as noise does: `fit(model_error=True)` adds these σ in quadrature to its uncertainties."""
+    over pixels as noise does: `fit(model_error=True)` adds these σ in quadrature to its uncertainties. From fewer
+    than MIN_SPREAD_STARS stars no σ is given (the MAD of one star is 0), only n_stars and a warning (also issued)."""
     import warnings
 
     import fastspec
 
-    from .accuracy import broadened_test_set
+    from .accuracy import broadened_test_set, model_box
 
     sf, rows, labels, truth, *_ = broadened_test_set(Path(model_path), data, draws=1, seed=seed, split=split,
                                                      max_stars=n_stars)
+    margin = systematics_margin(float(sf.wavelength[-1]), vsini_max=model_box(model_path)["vsini"][1])
+    trim = int(np.ceil(margin / sf.wavelength_step - 1e-9))
+    out = {"n_stars": len(rows), "split": split, "method": "1.4826 MAD of fit - truth, noise-free held-out spectra",
+           "margin_angstrom": round(margin, 3)}
+    warning = _few_stars(len(rows), "the label systematics are left out (fit adds none): they would be measured", split)
+    if warning:
+        return {**out, "warning": warning}
+    if 2 * trim >= sf.n_pixels:
+        raise ValueError(f"{sf.path}: a margin of {margin:.2f} Å ({trim} pixels) at each end for the label systematics "
+                         f"leaves none of the grid's {sf.n_pixels} pixels to fit")
     dec = fastspec.Decoder.load(model_path)
-    trim = 120
     wl = sf.wavelength[trim:-trim]
     deltas = []
-    for i in range(min(n_stars, len(rows))):
+    for i in range(len(rows)):  # one draw a star: row i is star i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = fastspec.fit(wl, truth[i, trim:-trim], 1e-3, dec, rv_bounds=(-50.0, 50.0), model_error=False, seed=i)
+            r = fastspec.fit(wl, truth[i, trim:-trim], 1e-3, dec, rv_bounds=SYSTEMATICS_RV_BOUNDS, model_error=False,
+                              seed=i)
         got = np.array([r.labels[n] for n in LABEL_NAMES])
         d = got - labels[i]
         d[LABEL_NAMES.index("resolution")] = np.log10(got[-1]) - np.log10(labels[i, -1])
         deltas.append(d)
     deltas = np.array(deltas)
     sig = 1.4826 * np.median(np.abs(deltas - np.median(deltas, axis=0)), axis=0)
-    out = {n: float(v) for n, v in zip(LABEL_NAMES, sig)}
-    out["resolution_dex"] = out.pop("resolution")
-    out.update(n_stars=int(len(deltas)), split=split, method="1.4826 MAD of fit - truth, noise-free held-out spectra")
-    return out
+    sigmas = {n: float(v) for n, v in zip(LABEL_NAMES, sig)}
+    sigmas["resolution_dex"] = sigmas.pop("resolution")
+    return {**sigmas, **out}
 
 
 def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f32",
                    wavelength: tuple[float, float, int, str] | None = None, provenance: dict | None = None,
                    epsilon: float = EPSILON, segments: int = 8, emulator_error: mf.EmulatorError | None = None,
-                   sampling: str = "point") -> Path:
+                   sampling: str = "point", label_box: dict | None = None) -> Path:
     """Write `decoder` as a model file. The decoder takes [z, 6 standard labels] (the paper's CVAE, format
     version 1) or [z, teff, logg, mh, vmic] (an intrinsic decoder: version 2 with the broadening stage, or 3 when it
-    learnt pixel means, `sampling`)."""
+    learnt pixel means, `sampling`). label_box: the box training normalised in (the data file's; None: the paper's),
+    written as the labels' ranges."""
     n_pixels = decoder.layers[-1].out_features
     n_in = decoder.layers[0].in_features - decoder.latent
     targets = {len(names): t for t, names in NETWORK_LABELS.items()}
@@ -141,7 +188,8 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
     stage = mf.BroadeningStage(epsilon=epsilon, segments=segments, sampling=sampling) if intrinsic else None
     version = 3 if intrinsic and sampling == "pixel_mean" else 2 if intrinsic or emulator_error is not None else 1
     return mf.write_model(path, decoder_layers(decoder), latent_dim=decoder.latent,
-                          labels=mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS, weight_dtype=weight_dtype,
+                          labels=mf.boxed_labels(label_box, mf.INTRINSIC_LABELS if intrinsic else STANDARD_LABELS),
+                          weight_dtype=weight_dtype,
                           wavelength=tuple(wavelength), output_scale=decoder.output_scale,
                           output_offset=decoder.output_offset, provenance=prov, broadening=stage,
                           format_version=version,
@@ -217,13 +265,15 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
                      split_rows(sf, d["val_fraction"], d["test_fraction"], d["split_seed"], d["max_spectra"]).items()}
     extra = summary.get("extra_data") or [{"path": p, "sha256": None} for p in ckpt.get("extra_data", [])]
     init_from = cfg["train"].get("init_from") or ""
-    prov = {"training_data": {"path": str(data_path), "sha256": sha, "n_spectra": sf.n},
+    # absolute paths, so that accuracy and testset find the files from any folder (as given to training: the rest)
+    as_given = {"path_as_given": str(data_path)} if not data_path.is_absolute() else {}
+    prov = {"training_data": {"path": str(data_path.resolve()), **as_given, "sha256": sha, "n_spectra": sf.n},
             "split": {"val_fraction": cfg["data"]["val_fraction"], "test_fraction": cfg["data"]["test_fraction"],
                       "split_seed": cfg["data"]["split_seed"], "max_spectra": cfg["data"]["max_spectra"],
                       "sizes": primary_sizes,  # of the primary file: what accuracy/emulator error recompute
                       **({"sizes_with_extra_data": ckpt.get("split_sizes")} if extra else {})},
             # the other files' rows (n counted now: a file still being built may have grown since training)
-            "extra_training_data": [{"path": e["path"], "sha256": e["sha256"] or sha256_file(e["path"]),
+            "extra_training_data": [{"path": str(Path(e["path"]).resolve()), "sha256": e["sha256"] or sha256_file(e["path"]),
                                      "n_spectra": SpectraFile(e["path"]).n} for e in extra],
             **({"init_from": {"path": init_from, "sha256": sha256_file(init_from) if Path(init_from).is_file() else None}}
                if init_from else {}),
@@ -237,14 +287,20 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
         prov["fastspec_version"] = version("fastspec")
     except Exception:
         prov["fastspec_version"] = "unknown"
+    if sf.label_box is not None:
+        prov["label_box"] = sf.label_box
     kw = dict(weight_dtype=weight_dtype, wavelength=sf.grid, epsilon=cfg["broadening"]["epsilon"],
-              segments=cfg["broadening"]["segments"], sampling=sf.sampling)
+              segments=cfg["broadening"]["segments"], sampling=sf.sampling, label_box=sf.label_box)
     path = export_decoder(dec, out, provenance=prov, **kw)
     if emulator_error:
         err = measure_emulator_error(path, max_stars=emulator_error_stars)
-        prov["emulator_error"] = {"split": "val", "n_stars": min(primary_sizes["val"], emulator_error_stars or 10**9),
+        n_err = min(primary_sizes["val"], emulator_error_stars or 10**9)
+        prov["emulator_error"] = {"split": "val", "n_stars": n_err,
                                   "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
                                   "median_rms": float(np.median(err.rms))}
+        if n_err < MIN_SPREAD_STARS:
+            prov["emulator_error"]["warning"] = (f"an RMS over {n_err} stars, fewer than {MIN_SPREAD_STARS}: "
+                                                 "mostly noise")
         prov["label_systematics"] = measure_label_systematics(path)
         path = export_decoder(dec, out, provenance=prov, emulator_error=err, **kw)
     return path

@@ -38,15 +38,18 @@ def network_columns(target: str) -> list[int]:
     return [LABEL_NAMES.index(n) for n in NETWORK_LABELS[target]]
 
 
-def normalise_labels(labels: torch.Tensor, target: str = "broadened") -> torch.Tensor:
+def normalise_labels(labels: torch.Tensor, target: str = "broadened", box: dict | None = None) -> torch.Tensor:
     """Physical labels (B, 6) in LABEL_NAMES order -> network input (B, 6 or 4) float32, computed in float64:
     x_norm = (s(x) − offset) / scale, s = identity or log10, as in docs/model-format.md; an intrinsic target
-    keeps the columns of NETWORK_LABELS["intrinsic"]."""
+    keeps the columns of NETWORK_LABELS["intrinsic"]. box: the label box ({name: [min, max]}, the data file's
+    label_box) whose ends map to ±1; None: the paper's (STANDARD_LABELS)."""
     x = torch.as_tensor(labels, dtype=torch.float64)
     if x.ndim != 2 or x.shape[1] != len(LABEL_NAMES):
         raise ValueError(f"labels must have shape (B, {len(LABEL_NAMES)}) in order {LABEL_NAMES}, got {tuple(x.shape)}")
     log_cols = torch.as_tensor(_LOG10, device=x.device)
     x = torch.where(log_cols, torch.log10(x.clamp_min(1e-300)), x)
-    off = torch.as_tensor(_OFFSET, device=x.device)
-    scale = torch.as_tensor(_SCALE, device=x.device)
+    offset, scale = (_OFFSET, _SCALE) if box is None else np.array(
+        [lab.normalisation() for lab in _mf.boxed_labels(box)], dtype=np.float64).T
+    off = torch.as_tensor(offset, device=x.device)
+    scale = torch.as_tensor(scale, device=x.device)
     return ((x - off) / scale).to(torch.float32)[:, network_columns(target)]

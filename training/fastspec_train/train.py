@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastspec.model_format import boxed_labels
+
 from .broadening import Broadener
 from .config import Config
 from .data import FluxSource, epoch_plan, fixed_plan, open_spectra, physical_labels, sha256_file, split_rows
@@ -74,14 +76,25 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_sampling_in_box(sampling, label_box: dict | None) -> None:
+    """Refuse (v sin i, R) draws outside the label box (the data file's; none: the paper's): the network would see
+    inputs beyond ±1 and the model file claim a range it was not trained on."""
+    box = {lab.name: lab for lab in boxed_labels(label_box)}
+    vs, r = box["vsini"], box["resolution"]
+    if vs.min > 0 or sampling.vsini_max > vs.max or not r.min <= sampling.resolution_min < sampling.resolution_max <= r.max:
+        raise ValueError(f"sampling draws v sin i from 0 to {sampling.vsini_max:g} km/s and R in [{sampling.resolution_min:g}, "
+                         f"{sampling.resolution_max:g}], outside the label box (v sin i {vs.min:g}-{vs.max:g}, R "
+                         f"{r.min:g}-{r.max:g}): set sampling.vsini_max, resolution_min, resolution_max within it")
+
+
 class Batcher:
     """Turns a plan into (target flux, normalised labels, eps) batches on the device: the flux broadened
     with the plan's (v sin i, R) when a broadener is given, else the intrinsic flux (intrinsic target)."""
 
     def __init__(self, source: FluxSource, file_labels: np.ndarray, broadener: Broadener | None, device,
-                 block_spectra: int, target: str = "broadened"):
+                 block_spectra: int, target: str = "broadened", label_box: dict | None = None):
         self.source, self.file_labels, self.br, self.device = source, file_labels, broadener, device
-        self.target = target
+        self.target, self.label_box = target, label_box
         self.block = max(1, block_spectra)
 
     def batches(self, plan, batch_size: int, rank: int = 0, world: int = 1):
@@ -107,7 +120,7 @@ class Batcher:
         if self.br is not None:
             x = self.br(x, torch.from_numpy(vs), torch.from_numpy(res))
         y = physical_labels(self.file_labels[plan.local[idx]], vs, res)
-        return (x, normalise_labels(torch.from_numpy(y), self.target).to(self.device),
+        return (x, normalise_labels(torch.from_numpy(y), self.target, self.label_box).to(self.device),
                 torch.from_numpy(plan.eps[idx]).to(self.device))
 
 
@@ -224,13 +237,16 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     train_src = FluxSource(sf, split["train"], cfg.data.memory_limit_mb)
     val_src = FluxSource(sf, split["val"], cfg.data.memory_limit_mb)
     target = cfg.model.target
+    if sf.label_box is not None and tcfg.init_from:  # a start's weights were normalised in the paper's box
+        raise ValueError(f"{sf.path} has its own label_box; starting from train.init_from is not supported with one")
     br = None
     if target == "broadened":
+        check_sampling_in_box(cfg.sampling, sf.label_box)
         br = Broadener(sf.wavelength_start, sf.wavelength_step, sf.n_pixels, epsilon=cfg.broadening.epsilon,
                        segments=cfg.broadening.segments, max_vsini=cfg.sampling.vsini_max,
                        min_resolution=cfg.sampling.resolution_min, device=device, sampling=sf.sampling)
-    train_b = Batcher(train_src, labels[split["train"]], br, device, cfg.data.block_spectra, target)
-    val_b = Batcher(val_src, labels[split["val"]], br, device, cfg.data.block_spectra, target)
+    train_b = Batcher(train_src, labels[split["train"]], br, device, cfg.data.block_spectra, target, sf.label_box)
+    val_b = Batcher(val_src, labels[split["val"]], br, device, cfg.data.block_spectra, target, sf.label_box)
     # Intrinsic spectra have no (v sin i, R) draws to vary: validate each spectrum once.
     val_plan = fixed_plan(split["val"].size, cfg.data.val_draws if br is not None else 1, cfg.model.latent,
                           cfg.sampling, tcfg.seed)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .stats import pixels_per_bin, zoom_width
+
 try:
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,10 +54,11 @@ def fig_wavelength(path, wl, per_pixel, pixels, dpi):
     """Mean |ΔF| and mean residual (± spread over spectra) against wavelength."""
     fig = Figure(figsize=(11, 6.5), layout="constrained")
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    m = 20  # 1 Å bins over the 0.05 Å pixels
+    m = pixels_per_bin(wl)  # bins of about 1 Å
+    bins = f"{m * float(wl[1] - wl[0]):.3g} Å bins"
     wl_b = _rebin(wl, m)
     ax1.plot(wl, per_pixel["mean_abs"], lw=0.3, color="0.6", label="per pixel")
-    ax1.plot(wl_b, _rebin(per_pixel["mean_abs"], m), lw=1.2, color=C_RES, label="1 Å bins")
+    ax1.plot(wl_b, _rebin(per_pixel["mean_abs"], m), lw=1.2, color=C_RES, label=bins)
     ax1.axhline(pixels["abs_mean"], color="k", ls="--", lw=0.8, label=f"mean over all pixels {pixels['abs_mean']:.2e}")
     ax1.set_ylabel(f"mean |ΔF| over spectra\n[{FLUX_UNIT}]")
     ax1.set_title(f"|ΔF| = |F_model − F_SYNSPEC| against wavelength ({pixels['n_spectra']} spectra)")
@@ -63,9 +66,9 @@ def fig_wavelength(path, wl, per_pixel, pixels, dpi):
     ax1.legend(loc="upper right", fontsize=8)
     mr, sd = per_pixel["mean_residual"], per_pixel["std_residual"]
     ax2.fill_between(wl_b, _rebin(mr - sd, m), _rebin(mr + sd, m), color=C_RES, alpha=0.2, lw=0,
-                     label="± 1 std over spectra (1 Å bins)")
+                     label=f"± 1 std over spectra ({bins})")
     ax2.plot(wl, mr, lw=0.3, color="0.6", label="per pixel")
-    ax2.plot(wl_b, _rebin(mr, m), lw=1.2, color=C_RES, label="1 Å bins")
+    ax2.plot(wl_b, _rebin(mr, m), lw=1.2, color=C_RES, label=bins)
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_ylabel(f"mean F_model − F_SYNSPEC\n[{FLUX_UNIT}]")
     ax2.set_xlabel("wavelength (air) [Å]")
@@ -196,12 +199,13 @@ def fig_marginals(path, marg, varexp, ctx, per_spec_abs, dpi):
     return _save(fig, path, dpi)
 
 
-def _zoom_window(wl, res, syn, half_width=15.0, edge=30.0):
-    """The window with the largest residuals inside lines: max of Σ |ΔF| · (1 − F_SYNSPEC) over 2·half_width Å.
+def _zoom_window(wl, res, syn, edge=30.0):
+    """The window with the largest residuals inside lines: max of Σ |ΔF| · (1 − F_SYNSPEC) over zoom_width Å.
 
     Weighting by the line depth keeps the zoom on lines (a residual in a smooth wing or the continuum
     shows as well in the full-range panel). The first and last `edge` Å are left out when the grid is wide
     enough: there the broadened flux depends on the spectrum beyond the grid and is a convention."""
+    half_width = zoom_width(wl) / 2
     k = max(1, int(round(2 * half_width / (wl[1] - wl[0]))))
     score = np.abs(res) * np.clip(1.0 - syn, 0.0, None)
     if wl[-1] - wl[0] > 4 * (edge + half_width):
@@ -229,7 +233,7 @@ def fig_overlays(path, overlay, ctx, per_spec_abs, dpi):
             axr = fig.add_subplot(inner[1, c], sharex=ax)
             sel = (wl >= xlim[0]) & (wl <= xlim[1])
             # SYNSPEC broader underneath, the model thinner on top: both stay visible where they agree. The
-            # full range holds 19000 pixels in ~1000 screen pixels, so thin lines there or dense line forests
+            # full range may hold 19000 pixels in ~1000 screen pixels, so thin lines there or dense line forests
             # turn into a solid block.
             w_syn, w_mod = (0.5, 0.35) if c == 0 else (2.2, 0.8)
             ax.plot(wl[sel], syn[sel], color=C_SYN, lw=w_syn, label="SYNSPEC")

@@ -261,8 +261,7 @@ def _worst(per_spec, labels, names, k):
 
 def _per_pixel_binned(wavelength, per_pixel, width):
     """Per-pixel curves averaged in bins of `width` Å (the full resolution goes to per_pixel.npz)."""
-    step = wavelength[1] - wavelength[0]
-    m = max(1, int(round(width / step)))
+    m = stats.pixels_per_bin(wavelength, width)
     n = wavelength.size // m * m
     out = {"wavelength": wavelength[:n].reshape(-1, m).mean(axis=1).tolist()}
     for k, v in per_pixel.items():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 
+from .stats import pixels_per_bin, zoom_width
+
 
 def _f(v, digits=3):
     if v is None:
@@ -43,7 +45,9 @@ def markdown(m: dict, ctx: dict) -> str:
     L.append(f"- data: `{m['data']['path']}`: {m['data']['n_spectra_used']} spectra used of {m['data']['n_spectra_in_file']}")
     L.append(f"- written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; every number is in "
              "`metrics.json`, the per-pixel curves at full resolution in `per_pixel.npz`")
-    L.append("- ΔF = F_model − F_SYNSPEC, in continuum-normalised flux; ⟨|ΔF|⟩ = mean |ΔF| over the 19000 pixels of one spectrum")
+    wl = ctx["wavelength"]
+    L.append(f"- ΔF = F_model − F_SYNSPEC, in continuum-normalised flux; ⟨|ΔF|⟩ = mean |ΔF| over the {len(wl)} pixels "
+             f"of one spectrum ({wl[0]:.2f}–{wl[-1]:.2f} Å)")
     if m.get("labels_outside_model_range"):
         L.append(f"- {m['labels_outside_model_range']} spectra have labels outside the model's trained range (evaluated at clipped labels)")
     t = m.get("timing", {})
@@ -77,7 +81,8 @@ def markdown(m: dict, ctx: dict) -> str:
     L.append(f"\nPercentiles come from a streaming histogram, exact to a relative {px['percentile_relative_resolution']:.1e}.\n")
     for f, cap in [("pixels_histogram.png", "Distribution of |ΔF| over all pixels, percentiles marked."),
                    ("pixels_wavelength.png", "Mean |ΔF| and mean residual against wavelength (grey: per pixel; blue: "
-                    "1 Å bins; band: ±1 std over spectra). A wavelength-dependent bias shows as structure in the lower panel.")]:
+                    f"{pixels_per_bin(wl) * float(wl[1] - wl[0]):.3g} Å bins; band: ±1 std over spectra). A "
+                    "wavelength-dependent bias shows as structure in the lower panel.")]:
         if f in figs:
             L.append(f"![{f}]({f})\n\n{cap}\n")
     L.append("### Worst spectra (largest ⟨|ΔF|⟩)\n")
@@ -152,7 +157,8 @@ def markdown(m: dict, ctx: dict) -> str:
     L.append("## 5. Spectra compared\n")
     if "overlays.png" in figs:
         L.append("![overlays.png](overlays.png)\n\nThe best, median and worst spectra by ⟨|ΔF|⟩: SYNSPEC (black) and "
-                 "model (red), residual below, and a 30 Å zoom where the residuals inside lines are largest "
+                 f"model (red), residual below, and a {zoom_width(wl):.3g} Å zoom where the residuals inside lines "
+                 "are largest "
                  "(largest Σ |ΔF|·(1 − F_SYNSPEC)).\n")
     L.append("## Model provenance\n")
     prov = info.get("provenance", info)

@@ -8,6 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 
+def pixels_per_bin(wavelength: np.ndarray, width: float = 1.0) -> int:
+    """How many pixels of the (uniform) grid make a bin of about `width` Å (at least one)."""
+    return max(1, int(round(width / float(wavelength[1] - wavelength[0]))))
+
+
+def zoom_width(wavelength: np.ndarray, width: float = 30.0) -> float:
+    """The width (Å) of the overlays' zoom: `width`, or half the grid (in whole Å where it is one or more) if less."""
+    half = float(wavelength[-1] - wavelength[0]) / 2
+    return min(width, float(np.floor(half)) if half >= 1 else half)
+
+
 class LogHistogram:
     """Streaming histogram of non-negative values on log-spaced bins, for percentiles of |ΔF|.
 

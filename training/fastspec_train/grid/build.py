@@ -56,6 +56,9 @@ STANDARD_GRID = tuple(_MF.STANDARD_WAVELENGTH[:3])  # 4450 Å, 0.05 Å, 19000 pi
 BROADENED_NAMES = tuple(label.name for label in _MF.STANDARD_LABELS)  # the model's six, in its order
 BROADENED_UNITS = tuple(label.unit for label in _MF.STANDARD_LABELS)
 VSINI_RANGE, RESOLUTION_RANGE = _RANGE["vsini"], _RANGE["resolution"]
+# Å of the Gaia-ESO list converted beyond the synthesis range, for the wings of lines outside it (4395-5455 Å for
+# the standard grid, as before)
+LINELIST_MARGIN = 50.0
 # rotation at 300 km/s reaches 5.4 Å and a Gaussian of FWHM λ/1000 about 3 × 5.4 Å
 BROADEN_PAD = 20.0
 REFERENCE_STEP = 0.005  # Å: the cells the broadened test spectra are made from
@@ -83,6 +86,9 @@ class GridConfig:
     sampling: str = "pixel_mean"
     damping: str = "abo"  # van der Waals widths of the Gaia-ESO list: linelist.DAMPING_MODES
     fine_step: float | None = None  # also keep F/F_cont on fine cells of this width (Å), for references
+    # ((label, min, max), ...): the box labels are drawn in and the file's `label_box`, which training normalises
+    # in; labels not named keep the paper's range. None: the paper's box (no attribute written)
+    label_box: tuple | None = None
 
     def __post_init__(self):
         if self.sampling not in _MF.SAMPLINGS:
@@ -97,6 +103,14 @@ class GridConfig:
             raise ValueError("a fine mesh is kept for intrinsic spectra only (not with broaden)")
         if self.broaden_with not in ("reference", "rotin"):
             raise ValueError(f"broaden_with must be 'reference' or 'rotin', got {self.broaden_with!r}")
+        names = [entry[0] for entry in self.label_box or ()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"label box: a label given twice in {names}")
+        _MF.boxed_labels(self.box())  # a bad box is refused here
+
+    def box(self) -> dict | None:
+        """The label box as {label: [min, max]} (None: the paper's)."""
+        return {name: [float(lo), float(hi)] for name, lo, hi in self.label_box} if self.label_box else None
 
     def fine_wave(self) -> np.ndarray:
         """Centres of the fine cells of `flux_fine`: they tile the output pixels and FINE_MARGIN Å beyond them."""
@@ -119,22 +133,34 @@ class GridConfig:
         w = self.synthesis_wave()
         return float(w[0] - SYNTHESIS_MARGIN), float(w[-1] + SYNTHESIS_MARGIN)
 
+    def linelist_range(self) -> tuple[float, float]:
+        """The range (Å) the default line list is converted over: the synthesis range and LINELIST_MARGIN."""
+        lo, hi = self.synthesis_range()
+        return lo - LINELIST_MARGIN, hi + LINELIST_MARGIN
+
     def label_names(self) -> tuple[str, ...]:
         return BROADENED_NAMES if self.broaden else LABEL_NAMES
 
 
-def draw_labels(n: int, seed: int, broaden: bool = False) -> np.ndarray:
-    """n label rows (teff, logg, mh, vmic) drawn uniformly in LABEL_RANGES; the same for the same seed.
-    broaden: six columns in the model's order, v sin i uniform and R log-uniform (drawn after the four)."""
+def box_ranges(box: dict | None = None) -> dict:
+    """{label: (min, max)} of the six labels in `box` (GridConfig.box(); None: the paper's, _RANGE)."""
+    return {lab.name: (lab.min, lab.max) for lab in _MF.boxed_labels(box)}
+
+
+def draw_labels(n: int, seed: int, broaden: bool = False, box: dict | None = None) -> np.ndarray:
+    """n label rows (teff, logg, mh, vmic) drawn uniformly in the label box (None: the paper's, LABEL_RANGES); the
+    same for the same seed and box. broaden: six columns in the model's order, v sin i uniform and R log-uniform
+    (drawn after the four)."""
     if n <= 0:
         raise ValueError(f"--n must be positive, got {n}")
+    ranges = box_ranges(box)
     rng = np.random.default_rng(seed)
-    lo, hi = np.array(LABEL_RANGES).T
+    lo, hi = np.array([ranges[name] for name in LABEL_NAMES]).T
     four = lo + (hi - lo) * rng.random((n, len(LABEL_NAMES)))
     if not broaden:
         return four
-    vsini = rng.uniform(*VSINI_RANGE, n)
-    res = 10.0 ** rng.uniform(*np.log10(RESOLUTION_RANGE), n)
+    vsini = rng.uniform(*ranges["vsini"], n)
+    res = 10.0 ** rng.uniform(*np.log10(ranges["resolution"]), n)
     return np.column_stack([four[:, 0], four[:, 1], vsini, four[:, 2], four[:, 3], res])
 
 
@@ -186,6 +212,19 @@ def check_labels(labels: np.ndarray, broaden: bool = False) -> None:
         if not (grid["teff"].min() <= teff <= grid["teff"].max() and grid["logg"].min() <= logg <= grid["logg"].max()
                 and grid["mh"].min() <= mh):
             raise ValueError(f"label row {i} (teff={teff}, logg={logg}, mh={mh}) is outside the ATLAS9 grid")
+
+
+def check_in_box(labels: np.ndarray, cfg: GridConfig) -> None:
+    """Refuse labels (e.g. --labels-from) outside cfg's label box, naming the first: the file says they lie in it."""
+    if cfg.label_box is None:
+        return
+    ranges = box_ranges(cfg.box())
+    for j, name in enumerate(cfg.label_names()):
+        lo, hi = ranges[name]
+        outside = (labels[:, j] < lo) | (labels[:, j] > hi)
+        if outside.any():
+            i = int(np.argmax(outside))
+            raise ValueError(f"label row {i}: {name} = {labels[i, j]:g} is outside the label box [{lo:g}, {hi:g}]")
 
 
 # -- worker side -------------------------------------------------------------------------------------
@@ -259,9 +298,7 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     if cfg.linelist:
         ll, n = linelist.user_linelist(cfg.linelist, cfg.damping)
     else:
-        lo, hi = cfg.synthesis_range()
-        ll, n = linelist.ges_linelist((min(4400.0, lo - 50.0), max(5450.0, hi + 50.0)), cfg.keep_isotopes,
-                                      cfg.damping)
+        ll, n = linelist.ges_linelist(cfg.linelist_range(), cfg.keep_isotopes, cfg.damping)
     # as the wrapper's checkinput: SYNSPEC silently computes nonsense outside its line list
     first, last = linelist.wavelength_span(ll)
     lo, hi = cfg.synthesis_range()
@@ -308,13 +345,16 @@ def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -
                        f"SYNSPEC microturbulence: {vm}; flux: "
                        + ("point samples" if cfg.broaden or cfg.sampling == "point" else "pixel means"))
     f.attrs["builder_config"] = config_json
+    if cfg.label_box:
+        f.attrs["label_box"] = json.dumps(cfg.box())
     return f
 
 
 def _comparable(config: dict) -> dict:
     """The settings that decide what a row holds: broaden_with matters only to --broaden runs (files of intrinsic
     spectra written before the setting existed resume as they are)."""
-    return {k: v for k, v in config.items() if k != "broaden_with" or config.get("broaden")}
+    return {k: v for k, v in config.items()
+            if (k != "broaden_with" or config.get("broaden")) and (k != "label_box" or v is not None)}
 
 
 def _open_output(out: Path, labels: np.ndarray, cfg: GridConfig) -> h5py.File:
@@ -386,6 +426,7 @@ def build(out: str | Path, labels: np.ndarray, cfg: GridConfig, workers: int = 1
     if labels.ndim != 2 or labels.shape[1] != len(cfg.label_names()):
         raise ValueError(f"labels must be (N, {len(cfg.label_names())}): {', '.join(cfg.label_names())}")
     check_labels(labels, cfg.broaden)
+    check_in_box(labels, cfg)
     syn, ll, nlines = prepare(cfg)
     out = Path(out)
     failures: list[str] = []

@@ -22,6 +22,16 @@ def _range(text: str) -> tuple[float, float, int]:
     return start, step, int(round((end - start) / step)) + 1
 
 
+def _label_range(text: str) -> tuple[str, float, float]:
+    """'NAME=LO:HI' -> (name, lo, hi)."""
+    try:
+        name, rest = text.split("=")
+        lo, hi = (float(v) for v in rest.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--label wants NAME=LO:HI, e.g. teff=4000:7000, got {text!r}") from None
+    return name.strip(), lo, hi
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastspec-grid", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--labels-from", metavar="FILE",
                    help="take labels (teff, logg, mh, vmic) from an HDF5 file with a 'labels' dataset, .npy or a text table")
     b.add_argument("--rows", metavar="I,J,K|A:B", help="only these rows of --labels-from")
+    b.add_argument("--label", type=_label_range, action="append", metavar="NAME=LO:HI",
+                   help="draw this label in [LO, HI] instead of the paper's range (repeatable; teff, logg, mh, vmic, "
+                        "and vsini, resolution: drawn with --broaden, else the range a model of the file broadens "
+                        "over); recorded in the file as label_box: training normalises in it, the model's label "
+                        "ranges are that box")
     b.add_argument("--workers", type=int, help="parallel SYNSPEC processes on this machine (default 1)")
     b.add_argument("--scheduler", metavar="ADDRESS|FILE|local:N",
                    help="compute on a Dask cluster instead (needs the [cluster] extra): a scheduler address "
@@ -110,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.n is None) == (args.labels_from is None):
             raise ValueError("give exactly one of --n (random labels) or --labels-from FILE")
+        label_box = tuple(args.label) if args.label else None
+        box = B.GridConfig(label_box=label_box).box()  # checked before anything is drawn
         if args.labels_from:
             labels = B.read_labels(args.labels_from, args.broaden)
             if args.rows:
                 labels = labels[_rows(args.rows, len(labels))]
             seed = None
         else:
-            labels, seed = B.draw_labels(args.n, args.seed, args.broaden), args.seed
+            labels, seed = B.draw_labels(args.n, args.seed, args.broaden, box), args.seed
         start, step, npix = args.wavelength or B.STANDARD_GRID
-        cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix,
+        cfg = B.GridConfig(wavelength_start=start, wavelength_step=step, n_pixels=npix, label_box=label_box,
                            synspec_vmic=args.synspec_vmic, linelist=args.linelist,
                            keep_isotopes=args.keep_isotopes, seed=seed, broaden=args.broaden,
                            broaden_with=args.broaden_with,

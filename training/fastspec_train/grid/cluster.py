@@ -162,6 +162,7 @@ def build(out: str | Path, labels: np.ndarray, cfg: B.GridConfig, scheduler, pro
     if labels.ndim != 2 or labels.shape[1] != len(cfg.label_names()):
         raise ValueError(f"labels must be (N, {len(cfg.label_names())}): {', '.join(cfg.label_names())}")
     B.check_labels(labels, cfg.broaden)
+    B.check_in_box(labels, cfg)
     distributed = _distributed()
     out = Path(out)
     failures: list[str] = []
