@@ -50,6 +50,7 @@ C_KMS = 299792.458
 LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
 MAX_CONTINUUM_DEGREE = 10  # higher degrees bend into the wings of strong lines (Hβ, Mg b) over this 950 Å range
 AT_REST = "vsini"  # a label whose lower bound 0 is physical (a star that does not rotate), not a failed fit
+SQUARED_FLOOR = 1e-3  # km/s: the lowest v sin i at which the core's Jacobian is taken when v sin i² is fitted
 
 
 class FitQualityWarning(UserWarning):
@@ -117,6 +118,9 @@ class FitResult:
     star may not rotate —, an RV on a bound of rv_bounds, a degenerate covariance), each also issued as a
     FitQualityWarning. A label on a bound has an uncertainty that only describes the curvature there.
     upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0).
+    With a pixel-mean stage (format 3) and v sin i below the instrumental width, both come from χ² along v sin i
+    with the rest refitted: a limit where χ² at 0 is less than 4 above the minimum, at Δχ² = 2.71; σ(v sin i) is
+    then the distance up to Δχ² = 1, and the other labels' covariance includes their drift along that interval.
     """
 
     labels: dict
@@ -186,8 +190,17 @@ class _Problem:
                 raise ValueError(f"bounds[{name!r}] = ({b_lo}, {b_hi}) must satisfy {lo[j]} <= lo < hi <= {hi[j]} "
                                  "(the model's trained range)")
             lo[j], hi[j] = b_lo, b_hi
-        self.s_lo, self.s_hi = lo.copy(), hi.copy()
-        self.s_lo[self.is_log], self.s_hi[self.is_log] = np.log10(lo[self.is_log]), np.log10(hi[self.is_log])
+        # v sin i of a pixel-mean stage (format 3) is fitted as v sin i²: that stage's flux is an even function of
+        # v sin i (dF/dv sin i = 0 at 0, F ≈ F(0) + g·v sin i² up to a third of the instrumental width: |F − F(0)|
+        # at 1 / 2 / 3 / 5 km/s, R 20000, grows 1 : 3.97 : 8.85 : 23.8), so in v sin i the Jacobian column
+        # vanishes at 0 and a fit that reaches 0 cannot leave it (true 5 km/s at R 20000 ended at 0, R 7 % low),
+        # while in v sin i² the gradient there is finite. Away from 0 the covariance maps back to v sin i by
+        # d v sin i / d v sin i², exactly as if v sin i were fitted; near 0 see _profile. Point-sample stages
+        # (format 2) respond linearly at 0 and keep v sin i itself.
+        stage = decoder.info.get("broadening") or {}
+        self.is_squared = np.array([stage.get("sampling") == "pixel_mean" and n == stage.get("vsini_label")
+                                    and lo[j] == 0.0 for j, n in enumerate(self.names)], dtype=bool)
+        self.s_lo, self.s_hi = self.scaled(lo), self.scaled(hi)
         self.lo, self.hi = lo, hi
 
         # the data: masked arrays' masks, a scalar error or none (estimated), wavelengths in the model's medium
@@ -280,20 +293,50 @@ class _Problem:
         self.n_jac_calls = 0
 
     # -- parameter vector: [u (labels in [-1, 1] of the allowed range), rv?, c_0..c_d]
+    def scaled(self, labels):
+        """The coordinate s that u is linear in: the label, its log10, or its square (v sin i, pixel-mean stage)."""
+        s = np.array(labels, dtype=np.float64)
+        s[..., self.is_log] = np.log10(s[..., self.is_log])
+        s[..., self.is_squared] = s[..., self.is_squared] ** 2
+        return s
+
     def labels_of(self, u):
         # u outside [-1, 1] only from finite-difference probes: stay inside the range
         s = self.s_lo + (np.clip(u, -1.0, 1.0) + 1.0) * 0.5 * (self.s_hi - self.s_lo)
         v = np.array(s, dtype=np.float64)
         v[..., self.is_log] = 10.0 ** v[..., self.is_log]
+        v[..., self.is_squared] = np.sqrt(np.maximum(v[..., self.is_squared], 0.0))
         return np.clip(v, self.lo, self.hi)  # rounding at the ends must not leave the range
 
+    def ds_du(self):
+        return 0.5 * (self.s_hi - self.s_lo)
+
     def dlabel_du(self, u):
-        ds_du = 0.5 * (self.s_hi - self.s_lo)
-        return np.where(self.is_log, self.labels_of(u) * np.log(10.0) * ds_du, ds_du)
+        """d label / d u; for a squared label at the core's labels_for_jacobian (v sin i >= SQUARED_FLOOR)."""
+        lab = self.labels_of(u)
+        return np.where(self.is_log, lab * np.log(10.0), 1.0) * np.where(
+            self.is_squared, 0.5 / np.maximum(lab, SQUARED_FLOOR), 1.0) * self.ds_du()
+
+    def labels_for_jacobian(self, u):
+        """Labels at which the core's Jacobian is taken: a squared label no lower than SQUARED_FLOOR, where
+        dF/dv sin i / (2 v sin i) is dF/d(v sin i²) (to 6e-7 of it at 1e-3 km/s against 1e-2 km/s, R 20000;
+        F itself differs from F(0) by ~1e-7 there, below the float32 model's rounding)."""
+        lab = self.labels_of(u)
+        lab[..., self.is_squared] = np.maximum(lab[..., self.is_squared], SQUARED_FLOOR)
+        return lab
 
     def u_of(self, labels):
-        s = np.array(labels, dtype=np.float64)
-        s[..., self.is_log] = np.log10(s[..., self.is_log])
+        return 2.0 * (self.scaled(labels) - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
+
+    def u_of_box(self, u_box):
+        """Fit coordinates of points drawn uniformly in the label box (u_box linear in the label or its log10):
+        a squared label's candidates stay uniform in v sin i, not in its square (which would leave a few in
+        128 below 20 km/s)."""
+        if not self.is_squared.any():
+            return u_box
+        s = self.s_lo + (u_box + 1.0) * 0.5 * (self.s_hi - self.s_lo)
+        lin_lo, lin_hi = self.lo[self.is_squared], self.hi[self.is_squared]
+        s[..., self.is_squared] = (lin_lo + (u_box[..., self.is_squared] + 1.0) * 0.5 * (lin_hi - lin_lo)) ** 2
         return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
 
     def split(self, theta):
@@ -384,7 +427,7 @@ class _Problem:
     def jacobian(self, theta):
         u, rv, c = self.split(theta)
         self.n_jac_calls += 1
-        spec, jac = self.decoder.jacobian(self.labels_of(u))
+        spec, jac = self.decoder.jacobian(self.labels_for_jacobian(u))
         spec = spec.astype(np.float64)
         f = self.sample(spec, rv)
         cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)
@@ -500,6 +543,7 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # candidate starts: random points of the allowed label box, one batched decoder call
     u_cand = rng.uniform(-1.0, 1.0, size=(n_candidates, nl))
     u_cand[0] = 0.0  # the middle of the box
+    u_cand = prob.u_of_box(u_cand)
     if initial is not None:
         if set(initial) != set(prob.names):
             raise ValueError(f"initial must give every label: {', '.join(prob.names)}")
@@ -526,10 +570,11 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
     x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
 
-    def solve(theta0, tol, upper=ub):
-        prob.reweight(theta0)  # the emulator error at this start's v sin i and R
+    def solve(theta0, tol, upper=ub, lower=lb, reweight=True):
+        if reweight:
+            prob.reweight(theta0)  # the emulator error at this start's v sin i and R
         return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                             bounds=(lb, upper), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
+                             bounds=(lower, upper), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
                              f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
                              diff_step=None if jac == "analytic" else diff_step)
 
@@ -548,9 +593,12 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # other parameters with v sin i held at 0 (R slides back down the valley), release v sin i, polish, and
     # keep the lower χ².
     jv = prob.names.index(AT_REST) if AT_REST in prob.names and prob.lo[prob.names.index(AT_REST)] == 0.0 else None
+    def slow(x):  # v sin i within the instrumental FWHM
+        lab = prob.labels_of(prob.split(x)[0])
+        return lab[jv] < max(10.0, C_KMS / lab[prob.names.index("resolution")])
+
     if jv is not None and "resolution" in prob.names:
-        lab = prob.labels_of(prob.split(best.x)[0])
-        if 0.0 < lab[jv] < max(10.0, C_KMS / lab[prob.names.index("resolution")]):  # within the instrumental FWHM
+        if 0.0 < prob.labels_of(prob.split(best.x)[0])[jv] and slow(best.x):
             theta, held = best.x.copy(), ub.copy()
             theta[jv], held[jv] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
             at_rest = solve(solve(theta, 1e-8, held).x, 1e-8)
@@ -575,6 +623,21 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     if prob.model_error:  # weights at the solution; polish once more if they moved it
         best = solve(best.x, 1e-8)
         runs.append(best)
+    # v sin i of a pixel-mean stage below the instrumental width: rotation broadens a line like the instrument
+    # to first order in v sin i² (both add to the profile's second moment), so R makes up for it and the
+    # curvature is near-singular along (v sin i², 1/R²): at v sin i ~0.2 km/s, R 20000, σ(v sin i) came out
+    # 85-140 km/s and σ(R) 4e5. What separates them is the profiles' shape, of higher order: χ² along v sin i
+    # (the others refitted) is flat to ~5 km/s at R 20000, then steep (Δχ² 2 → 60 from 5.5 to 7.7 km/s). So
+    # whether 0 is allowed, the upper limit and σ(v sin i) come from that profile, and the other labels'
+    # covariance is the one at the fitted v sin i (see _profile).
+    profile = None
+    if jv is not None and prob.is_squared[jv] and "resolution" in prob.names and slow(best.x):
+        profile = _profile(prob, solve, best, jv, lb, ub)
+        if profile is not None and profile["best"] is not best:  # a refit along the profile went lower
+            best = profile["best"]
+            runs.append(best)
+        if profile is not None and profile["limit"] is None:  # rotation detected after all
+            profile = None
     prob.reweight(best.x)
     u, rv_best, c = prob.split(best.x)
     labels = prob.labels_of(u)
@@ -582,10 +645,20 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # fit coordinates, where J^T J is well conditioned (in physical units its eigenvalues span > 1e15 and a
     # pseudo-inverse would discard the weak R direction), then scaled to physical units.
     j_theta = prob.jacobian(best.x)
-    to_phys = np.concatenate([prob.dlabel_du(u), np.ones(j_theta.shape[1] - nl)])
     jtj = j_theta.T @ j_theta
-    cov = np.linalg.pinv(jtj, hermitian=True) * np.outer(to_phys, to_phys)
+    if profile is None:
+        cov = np.linalg.pinv(jtj, hermitian=True)
+    else:  # given v sin i: the others' covariance with it held; its own variance from the profile below
+        keep = np.flatnonzero(np.arange(jtj.shape[0]) != jv)
+        jtj = jtj[np.ix_(keep, keep)]
+        cov = np.zeros((j_theta.shape[1],) * 2)
+        cov[np.ix_(keep, keep)] = np.linalg.pinv(jtj, hermitian=True)
+    to_phys = np.concatenate([prob.dlabel_du(u), np.ones(j_theta.shape[1] - nl)])
+    cov = cov * np.outer(to_phys, to_phys)
     cov = 0.5 * (cov + cov.T)
+    if profile is not None:
+        cov += np.outer(profile["valley"], profile["valley"])
+        cov[jv, jv] = profile["sigma"] ** 2
     # The emulator's error is correlated over pixels (a star's residual pattern is fixed), so beyond its share
     # of the variance it biases the labels by an amount that does not average down: the model file's measured
     # label systematics (noise-free held-out fits) are added in quadrature.
@@ -637,7 +710,9 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
                           f"'{'vacuum' if medium == 'air' else 'air'}' if so", FitQualityWarning, stacklevel=2)
 
     upper_limits = {}
-    if jv is not None and labels[jv] < 2 * sig[jv]:
+    if profile is not None:
+        upper_limits[AT_REST] = profile["limit"]
+    elif jv is not None and labels[jv] < 2 * sig[jv]:
         upper_limits[AT_REST] = _upper_limit(labels[jv], sig[jv])
 
     model_flux = np.full(prob.mask.shape, np.nan)
@@ -693,6 +768,93 @@ def _upper_limit(value: float, sigma: float, level: float = 0.95) -> float:
 
     below = norm.cdf(-value / sigma)  # the likelihood's mass under 0, cut away
     return float(value + sigma * norm.ppf(below + level * (1.0 - below)))
+
+
+DCHI2_LIMIT = 2.705543  # χ²₁ one-sided 95 % (1.645²): the profile's rise at the upper limit
+DCHI2_TWO_SIGMA = 4.0  # Δχ² at v sin i = 0 below which the data cannot tell v sin i from 0 (2σ)
+
+
+def _profile(prob, solve, best, jv, lb, ub, n_bisect: int = 3) -> dict | None:
+    """χ² along v sin i with every other parameter refitted (v sin i held in a 1e-6-wide box of the fit
+    coordinate), at 0 and above the best fit, for a pixel-mean stage's slow rotator; one variance throughout, the
+    best fit's. None when 0 lies DCHI2_TWO_SIGMA or more above the minimum (rotation detected: the curvature
+    describes it), {"best": ..., "limit": None} when that shows only once a refit found a lower minimum (the
+    result at it). Otherwise {"best": the least-squares result at the minimum (the run held at 0 where that is
+    lower), "limit": the v sin i above the minimum where χ² has risen by DCHI2_LIMIT (95 % one-sided), "sigma":
+    the distance from the minimum to where χ² has risen by 1 (upward, the side the data bound; the curvature
+    there describes neither side), "points": {v sin i: Δχ²}}. Bracketing by doubling steps from a tenth of the
+    instrumental FWHM, then n_bisect bisections and linear interpolation: ~6-8 refits from warm starts."""
+    lab = prob.labels_of(prob.split(best.x)[0])
+    fwhm = C_KMS / float(lab[prob.names.index("resolution")])
+    # One variance for the whole profile, the best fit's: the emulator error changes with v sin i (and R) by
+    # enough to move χ² by several units over a few km/s, which would swamp the profile's rise.
+    prob.reweight(best.x)
+
+    def chi2(x):
+        r = prob.residuals(x)
+        return float(r @ r)
+
+    solutions = {float(lab[jv]): (chi2(best.x), best)}
+
+    def at(v):
+        start = solutions[min(solutions, key=lambda w: abs(w - v))][1].x.copy()
+        u_v = float(prob.u_of(np.where(np.arange(lab.size) == jv, v, lab))[jv])
+        lower, upper = lb.copy(), ub.copy()
+        lower[jv] = max(u_v - 5e-7, -1.0)
+        upper[jv] = lower[jv] + 1e-6  # least_squares needs lb < ub
+        start[jv] = 0.5 * (lower[jv] + upper[jv])
+        run = solve(start, 1e-6, upper, lower, reweight=False)
+        solutions[v] = (chi2(run.x), run)
+        return solutions[v][0]
+
+    if 0.0 not in solutions:
+        at(0.0)
+    v_min = min(solutions, key=lambda w: solutions[w][0])
+    chi2_min = solutions[v_min][0]
+    if solutions[0.0][0] - chi2_min >= DCHI2_TWO_SIGMA:
+        return None  # before any further refit: rotation detected
+    hi = float(prob.hi[jv])
+    below, above, step = v_min, None, max(0.1 * fwhm, 0.2)
+    while above is None and below < hi:
+        v = min(below + step, hi)
+        if at(v) - chi2_min >= DCHI2_LIMIT:
+            above = v
+        else:
+            below, step = v, 2.0 * step
+    for _ in range(n_bisect if above is not None else 0):
+        mid = 0.5 * (below + above)
+        below, above = (mid, above) if at(mid) - chi2_min < DCHI2_LIMIT else (below, mid)
+    # a refit may have found a lower χ² still (a sample between the minimum and the limit): measure from it
+    v_min = min(solutions, key=lambda w: solutions[w][0])
+    chi2_min = solutions[v_min][0]
+    if solutions[0.0][0] - chi2_min >= DCHI2_TWO_SIGMA:
+        return {"best": solutions[v_min][1], "limit": None}  # rotation detected from the lower minimum
+    nl = lab.size
+    vs = sorted(solutions)
+    dchi2 = np.array([solutions[v][0] - chi2_min for v in vs])
+    params = np.array([np.concatenate([prob.labels_of(solutions[v][1].x[:nl]), solutions[v][1].x[nl:]]) for v in vs])
+    limit, _ = _crossing(vs, dchi2, params, DCHI2_LIMIT, v_min, +1)
+    one_up, p_up = _crossing(vs, dchi2, params, 1.0, v_min, +1)
+    one_down, p_down = _crossing(vs, dchi2, params, 1.0, v_min, -1)
+    # Along the valley the other parameters move with v sin i (R most): the change over its Δχ² = 1 interval,
+    # halved, is added to their covariance (rank one, the valley's direction); v sin i's own entries stay apart.
+    valley = 0.5 * (p_up - p_down)
+    valley[jv] = 0.0
+    return {"best": solutions[v_min][1], "limit": hi if limit is None else limit,
+            "sigma": (hi if one_up is None else one_up) - v_min, "valley": valley,
+            "points": dict(zip(vs, dchi2.tolist()))}
+
+
+def _crossing(vs, dchi2, params, level: float, v_from: float, direction: int):
+    """Where the sampled Δχ² (at increasing vs) first reaches `level` going up (+1) or down (-1) from v_from,
+    linear between samples: (v sin i, the parameters there), or (None, the last sample's) if it never does."""
+    order = [k for k in range(len(vs)) if (vs[k] - v_from) * direction >= 0]
+    order = order if direction > 0 else order[::-1]
+    for a, b in zip(order, order[1:]):
+        if dchi2[b] >= level:
+            t = 1.0 if dchi2[a] >= level else (level - dchi2[a]) / (dchi2[b] - dchi2[a])
+            return float(vs[a] + t * (vs[b] - vs[a])), params[a] + t * (params[b] - params[a])
+    return None, params[order[-1]]
 
 
 def _fit_estimating_the_noise(wavelength, flux, decoder, args: dict) -> FitResult:
