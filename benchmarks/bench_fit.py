@@ -57,7 +57,7 @@ from machine import machine  # noqa: E402
 
 import fastspec  # noqa: E402
 from fastspec import model_format as mf  # noqa: E402
-from fastspec.fit import C_KMS, FitQualityWarning  # noqa: E402
+from fastspec.fitting import C_KMS, FitQualityWarning  # noqa: E402
 
 TRIM = 120  # pixels left out at each end: room for the RV shift and the broadening's edge effects
 

@@ -1,6 +1,6 @@
 """fastspec.fit with a pixel-mean broadening stage (format version 3), whose flux is an even function of v sin i:
 dF/d(v sin i) = 0 at 0. The fit takes v sin i² as its coordinate and, for slow rotators, the upper limit and
-σ(v sin i) from the χ² profile along v sin i (fastspec/fit.py, _profile).
+σ(v sin i) from the χ² profile along v sin i (fastspec/fitting/solver.py, _profile).
 
 The model: the shipped default's network written again with a pixel-mean stage (its weights were trained for
 point samples, so its spectra are not SYNSPEC's, but the stage, the even response at 0 and the degeneracy of
@@ -20,7 +20,7 @@ import fastspec
 from fastspec import _core
 from fastspec import model_format as mf
 from fastspec.cli import main
-from fastspec.fit import FitQualityWarning
+from fastspec.fitting import FitQualityWarning
 
 STAR = dict(teff=5800.0, logg=4.3, mh=-0.2, vmic=1.2)
 
