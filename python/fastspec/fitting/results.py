@@ -37,7 +37,7 @@ class FitResult:
     upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0).
     With a pixel-mean stage (format 3) and v sin i below the instrumental width, both come from χ² along v sin i
     with the rest refitted: a limit where χ² at 0 is less than 4 above the minimum, at Δχ² = 2.71; σ(v sin i) is
-    then the distance up to Δχ² = 1, and the other labels' covariance includes their drift along that interval.
+    then the longer side of its Δχ² = 1 interval, and the other labels' covariance includes their drift along it.
     """
 
     labels: dict
