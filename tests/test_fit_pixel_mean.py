@@ -38,7 +38,9 @@ def pixel_mean_copy(path, source=None):
         v, r = np.asarray(nodes["vsini_nodes"], float), np.asarray(nodes["resolution_nodes"], float)
         error = mf.EmulatorError(v, r, np.array([[m.emulator_error(a, b) for b in r] for a in v]))
     stage = m.broadening
-    return mf.write_model(path, layers, latent_dim=m.latent_dim, labels=mf.INTRINSIC_LABELS,
+    labels = tuple(mf.Label(lab["name"], lab["unit"], lab["min"], lab["max"], lab["scaling"], lab["role"])
+                   for lab in m.labels)  # the file's own ranges (a label box) and roles
+    return mf.write_model(path, layers, latent_dim=m.latent_dim, labels=labels,
                           weight_dtype=m.weight_dtype, output_scale=m.output_scale, output_offset=m.output_offset,
                           wavelength=(m.wavelength_start, m.wavelength_step, m.n_pixels, m.medium),
                           provenance=provenance, format_version=3, emulator_error=error,
