@@ -18,7 +18,8 @@ import pytest
 import fastspec
 from fastspec import Decoder
 from fastspec import model_format as mf
-from fastspec.fit import C_KMS, _Problem
+from fastspec.fitting import C_KMS
+from fastspec.fitting.likelihood import Likelihood as _Problem
 from test_jacobian import hidden_signs
 
 TRUTH_BOX = {"teff": (4500, 10500), "logg": (2.3, 4.7), "vsini": (5, 250), "mh": (-1.2, 1.2), "vmic": (0.3, 3.7),
@@ -174,7 +175,7 @@ def test_clear_errors(small_model):
     flux, error = np.ones(wl.size), np.full(wl.size, 0.01)
     # Pixels that some allowed RV moves off the model grid are trimmed, not refused: at ±300 km/s the usable
     # range is 4454.50-5394.50 Å (90 pixels at the blue end, 109 at the red).
-    from fastspec.fit import _Problem
+    from fastspec.fitting.likelihood import Likelihood as _Problem
     prob = _Problem(decoder, wl, flux, error, None, True, 2, None, (-300.0, 300.0))
     assert prob.n_trimmed == 90 + 109 and prob.wl.min() == pytest.approx(4454.5) and prob.wl.max() == pytest.approx(5394.5)
     assert _Problem(decoder, wl + 100, flux, error, None, False, 2, None, (0, 0)).n_trimmed == 2000

@@ -11,7 +11,8 @@ import pytest
 import fastspec
 from fastspec import Decoder
 from fastspec import model_format as mf
-from fastspec.fit import FitQualityWarning, _as_decoder
+from fastspec.fitting import FitQualityWarning
+from fastspec.fitting.solver import _as_decoder
 from fastspec.wavelength import air_to_vacuum, vacuum_to_air
 from test_fit import C_KMS, observe, random_truth
 
@@ -140,7 +141,7 @@ def test_specutils_spectrum_in_and_out(small_model, rng):
     specutils = pytest.importorskip("specutils", reason="needs specutils (the test extra has it)")
     from astropy.nddata import StdDevUncertainty
 
-    from fastspec.fit import model_spectrum
+    from fastspec.fitting import model_spectrum
 
     decoder = Decoder.load(small_model)
     truth = random_truth(rng)

@@ -11,7 +11,7 @@ import pytest
 
 import fastspec
 from fastspec import Decoder
-from fastspec.fit import C_KMS, FitQualityWarning
+from fastspec.fitting import C_KMS, FitQualityWarning
 from test_fit import observe, random_truth
 
 FAST = dict(n_starts=1, n_candidates=16)

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._core import build_info
 from .decoder import LABEL_ORDER, Decoder, DeviceError, DeviceMemoryError, cuda_available, default_model_path
 from . import wavelength
-from .fit import FitQualityWarning, FitResult, fit
+from .fitting import FitQualityWarning, FitResult, fit
 
 try:
     __version__ = version("fastspec")

@@ -463,7 +463,7 @@ def _parse_bounds(items: list[str]) -> dict:
 def cmd_fit(args) -> int:
     import warnings
 
-    from .fit import FitQualityWarning, fit
+    from .fitting import FitQualityWarning, fit
     from .observations import read_spectrum
 
     _check_output(args.output, (".json",), "result")
