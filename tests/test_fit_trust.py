@@ -166,8 +166,6 @@ def test_left_out_pixels_are_counted(small_model, rng):
 
 # ------------------------------------------------------------------- an uncertainty wider than the label range
 
-@pytest.mark.xfail(strict=True, reason="issue 26 (3.4): the check belongs in the fitter, which is being moved from "
-                                       "fit.py into fastspec/fitting/; remove this mark with that change")
 def test_an_uncertainty_wider_than_the_label_range_is_not_a_success(tmp_path):
     """A 20 Å model that hardly sees v sin i (as a short window with few lines): the fit converges with v sin i
     ± ~1000 km/s, more than the whole 0-300 range, and must not report that as a success."""

@@ -83,7 +83,7 @@ class FitResult:
 def quality_checks(prob, best, u, labels, rv_best, red: float, sig, jtj) -> list:
     """What fails at the solution (success must not mean "good" when it is not): the optimiser's convergence
     (`best`, a least_squares result), the reduced χ² `red`, labels on a bound of their range (v sin i = 0 is not
-    one) and an RV on one of rv_bounds (`u`, `labels`, `rv_best` in the coordinates of the Likelihood `prob`), a
+    one), an uncertainty wider than a label's whole range, an RV on one of rv_bounds (`u`, `labels`, `rv_best` in the coordinates of the Likelihood `prob`), a
     degenerate covariance (`sig` the uncertainties, `jtj` the normal matrix)."""
     quality = []
     if best.status <= 0:
@@ -98,6 +98,10 @@ def quality_checks(prob, best, u, labels, rv_best, red: float, sig, jtj) -> list
         if abs(u[j]) > 1 - 1e-3 and prob.s_hi[j] > prob.s_lo[j] and not at_rest:
             quality.append(f"{name} = {labels[j]:.6g} is on a bound of its allowed range "
                            f"[{prob.lo[j]:.6g}, {prob.hi[j]:.6g}]: its uncertainty is not meaningful")
+        if sig[j] > prob.hi[j] - prob.lo[j]:  # the data do not narrow the label down from its whole range
+            quality.append(f"{name} = {labels[j]:.6g} ± {sig[j]:.3g}: the uncertainty is wider than the whole allowed "
+                           f"range [{prob.lo[j]:.6g}, {prob.hi[j]:.6g}]; the data do not constrain it (a short or "
+                           "line-poor window?)")
     lo_rv, hi_rv = prob.rv_bounds
     if prob.fit_rv and min(rv_best - lo_rv, hi_rv - rv_best) < 1e-3 * (hi_rv - lo_rv):
         quality.append(f"rv = {float(rv_best):.2f} km/s is on a bound of rv_bounds ({lo_rv:g}, {hi_rv:g}): the star "
