@@ -592,3 +592,22 @@ def test_a_run_from_before_broaden_with_resumes_and_other_runs_do_not(tmp_path):
         B._open_output(out, labels, B.GridConfig(damping="classical")).close()
     assert B._comparable({**asdict(cfg), "broaden": True}) != B._comparable({**asdict(cfg), "broaden": True,
                                                                             "broaden_with": "rotin"})
+
+
+def test_a_models_provenance_can_name_how_its_grid_was_made(tmp_path):
+    """export's grid_recipe: the builder's settings (seed, damping, sampling) and the done rows of a builder file;
+    nothing for files the builder did not write."""
+    from fastspec_train.export import grid_recipe
+
+    labels = B.draw_labels(5, 3210)
+    out = tmp_path / "g.h5"
+    with B._open_output(out, labels, B.GridConfig(seed=3210)) as f:
+        f["done"][0:3] = 1
+    r = grid_recipe(out)
+    assert r["builder_config"]["seed"] == 3210 and r["builder_config"]["damping"] == "abo" and r["rows_done"] == "0-2"
+    with h5py.File(out, "r+") as f:
+        f["done"][1] = 0
+    assert grid_recipe(out)["rows_done"] == "2 rows, not contiguous"
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["flux"] = np.zeros((1, 3))
+    assert grid_recipe(tmp_path / "other.h5") == {}

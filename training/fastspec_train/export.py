@@ -245,6 +245,21 @@ def load_run_decoder(run: str | Path, which: str = "best") -> tuple[Decoder, dic
     return dec.eval(), ckpt["config"], ckpt
 
 
+def grid_recipe(path: str | Path) -> dict:
+    """How a grid-builder file was made, for a model's provenance: its builder settings (seed, damping, sampling,
+    fine mesh, ...) and which rows were done, so that the same command (`--n` covering those rows) remakes the data.
+    Empty for files the builder did not write (the shared sets)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "builder_config" not in f.attrs or "done" not in f:
+            return {}
+        done = np.flatnonzero(f["done"][...])
+        rows = (f"{done[0]}-{done[-1]}" if done.size and done[-1] - done[0] + 1 == done.size
+                else f"{done.size} rows, not contiguous")
+        return {"builder_config": json.loads(f.attrs["builder_config"]), "rows_done": rows}
+
+
 def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", which: str = "best",
                emulator_error: bool = False, emulator_error_stars: int | None = None) -> Path:
     """Export a run's decoder; with emulator_error, measure its error on the validation split (as exported, in
@@ -267,14 +282,15 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
     init_from = cfg["train"].get("init_from") or ""
     # absolute paths, so that accuracy and testset find the files from any folder (as given to training: the rest)
     as_given = {"path_as_given": str(data_path)} if not data_path.is_absolute() else {}
-    prov = {"training_data": {"path": str(data_path.resolve()), **as_given, "sha256": sha, "n_spectra": sf.n},
+    prov = {"training_data": {"path": str(data_path.resolve()), **as_given, "sha256": sha, "n_spectra": sf.n,
+                              **grid_recipe(data_path)},
             "split": {"val_fraction": cfg["data"]["val_fraction"], "test_fraction": cfg["data"]["test_fraction"],
                       "split_seed": cfg["data"]["split_seed"], "max_spectra": cfg["data"]["max_spectra"],
                       "sizes": primary_sizes,  # of the primary file: what accuracy/emulator error recompute
                       **({"sizes_with_extra_data": ckpt.get("split_sizes")} if extra else {})},
             # the other files' rows (n counted now: a file still being built may have grown since training)
             "extra_training_data": [{"path": str(Path(e["path"]).resolve()), "sha256": e["sha256"] or sha256_file(e["path"]),
-                                     "n_spectra": SpectraFile(e["path"]).n} for e in extra],
+                                     "n_spectra": SpectraFile(e["path"]).n, **grid_recipe(e["path"])} for e in extra],
             **({"init_from": {"path": init_from, "sha256": sha256_file(init_from) if Path(init_from).is_file() else None}}
                if init_from else {}),
             "config": cfg, "epochs": state["epoch"], "weights_epoch": best_epoch, "weights": which,
