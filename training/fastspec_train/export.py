@@ -220,8 +220,7 @@ def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | No
     if (m.output_scale, m.output_offset) != (decoder.output_scale, decoder.output_offset):
         problems.append(f"output transform {m.output_scale}*sigmoid+{m.output_offset}, the config's "
                         f"{decoder.output_scale}*sigmoid+{decoder.output_offset}")
-    if grid is not None and not np.isclose(m.wavelength_start, grid[0]) or grid is not None and not np.isclose(
-            m.wavelength_step, grid[1]):
+    if grid is not None and not np.allclose((m.wavelength_start, m.wavelength_step), grid[:2]):
         problems.append(f"wavelengths from {m.wavelength_start} A in steps of {m.wavelength_step}, the data's from "
                         f"{grid[0]} in {grid[1]}")
     if problems:
