@@ -273,6 +273,18 @@ def test_accuracy_against_the_fine_mesh_reference(tmp_path):
     testset = write_testset(model, data, tmp_path / "test.h5", draws=2, seed=5)
     with h5py.File(testset) as f:
         assert f.attrs["truth"] == TRUTH_REFERENCE and f["perfect_decoder"].shape == f["flux"].shape
+    # every row of a file the model never saw ("unseen"); refused for the training file and for a copy of it
+    import shutil
+
+    with pytest.raises(ValueError, match="was trained on rows of this file"):
+        accuracy_report(model, data, tmp_path / "acc_u", draws=1, split="unseen")
+    copy = shutil.copy(data, tmp_path / "copy.h5")
+    with pytest.raises(ValueError, match="was trained on rows of this file"):
+        write_testset(model, copy, tmp_path / "u.h5", draws=1, split="unseen")
+    with h5py.File(copy, "a") as f:
+        f["flux_fine"][0] *= 0.999  # other bytes: another file, for this test
+    report_u = accuracy_report(model, copy, tmp_path / "acc_u", draws=1, split="unseen")
+    assert report_u["n_test_stars"] == 60 and report_u["split"] == "unseen"
     point = tmp_path / "point.h5"
     write_synthetic(point, n=60)
     with pytest.raises(ValueError, match="made for pixel_mean spectra but .*point.h5 holds point ones and no fine"):

@@ -13,7 +13,9 @@ apart from the network's own error. The model runs at z = 0. Errors are
 taken over the pixels more than `edge` Å from either end of the grid, where the broadened flux does not depend on
 the spectrum outside the grid (`default_edge`: 30 Å, or the widest kernel's reach where that is more; on a grid too
 short for that, the reach alone; a grid shorter than twice the reach is refused). `split="val"` scores the
-validation split instead (for choosing between training runs; the test split is for the final numbers only).
+validation split instead (for choosing between training runs; the test split is for the final numbers only);
+`split="unseen"` scores every row of a file the model was never trained on (the shared fine set: an independent
+check, refused for the training file or one made by the builder with the same seed and settings).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -90,11 +93,30 @@ def _split_rows(model_path: Path, data: str | Path | None, which: str = "test"):
     if stage is not None and stage["sampling"] != sf.sampling and sf.fine_wavelength is None:
         raise ValueError(f"{model_path} was made for {stage['sampling']} spectra but {sf.path} holds {sf.sampling} ones "
                          "and no fine mesh to broaden instead (fastspec-grid build --sampling, --fine-step)")
+    if which == "unseen":  # a file the model was never trained on: every row is held out
+        _refuse_training_file(sf, prov, model_path)
+        return sf, np.arange(sf.n), prov
     sp = prov.get("split")
     if sp is None:
         raise ValueError(f"{model_path}: provenance has no 'split'; cannot tell which spectra are held out")
     split = split_rows(sf, sp["val_fraction"], sp["test_fraction"], sp["split_seed"], sp.get("max_spectra") or 0)
     return sf, split[which], prov
+
+
+def _refuse_training_file(sf: SpectraFile, prov: dict, model_path) -> None:
+    """split="unseen" scores every row, so the file must not be (a version of) one the model was trained on: same
+    path, same bytes, or made by the builder with the same seed and settings (a file that grew since training)."""
+    with h5py.File(sf.path, "r") as f:
+        config = f.attrs.get("builder_config")
+    config = json.loads(config) if config is not None else None
+    for used in [prov.get("training_data") or {}] + list(prov.get("extra_training_data") or []):
+        trained_config = dict(used.get("builder_config") or {})
+        same_build = config is not None and trained_config and all(
+            config.get(k) == v for k, v in trained_config.items() if k not in ("label_box",))
+        if (used.get("path") and Path(used["path"]).resolve() == sf.path.resolve()) or same_build \
+                or used.get("sha256") == sha256_file(sf.path):
+            raise ValueError(f"{sf.path}: {model_path} was trained on rows of this file (its provenance names "
+                             f"{used.get('path')}); score its held-out rows with split 'test', not 'unseen'")
 
 
 def broadened_truth(sf: SpectraFile, rows: np.ndarray, vsini: np.ndarray, resolution: np.ndarray,
@@ -132,8 +154,8 @@ def broadened_test_set(model_path, data, draws: int, seed: int, split: str = "te
     """(SpectraFile, file rows (n,), labels (n, 6), broadened truth (n, n_pixels) float64, provenance, which truth,
     the perfect decoder's output or None: see broadened_truth); with max_stars, only the first stars of the split
     (row k*draws is star k)."""
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if split not in ("test", "val", "unseen"):
+        raise ValueError(f"split must be 'test', 'val' or 'unseen', got {split!r}")
     sf, test_rows, prov = _split_rows(Path(model_path), data, split)
     if max_stars is not None:
         test_rows = test_rows[:max_stars]
@@ -280,11 +302,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026) -> Path:
+def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026, split: str = "test") -> Path:
     """Broadened held-out spectra in the shared layout with 6 labels (teff, logg, vsini, mh, vmic, resolution)."""
-    import h5py
-
-    sf, rows, labels, truth, prov, truth_kind, perfect = broadened_test_set(Path(model), data, draws, seed, floor=True)
+    sf, rows, labels, truth, prov, truth_kind, perfect = broadened_test_set(Path(model), data, draws, seed, split,
+                                                                            floor=True)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     with h5py.File(tmp, "w") as f:
@@ -303,7 +324,8 @@ def write_testset(model, data, out, *, draws: int = 10, seed: int = 2026) -> Pat
         f.attrs["wavelength_medium"] = sf.wavelength_medium
         f.attrs["source"] = str(sf.path)
         f.attrs["source_sha256"] = sha256_file(sf.path)
-        f.attrs["note"] = (f"held-out test split (never trained on) of {sf.path.name}; each spectrum broadened "
+        held_out = "every row (a file the model was never trained on)" if split == "unseen" else f"the {split} split"
+        f.attrs["note"] = (f"held-out spectra (never trained on): {held_out} of {sf.path.name}; each spectrum broadened "
                            f"(rotation eps=0.6 then Gaussian FWHM=lambda/R; truth: {truth_kind}), "
                            f"{draws} stratified (vsini, R) draws per star, seed {seed}")
     tmp.replace(out)

@@ -33,7 +33,8 @@ def _export(a) -> int:
 def _accuracy(a) -> int:
     from .accuracy import accuracy_report
 
-    report = accuracy_report(a.model, a.data, a.out, draws=a.draws, seed=a.seed, compare=a.compare, edge=a.edge)
+    report = accuracy_report(a.model, a.data, a.out, draws=a.draws, seed=a.seed, compare=a.compare, edge=a.edge,
+                             split=a.split)
     print(json.dumps(report["overall"], indent=1))
     return 0
 
@@ -41,7 +42,7 @@ def _accuracy(a) -> int:
 def _testset(a) -> int:
     from .accuracy import write_testset
 
-    print(write_testset(a.model, a.data, a.out, draws=a.draws, seed=a.seed))
+    print(write_testset(a.model, a.data, a.out, draws=a.draws, seed=a.seed, split=a.split))
     return 0
 
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--out", required=True, help="output folder (accuracy) or .h5 file (testset)")
         s.add_argument("--draws", type=int, default=10, help="(vsini, R) draws per held-out spectrum (default 10)")
         s.add_argument("--seed", type=int, default=2026, help="seed of the (vsini, R) draws (default 2026)")
+        s.add_argument("--split", choices=["test", "val", "unseen"], default="test",
+                       help="the held-out rows: the model's test split (default), its validation split, or every row "
+                            "of a file it was never trained on (refused for its training file)")
         if name == "accuracy":
             s.add_argument("--compare", help="a second .fsm (e.g. the f32 export) to report the max/median |ΔF| between the two")
             s.add_argument("--edge", type=float, metavar="ANGSTROM",
