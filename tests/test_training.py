@@ -439,6 +439,33 @@ def test_a_stage_can_start_from_a_model_file(tmp_path):
         train(other, a, tmp_path / "s3", quiet=True)
 
 
+def _boxed(path, box, **kw):
+    write_synthetic(path, **kw)
+    with h5py.File(path, "a") as f:
+        f.attrs["label_box"] = json.dumps(box)
+
+
+def test_the_emulator_error_of_a_boxed_model_is_measured_inside_its_box(tmp_path):
+    """A model whose box narrows v sin i and R: the emulator error's nodes are the box's ends and the standard nodes
+    inside it (before: the nodes up to 300 km/s and down to R 1000, which the model refuses, so export stopped with
+    'resolution = 1000 is outside [20000, 115000]'); the paper's box keeps the standard nodes."""
+    from fastspec_train.export import ERROR_RESOLUTION_NODES, ERROR_VSINI_NODES, error_nodes, export_run
+    from fastspec_train.accuracy import PAPER_BOX
+
+    assert error_nodes(PAPER_BOX) == (ERROR_VSINI_NODES, ERROR_RESOLUTION_NODES)
+    a = tmp_path / "a.h5"
+    _boxed(a, {"vsini": [0.0, 50.0], "resolution": [20000.0, 115000.0]}, n=80, n_pixels=400, seed=5)
+    cfg = tiny_config(max_epochs=1)
+    cfg.sampling.vsini_max, cfg.sampling.resolution_min = 50.0, 20000.0
+    train(cfg, a, tmp_path / "run", quiet=True)
+    with pytest.warns(UserWarning):  # few validation stars
+        path = export_run(tmp_path / "run", tmp_path / "run.fsm", emulator_error=True)
+    err = json.loads(_core.Model.load(str(path)).provenance)["emulator_error"]
+    assert err["vsini_nodes"] == [0.0, 5.0, 15.0, 40.0, 50.0]
+    assert err["resolution_nodes"] == [20000.0, 30000.0, 60000.0, 115000.0]
+    assert np.isfinite(err["median_rms"]) and err["median_rms"] > 0
+
+
 def test_export_measures_the_emulator_error_on_a_subset(tmp_path):
     """--emulator-error-stars N: the block is measured on N evenly spaced validation stars (the provenance says N),
     one RMS spectrum per (v sin i, R) node, finite; N < 1 refused."""

@@ -68,17 +68,31 @@ ERROR_VSINI_NODES = (0.0, 5.0, 15.0, 40.0, 100.0, 200.0, 300.0)
 ERROR_RESOLUTION_NODES = (1000.0, 3000.0, 10000.0, 30000.0, 60000.0, 115000.0)
 
 
+def error_nodes(box: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (v sin i, R) nodes of the emulator error for a model's label box ({label: (min, max)}): the box's ends and
+    the ERROR_*_NODES strictly inside it (the paper's box: exactly those). Nodes outside the box would ask the model
+    for labels it refuses."""
+    def inside(nodes, lo, hi):
+        return tuple(sorted({float(lo), float(hi), *(v for v in nodes if lo < v < hi)}))
+
+    return inside(ERROR_VSINI_NODES, *box["vsini"]), inside(ERROR_RESOLUTION_NODES, *box["resolution"])
+
+
 def measure_emulator_error(model_path: str | Path, data: str | Path | None = None, split: str = "val",
-                           vsini_nodes=ERROR_VSINI_NODES, resolution_nodes=ERROR_RESOLUTION_NODES,
+                           vsini_nodes=None, resolution_nodes=None,
                            max_stars: int | None = None) -> mf.EmulatorError:
     """RMS over the held-out stars of (model at z = 0 − SYNSPEC broadened in float64) per pixel, at every
-    (v sin i, R) node: the block `fit(model_error=True)` adds to the variance. Uses the validation split by
-    default (the test split stays for checking the uncertainties it leads to). max_stars: an evenly spaced subset
-    of the split (a fine-mesh truth costs ~1 s a spectrum and node: 42 nodes x 110 stars is over an hour)."""
+    (v sin i, R) node (None: error_nodes of the model's label box): the block `fit(model_error=True)` adds to the
+    variance. Uses the validation split by default (the test split stays for checking the uncertainties it leads
+    to). max_stars: an evenly spaced subset of the split (a fine-mesh truth costs ~1 s a spectrum and node: 42 nodes
+    x 110 stars is over an hour)."""
     from fastspec import _core
 
-    from .accuracy import _split_rows, broadened_truth
+    from .accuracy import _split_rows, broadened_truth, model_box
 
+    box_vsini, box_resolution = error_nodes(model_box(model_path))
+    vsini_nodes = box_vsini if vsini_nodes is None else vsini_nodes
+    resolution_nodes = box_resolution if resolution_nodes is None else resolution_nodes
     sf, rows, _ = _split_rows(Path(model_path), data, split)
     if max_stars is not None and max_stars < 1:
         raise ValueError(f"max_stars must be >= 1, got {max_stars}")
@@ -311,7 +325,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
         err = measure_emulator_error(path, max_stars=emulator_error_stars)
         n_err = min(primary_sizes["val"], emulator_error_stars or 10**9)
         prov["emulator_error"] = {"split": "val", "n_stars": n_err,
-                                  "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
+                                  "vsini_nodes": err.vsini.tolist(), "resolution_nodes": err.resolution.tolist(),
                                   "median_rms": float(np.median(err.rms))}
         if n_err < MIN_SPREAD_STARS:
             prov["emulator_error"]["warning"] = (f"an RMS over {n_err} stars, fewer than {MIN_SPREAD_STARS}: "
