@@ -21,7 +21,7 @@ import torch
 from fastspec import model_format as mf
 from .broadening import C_KMS, EPSILON
 from .config import from_dict
-from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS
+from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS, network_ranges
 from .model import Decoder
 
 
@@ -210,18 +210,21 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                           emulator_error=emulator_error)
 
 
-def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | None = None) -> None:
+def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | None = None,
+                            label_box: dict | None = None) -> None:
     """Copy the weights of a model file into `decoder` (the inverse of export): a warm start from a shipped model
     whose training checkpoint is gone. The file must hold the same architecture, latent size, network labels with
-    the same normalisation, output transform and pixel count; f16/bf16 weights arrive as the core widens them."""
+    the same normalisation (the ranges of the data's label box `label_box`; None: the paper's), output transform and
+    pixel count; f16/bf16 weights arrive as the core widens them. An intrinsic network's v sin i and R ranges may
+    differ: the broadening stage applies them, the network never sees them."""
     from fastspec import _core
 
     path = Path(path)
     m = _core.Model.load(str(path))
     n_in = decoder.layers[0].in_features - decoder.latent
-    want_labels = mf.INTRINSIC_LABELS if n_in == len(mf.INTRINSIC_LABELS) else STANDARD_LABELS
-    have = [(l["name"], l["min"], l["max"], l["scaling"]) for l in m.labels]
-    want = [(l.name, l.min, l.max, l.scaling) for l in want_labels]
+    target = "intrinsic" if n_in == len(NETWORK_LABELS["intrinsic"]) else "broadened"
+    have = [(l["name"], l["min"], l["max"], l["scaling"]) for l in m.labels if l["name"] in NETWORK_LABELS[target]]
+    want = network_ranges(label_box, target)
     shapes = [(l.out_features, l.in_features) for l in decoder.layers]
     file_shapes = [(l["out"], l["in"]) for l in m.layers]
     problems = []
@@ -230,7 +233,8 @@ def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | No
     if m.latent_dim != decoder.latent:
         problems.append(f"latent {m.latent_dim}, the config's {decoder.latent}")
     if have != want:
-        problems.append(f"labels {have}, training's {want}")
+        problems.append(f"network label ranges {have}, the data's label box gives {want} (its weights were "
+                        "normalised in other ranges)")
     if (m.output_scale, m.output_offset) != (decoder.output_scale, decoder.output_offset):
         problems.append(f"output transform {m.output_scale}*sigmoid+{m.output_offset}, the config's "
                         f"{decoder.output_scale}*sigmoid+{decoder.output_offset}")
