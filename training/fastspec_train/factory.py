@@ -21,10 +21,10 @@ evaluate   `fastspec evaluate` of model.fsm on testset.h5                       
 factory.json holds the request (what decides the outputs), which stages are done and the seconds each took, and
 summary.md the numbers at the end. Before anything is written or any SYNSPEC run, the request is checked: the line
 list must cover the range, the label box must lie where ATLAS9 has atmospheres, the grid must be longer than the
-edges the evaluation leaves out, the split must leave at least MIN_STARS validation and test stars (the emulator
-error, label systematics and accuracy are spreads over stars), and --minutes must fit MIN_EPOCHS epochs (a
-training step and an epoch's checkpoints are timed here). `--allow-small` lifts the last two for smoke runs; the reports then say the numbers
-are not meaningful.
+edges the evaluation leaves out, the split must leave at least 10 validation and test stars (export.MIN_SPREAD_STARS:
+the emulator error, label systematics and accuracy are spreads over stars), and --minutes must fit MIN_EPOCHS epochs
+(a training step and an epoch's checkpoints are timed here). `--allow-small` lifts the last two for smoke runs; the
+reports then say the numbers are not meaningful.
 
 Each output appears complete or not at all (the grid file holds finished rows only, the run a checkpoint per
 epoch; the model, test set and report are written under a temporary name and renamed), so Ctrl-C or `kill` at any
@@ -275,7 +275,7 @@ def check(req: Request, cfg, timing: tuple[float, float] | None = None) -> Plan:
                            f"label box (v sin i {ranges['vsini'][1]:g} km/s, R {ranges['resolution'][0]:g}) reaches "
                            f"{reach:.1f} Å from each end, so no pixel can be evaluated: give a range longer than "
                            f"{2 * reach:.1f} Å, or a smaller v sin i and a larger R in the label box (e.g. --label "
-                           "vsini=0:50 --label resolution=20000:115000 reach about 1.5 Å)")
+                           "vsini=0:50 --label resolution=20000:115000 reach 1.8 Å near 5170 Å)")
     edge = default_edge(grid, ranges)
     margin = systematics_margin(end, vsini_max=ranges["vsini"][1])
     if 2 * math.ceil(margin / step - 1e-9) >= npix:
@@ -284,7 +284,7 @@ def check(req: Request, cfg, timing: tuple[float, float] | None = None) -> Plan:
     if cfg.model.target == "broadened":
         check_sampling_in_box(cfg.sampling, box)
 
-    # sizes: spreads over stars need MIN_STARS of them
+    # sizes: spreads over stars need MIN_SPREAD_STARS of them
     split = split_counts(labels, cfg)
     need, warnings = min_stars(), []
     if min(split.values()) < 1 or (min(split["val"], split["test"]) < need and not req.allow_small):
