@@ -120,7 +120,11 @@ def test_a_range_outside_the_line_list_and_a_box_outside_the_atmospheres(tmp_pat
     err = refused(capsys, out, "--wavelength", "5100:5200", "--n", "150", "--minutes", "5", "--linelist", str(lines))
     assert "is not inside the line list" in err
     err = refused(capsys, out, "--wavelength", "5000:5100", "--n", "150", "--minutes", "5", "--label", "logg=1:5")
-    assert "reaches where ATLAS9 has no model" in err
+    assert "reaches where ATLAS9 has no model (none at Teff 8500 K, log g 1" in err
+    atmospheres.check_box((4000.0, 11000.0), (2.0, 5.0), (-1.5, 1.5))  # the paper's box is covered
+    atmospheres.check_box((4000.0, 8250.0), (1.0, 5.0), (-2.5, 0.5))  # giants, where the models are
+    with pytest.raises(ValueError, match=r"\[M/H\] -3 .. 0 is outside the ATLAS9 grid"):
+        atmospheres.check_box((4000.0, 7000.0), (2.0, 5.0), (-3.0, 0.0))
 
 
 def _stage_calls(monkeypatch) -> list:

@@ -523,7 +523,7 @@ def _result_text(stage: str, r: dict) -> str:
     if not r:
         return ""
     if stage == "grid":
-        return f"{r['spectra']} spectra, SYNSPEC {r['synspec_seconds_per_spectrum']:g} s a spectrum (mean)"
+        return f"{r['spectra']} spectra, SYNSPEC {r['synspec_seconds_per_spectrum']:g} s a spectrum (mean wall time)"
     if stage == "train":
         return f"{r['epochs']} epochs, best validation MSE (z = 0) {r['best_val_mse_z0']:.3g} at epoch {r['best_epoch']}"
     if stage == "export":
