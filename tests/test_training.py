@@ -439,6 +439,71 @@ def test_a_stage_can_start_from_a_model_file(tmp_path):
         train(other, a, tmp_path / "s3", quiet=True)
 
 
+def _boxed(path, box, **kw):
+    write_synthetic(path, **kw)
+    with h5py.File(path, "a") as f:
+        f.attrs["label_box"] = json.dumps(box)
+
+
+def test_a_warm_start_with_a_label_box_needs_the_same_network_ranges(tmp_path):
+    """train.init_from onto data with a label box (refused outright before): a start whose network was normalised in
+    the same ranges starts from its weights (lr 0 keeps them), whether a run's checkpoint or its .fsm; an intrinsic
+    network's start may differ in v sin i and R (the stage's, not the network's); other network ranges, and a
+    checkpoint that does not record its box, are refused by name."""
+    from fastspec_train.export import export_run
+
+    box = {"teff": [3500.0, 11000.0], "logg": [2.0, 5.5]}
+    a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    _boxed(a, box, n=80, seed=5)
+    _boxed(b, {**box, "vsini": [0.0, 50.0], "resolution": [20000.0, 115000.0]}, n=80, seed=6)
+    _boxed(c, {**box, "teff": [3500.0, 12000.0]}, n=80, seed=7)
+
+    def config(**kw):
+        cfg = joined_config(max_epochs=1, **kw)
+        cfg.model.target = "intrinsic"
+        return cfg
+
+    train(config(), a, tmp_path / "s1", quiet=True)
+    fsm = export_run(tmp_path / "s1", tmp_path / "s1.fsm", weight_dtype="f32")
+    best = tmp_path / "s1" / "best.pt"
+    for start, data in ((best, a), (fsm, a), (fsm, b), (best, b)):
+        train(config(lr=0.0, min_lr=0.0, scheduler="none", init_from=str(start)), data, tmp_path / "s2", quiet=True)
+        kept, ref = _weights(tmp_path / "s2" / "checkpoint.pt"), _weights(best)
+        assert all(torch.equal(kept[k], ref[k]) for k in ref if k.startswith("decoder."))
+        for f in (tmp_path / "s2").iterdir():
+            f.unlink()
+    with pytest.raises(ValueError, match=r"s1.fsm: cannot start from this model file: network label ranges .*3500.0, 11000.0"):
+        train(config(init_from=str(fsm)), c, tmp_path / "s3", quiet=True)
+    with pytest.raises(ValueError, match=r"best.pt: its network was normalised in .*11000.0.* the data's label box gives .*12000.0"):
+        train(config(init_from=str(best)), c, tmp_path / "s3", quiet=True)
+    old = torch.load(best, weights_only=False)
+    del old["label_box"]  # as checkpoints were written before they recorded it
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="does not record the label box"):
+        train(config(init_from=str(tmp_path / "old.pt")), a, tmp_path / "s3", quiet=True)
+
+
+def test_the_emulator_error_of_a_boxed_model_is_measured_inside_its_box(tmp_path):
+    """A model whose box narrows v sin i and R: the emulator error's nodes are the box's ends and the standard nodes
+    inside it (before: the nodes up to 300 km/s and down to R 1000, which the model refuses, so export stopped with
+    'resolution = 1000 is outside [20000, 115000]'); the paper's box keeps the standard nodes."""
+    from fastspec_train.export import ERROR_RESOLUTION_NODES, ERROR_VSINI_NODES, error_nodes, export_run
+    from fastspec_train.accuracy import PAPER_BOX
+
+    assert error_nodes(PAPER_BOX) == (ERROR_VSINI_NODES, ERROR_RESOLUTION_NODES)
+    a = tmp_path / "a.h5"
+    _boxed(a, {"vsini": [0.0, 50.0], "resolution": [20000.0, 115000.0]}, n=80, n_pixels=400, seed=5)
+    cfg = tiny_config(max_epochs=1)
+    cfg.sampling.vsini_max, cfg.sampling.resolution_min = 50.0, 20000.0
+    train(cfg, a, tmp_path / "run", quiet=True)
+    with pytest.warns(UserWarning):  # few validation stars
+        path = export_run(tmp_path / "run", tmp_path / "run.fsm", emulator_error=True)
+    err = json.loads(_core.Model.load(str(path)).provenance)["emulator_error"]
+    assert err["vsini_nodes"] == [0.0, 5.0, 15.0, 40.0, 50.0]
+    assert err["resolution_nodes"] == [20000.0, 30000.0, 60000.0, 115000.0]
+    assert np.isfinite(err["median_rms"]) and err["median_rms"] > 0
+
+
 def test_export_measures_the_emulator_error_on_a_subset(tmp_path):
     """--emulator-error-stars N: the block is measured on N evenly spaced validation stars (the provenance says N),
     one RMS spectrum per (v sin i, R) node, finite; N < 1 refused."""
@@ -516,9 +581,6 @@ def test_a_data_file_label_box_normalises_training_and_goes_into_the_model(tmp_p
     report = accuracy_report(path, a, tmp_path / "acc", draws=2)  # draws in the box, else the core refuses them
     assert report["overall"]["n_spectra"] > 0
 
-    cfg.train.init_from = str(path)
-    with pytest.raises(ValueError, match="own label_box; starting from train.init_from"):
-        train(cfg, a, tmp_path / "warm", quiet=True)
     with h5py.File(a, "a") as f:
         f.attrs["label_box"] = json.dumps({**box, "teff": [5000.0, 12000.0]})
     with pytest.raises(ValueError, match="teff = .* outside the file's label_box"):

@@ -1,4 +1,4 @@
-"""`fastspec-train` (or `python -m fastspec_train`): train, export, accuracy, testset."""
+"""`fastspec-train` (or `python -m fastspec_train`): train, export, accuracy, testset, factory."""
 
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def _testset(a) -> int:
     from .accuracy import write_testset
 
     print(write_testset(a.model, a.data, a.out, draws=a.draws, seed=a.seed, split=a.split))
+    return 0
+
+
+def _factory(a) -> int:
+    from .factory import Execution, Request, run, stage_table
+
+    req = Request(wavelength=a.wavelength, n=a.n, minutes=a.minutes, label_box=tuple(a.label) if a.label else None,
+                  linelist=a.linelist, seed=a.seed, config=a.config, overrides=a.set, allow_small=a.allow_small)
+    ex = Execution(workers=a.workers, scheduler=a.scheduler, in_flight=a.in_flight, threads=a.threads,
+                   device=a.device, progress=not a.no_progress)
+    if a.scheduler and a.workers is not None:
+        raise ValueError("--workers is for this machine's processes; with --scheduler use local:N or start workers on "
+                         "the cluster")
+    state = run(a.out, req, ex)
+    print(f"fastspec-train factory: done; {a.out}/model.fsm, report {a.out}/report/report.md, summary "
+          f"{a.out}/summary.md. Seconds per stage:\n{stage_table(state)}")
+    for w in state["warnings"]:
+        print(f"fastspec-train factory: {w}", file=sys.stderr)
     return 0
 
 
@@ -96,6 +114,40 @@ def main(argv: list[str] | None = None) -> int:
                                 "the widest broadening kernel where that is more, or less on a short grid)")
         s.set_defaults(func=_accuracy if name == "accuracy" else _testset)
 
+    from .factory import DEFAULT_SEED
+    from .grid.cli import _label_range, _range
+
+    f = sub.add_parser("factory", help="grid -> training -> export -> test set -> evaluation in one resumable command",
+                       description="Build a SYNSPEC grid over --wavelength in the label box, train the config's network "
+                                   "for --minutes (its cosine LR schedule fitted to them), export it, and evaluate it "
+                                   "on the grid's held-out test split, all into --out. Checks the request before "
+                                   "anything runs; run the same command again to continue after Ctrl-C or a kill.")
+    f.add_argument("--wavelength", type=_range, required=True, metavar="START:END[:STEP]",
+                   help="the model's grid in Å (air); STEP 0.05 by default, a multiple of 0.005")
+    f.add_argument("--label", type=_label_range, action="append", metavar="NAME=LO:HI",
+                   help="the label box: draw this label in [LO, HI] instead of the paper's range (repeatable; teff, "
+                        "logg, mh, vmic, and vsini, resolution: the ranges the model broadens over and is tested in)")
+    f.add_argument("--linelist", metavar="FILE", help="atomic line list (default: Gaia-ESO, 4200-9200 Å)")
+    f.add_argument("--n", type=int, required=True, help="spectra in the grid (about 80 %% train, 10 %% validation, 10 %% test)")
+    f.add_argument("--minutes", type=float, required=True, help="training budget in minutes (the LR anneals over them)")
+    f.add_argument("--out", required=True, help="output folder: grid.h5, run/, model.fsm, testset.h5, report/, "
+                                                "factory.json, summary.md")
+    f.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed of the label draw; the test draws use SEED + 1 (default {DEFAULT_SEED})")
+    f.add_argument("--config", default="default", help="training preset or TOML file (default: default)")
+    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one training config value, as for train (not the schedule's: --minutes sets it)")
+    f.add_argument("--allow-small", action="store_true",
+                   help="run even with fewer than 10 validation or test stars, or a budget of fewer than 10 epochs "
+                        "(a smoke test: the reports say the numbers are not meaningful)")
+    f.add_argument("--workers", type=int, help="parallel SYNSPEC processes on this machine (default 1)")
+    f.add_argument("--scheduler", metavar="ADDRESS|FILE|local:N", help="compute the grid on a Dask cluster (as fastspec-grid)")
+    f.add_argument("--in-flight", type=int, metavar="K", help="with --scheduler: tasks submitted at a time")
+    f.add_argument("--threads", type=int, help="training threads")
+    f.add_argument("--device", help="training device (auto, cpu, cuda)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=_factory)
+
     a = p.parse_args(argv)
     if a.command == "train":  # a training run's errors keep their traceback
         return a.func(a)
@@ -104,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # a short grid, a missing file: one clear line, not a traceback
         print(f"fastspec-train {a.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if a.command != "factory":
+            raise
+        print("fastspec-train factory: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

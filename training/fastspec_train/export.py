@@ -21,7 +21,7 @@ import torch
 from fastspec import model_format as mf
 from .broadening import C_KMS, EPSILON
 from .config import from_dict
-from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS
+from .labels import LABEL_NAMES, NETWORK_LABELS, STANDARD_LABELS, network_ranges
 from .model import Decoder
 
 
@@ -68,17 +68,31 @@ ERROR_VSINI_NODES = (0.0, 5.0, 15.0, 40.0, 100.0, 200.0, 300.0)
 ERROR_RESOLUTION_NODES = (1000.0, 3000.0, 10000.0, 30000.0, 60000.0, 115000.0)
 
 
+def error_nodes(box: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (v sin i, R) nodes of the emulator error for a model's label box ({label: (min, max)}): the box's ends and
+    the ERROR_*_NODES strictly inside it (the paper's box: exactly those). Nodes outside the box would ask the model
+    for labels it refuses."""
+    def inside(nodes, lo, hi):
+        return tuple(sorted({float(lo), float(hi), *(v for v in nodes if lo < v < hi)}))
+
+    return inside(ERROR_VSINI_NODES, *box["vsini"]), inside(ERROR_RESOLUTION_NODES, *box["resolution"])
+
+
 def measure_emulator_error(model_path: str | Path, data: str | Path | None = None, split: str = "val",
-                           vsini_nodes=ERROR_VSINI_NODES, resolution_nodes=ERROR_RESOLUTION_NODES,
+                           vsini_nodes=None, resolution_nodes=None,
                            max_stars: int | None = None) -> mf.EmulatorError:
     """RMS over the held-out stars of (model at z = 0 − SYNSPEC broadened in float64) per pixel, at every
-    (v sin i, R) node: the block `fit(model_error=True)` adds to the variance. Uses the validation split by
-    default (the test split stays for checking the uncertainties it leads to). max_stars: an evenly spaced subset
-    of the split (a fine-mesh truth costs ~1 s a spectrum and node: 42 nodes x 110 stars is over an hour)."""
+    (v sin i, R) node (None: error_nodes of the model's label box): the block `fit(model_error=True)` adds to the
+    variance. Uses the validation split by default (the test split stays for checking the uncertainties it leads
+    to). max_stars: an evenly spaced subset of the split (a fine-mesh truth costs ~1 s a spectrum and node: 42 nodes
+    x 110 stars is over an hour)."""
     from fastspec import _core
 
-    from .accuracy import _split_rows, broadened_truth
+    from .accuracy import _split_rows, broadened_truth, model_box
 
+    box_vsini, box_resolution = error_nodes(model_box(model_path))
+    vsini_nodes = box_vsini if vsini_nodes is None else vsini_nodes
+    resolution_nodes = box_resolution if resolution_nodes is None else resolution_nodes
     sf, rows, _ = _split_rows(Path(model_path), data, split)
     if max_stars is not None and max_stars < 1:
         raise ValueError(f"max_stars must be >= 1, got {max_stars}")
@@ -196,18 +210,21 @@ def export_decoder(decoder: Decoder, path: str | Path, *, weight_dtype: str = "f
                           emulator_error=emulator_error)
 
 
-def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | None = None) -> None:
+def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | None = None,
+                            label_box: dict | None = None) -> None:
     """Copy the weights of a model file into `decoder` (the inverse of export): a warm start from a shipped model
     whose training checkpoint is gone. The file must hold the same architecture, latent size, network labels with
-    the same normalisation, output transform and pixel count; f16/bf16 weights arrive as the core widens them."""
+    the same normalisation (the ranges of the data's label box `label_box`; None: the paper's), output transform and
+    pixel count; f16/bf16 weights arrive as the core widens them. An intrinsic network's v sin i and R ranges may
+    differ: the broadening stage applies them, the network never sees them."""
     from fastspec import _core
 
     path = Path(path)
     m = _core.Model.load(str(path))
     n_in = decoder.layers[0].in_features - decoder.latent
-    want_labels = mf.INTRINSIC_LABELS if n_in == len(mf.INTRINSIC_LABELS) else STANDARD_LABELS
-    have = [(l["name"], l["min"], l["max"], l["scaling"]) for l in m.labels]
-    want = [(l.name, l.min, l.max, l.scaling) for l in want_labels]
+    target = "intrinsic" if n_in == len(NETWORK_LABELS["intrinsic"]) else "broadened"
+    have = [(l["name"], l["min"], l["max"], l["scaling"]) for l in m.labels if l["name"] in NETWORK_LABELS[target]]
+    want = network_ranges(label_box, target)
     shapes = [(l.out_features, l.in_features) for l in decoder.layers]
     file_shapes = [(l["out"], l["in"]) for l in m.layers]
     problems = []
@@ -216,7 +233,8 @@ def load_model_file_weights(decoder: Decoder, path: str | Path, grid: tuple | No
     if m.latent_dim != decoder.latent:
         problems.append(f"latent {m.latent_dim}, the config's {decoder.latent}")
     if have != want:
-        problems.append(f"labels {have}, training's {want}")
+        problems.append(f"network label ranges {have}, the data's label box gives {want} (its weights were "
+                        "normalised in other ranges)")
     if (m.output_scale, m.output_offset) != (decoder.output_scale, decoder.output_offset):
         problems.append(f"output transform {m.output_scale}*sigmoid+{m.output_offset}, the config's "
                         f"{decoder.output_scale}*sigmoid+{decoder.output_offset}")
@@ -311,7 +329,7 @@ def export_run(run: str | Path, out: str | Path, *, weight_dtype: str = "f32", w
         err = measure_emulator_error(path, max_stars=emulator_error_stars)
         n_err = min(primary_sizes["val"], emulator_error_stars or 10**9)
         prov["emulator_error"] = {"split": "val", "n_stars": n_err,
-                                  "vsini_nodes": list(ERROR_VSINI_NODES), "resolution_nodes": list(ERROR_RESOLUTION_NODES),
+                                  "vsini_nodes": err.vsini.tolist(), "resolution_nodes": err.resolution.tolist(),
                                   "median_rms": float(np.median(err.rms))}
         if n_err < MIN_SPREAD_STARS:
             prov["emulator_error"]["warning"] = (f"an RMS over {n_err} stars, fewer than {MIN_SPREAD_STARS}: "

@@ -53,3 +53,11 @@ def normalise_labels(labels: torch.Tensor, target: str = "broadened", box: dict 
     off = torch.as_tensor(offset, device=x.device)
     scale = torch.as_tensor(scale, device=x.device)
     return ((x - off) / scale).to(torch.float32)[:, network_columns(target)]
+
+
+def network_ranges(box: dict | None, target: str) -> list[tuple]:
+    """(name, min, max, scaling) of the labels a network of `target` takes, in the label box `box` (None: the
+    paper's): the normalisation its weights are tied to. An intrinsic network never sees v sin i and R, so their
+    ranges are not among these."""
+    names = NETWORK_LABELS[target]
+    return [(lab.name, lab.min, lab.max, lab.scaling) for lab in _mf.boxed_labels(box) if lab.name in names]

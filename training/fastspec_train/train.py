@@ -34,7 +34,7 @@ from fastspec.model_format import boxed_labels
 from .broadening import Broadener
 from .config import Config
 from .data import FluxSource, epoch_plan, fixed_plan, open_spectra, physical_labels, sha256_file, split_rows
-from .labels import NETWORK_LABELS, normalise_labels
+from .labels import NETWORK_LABELS, network_ranges, normalise_labels
 from .model import CVAE, kl_divergence
 
 
@@ -85,6 +85,37 @@ def check_sampling_in_box(sampling, label_box: dict | None) -> None:
         raise ValueError(f"sampling draws v sin i from 0 to {sampling.vsini_max:g} km/s and R in [{sampling.resolution_min:g}, "
                          f"{sampling.resolution_max:g}], outside the label box (v sin i {vs.min:g}-{vs.max:g}, R "
                          f"{r.min:g}-{r.max:g}): set sampling.vsini_max, resolution_min, resolution_max within it")
+
+
+def check_start_box(checkpoint: dict, path, label_box: dict | None, target: str) -> None:
+    """A warm start (train.init_from, a checkpoint) is right only if its network was normalised in the same ranges
+    as this data's label box: the same weights on differently scaled inputs are another function. Checkpoints
+    record their box ("label_box"); one written before they did is taken as the paper's box, except onto data with
+    a box, where it is refused (it may have been trained on a box of its own)."""
+    if "label_box" not in checkpoint and label_box is not None:
+        raise ValueError(f"train.init_from {path}: the checkpoint does not record the label box its weights were "
+                         f"normalised in (written before checkpoints did), and the data has one ({label_box}); start "
+                         "from the run's exported .fsm, whose label ranges say it")
+    have, want = network_ranges(checkpoint.get("label_box"), target), network_ranges(label_box, target)
+    if have != want:
+        raise ValueError(f"train.init_from {path}: its network was normalised in {have}, the data's label box gives "
+                         f"{want}; a warm start needs the same ranges for the labels the network takes")
+
+
+def load_start(model: CVAE, init_from, grid: tuple, label_box: dict | None, target: str, device) -> None:
+    """Load the weights of train.init_from into `model`: a checkpoint (an earlier run's best.pt, the same
+    architecture) or a model file (a shipped model: its decoder only; the encoder starts fresh, it sees 10 % of the
+    rows); refused by name when the file is not there or does not fit (architecture, grid, label ranges)."""
+    if not Path(init_from).is_file():
+        raise FileNotFoundError(f"train.init_from: no checkpoint at {init_from}")
+    if Path(init_from).suffix == ".fsm":
+        from .export import load_model_file_weights
+        load_model_file_weights(model.decoder, init_from, grid, label_box)
+        model.to(device)
+    else:
+        init = torch.load(init_from, map_location=device, weights_only=False)
+        check_start_box(init, init_from, label_box, target)
+        model.load_state_dict(init["model"])
 
 
 class Batcher:
@@ -237,8 +268,6 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     train_src = FluxSource(sf, split["train"], cfg.data.memory_limit_mb)
     val_src = FluxSource(sf, split["val"], cfg.data.memory_limit_mb)
     target = cfg.model.target
-    if sf.label_box is not None and tcfg.init_from:  # a start's weights were normalised in the paper's box
-        raise ValueError(f"{sf.path} has its own label_box; starting from train.init_from is not supported with one")
     br = None
     if target == "broadened":
         check_sampling_in_box(cfg.sampling, sf.label_box)
@@ -264,16 +293,7 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.autocast == "bf16")
     if tcfg.init_from and not resume:
         # A second stage: start from an earlier run's weights (same architecture), fresh optimizer and schedule.
-        if not Path(tcfg.init_from).is_file():
-            raise FileNotFoundError(f"train.init_from: no checkpoint at {tcfg.init_from}")
-        if Path(tcfg.init_from).suffix == ".fsm":
-            # a model file (a shipped model): its decoder only; the encoder starts fresh (it sees 10 % of rows)
-            from .export import load_model_file_weights
-            load_model_file_weights(model.decoder, tcfg.init_from, sf.grid)
-            model.to(device)
-        else:
-            init = torch.load(tcfg.init_from, map_location=device, weights_only=False)
-            model.load_state_dict(init["model"])
+        load_start(model, tcfg.init_from, sf.grid, sf.label_box, target, device)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     sched = _make_scheduler(opt, tcfg)
 
@@ -375,11 +395,11 @@ def train(cfg: Config, data_path, out_dir: str | Path, *, resume: bool = False,
         if rank == 0:
             if improved:
                 _atomic_save({"model": model.state_dict(), "epoch": epoch, "metric": metric,
-                              "config": cfg.to_dict()}, best_path)
+                              "config": cfg.to_dict(), "label_box": sf.label_box}, best_path)
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                           "scheduler": sched.state_dict() if sched is not None else None, "rng": _rng_state(),
                           "state": state, "config": cfg.to_dict(), "data": str(sf.path), "extra_data": extra_paths, "split_sizes":
-                          split_sizes}, ckpt_path)
+                          split_sizes, "label_box": sf.label_box}, ckpt_path)
             (out / "history.json").write_text(json.dumps(state["history"], indent=1))
             plot_history(state["history"], out / "loss_curve.png")
         log(f"epoch {epoch}: train mse {row['train_mse']:.4e} kl {row['train_kl']:.3g} | val mse(mu) {val['val_mse']:.4e} "

@@ -147,3 +147,27 @@ def interpolate(teff: float, logg: float, mh: float) -> Atmosphere:
     out = acc.copy()
     out[:, logged] = 10.0 ** acc[:, logged]
     return Atmosphere(float(teff), float(logg), mh_atm, *(out[:, k] for k in range(len(COLUMNS))))
+
+
+def check_box(teff: tuple[float, float], logg: tuple[float, float], mh: tuple[float, float]) -> None:
+    """Refuse a label box part of which the grid cannot interpolate, naming a missing model: every (Teff, log g,
+    [M/H]) in the box must have all the corners `interpolate` uses. The grid is not rectangular (no hot models at
+    low log g), so its ranges alone do not say; this checks every grid model from the node at or below each
+    box minimum to the node at or above each maximum ([M/H] above +0.5 uses the +0.5 atmospheres)."""
+    grid = load_grid()
+    have = set(zip(grid["teff"], grid["logg"], grid["mh"]))
+    nodes = []
+    for name, (lo, hi), axis in (("Teff", teff, grid["teff"]), ("log g", logg, grid["logg"]),
+                                 ("[M/H]", (min(mh[0], MH_MAX_ATMOSPHERE), min(mh[1], MH_MAX_ATMOSPHERE)), grid["mh"])):
+        axis = np.unique(axis)
+        if lo < axis[0] or hi > axis[-1]:
+            raise ValueError(f"the label box's {name} {lo:g} .. {hi:g} is outside the ATLAS9 grid "
+                             f"({axis[0]:g} .. {axis[-1]:g}{'; above +0.5 the abundances alone are scaled' if name == '[M/H]' else ''})")
+        nodes.append(axis[(axis >= axis[axis <= lo].max()) & (axis <= axis[axis >= hi].min())])
+    for t in nodes[0]:
+        for g in nodes[1]:
+            for m in nodes[2]:
+                if (t, g, m) not in have:
+                    raise ValueError(f"the label box Teff {teff[0]:g}-{teff[1]:g} K, log g {logg[0]:g}-{logg[1]:g} "
+                                     f"reaches where ATLAS9 has no model (none at Teff {t:g} K, log g {g:g}, "
+                                     f"[M/H] {m:+g}): narrow the box")

@@ -295,6 +295,12 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     """Build SYNSPEC, fetch the atmospheres and the line list (all cached)."""
     syn = synspec.build_synspec()
     atmospheres.load_grid()
+    return (syn, *line_list(cfg))
+
+
+def line_list(cfg: GridConfig) -> tuple[Path, int]:
+    """The SYNSPEC line list for cfg (converted once, cached) and its number of lines; refused when it does not
+    cover the synthesis range. Needs no SYNSPEC, so `fastspec-train factory` checks it before anything runs."""
     if cfg.linelist:
         ll, n = linelist.user_linelist(cfg.linelist, cfg.damping)
     else:
@@ -304,7 +310,7 @@ def prepare(cfg: GridConfig) -> tuple[synspec.Synspec, Path, int]:
     lo, hi = cfg.synthesis_range()
     if n > 10 and not (first < lo and hi < last):
         raise GridSetupError(f"the synthesis range {lo:g}-{hi:g} Å is not inside the line list {ll} ({first:g}-{last:g} Å)")
-    return syn, ll, n
+    return ll, n
 
 
 def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -> h5py.File:
