@@ -267,6 +267,10 @@ def test_command_line_errors(tmp_path, stars, small_model, capsys):
     assert main([*base, "--batch", str(tmp_path / "spectra.txt"), "--table", str(tmp_path / "u.csv")]) == 1
     assert "none of its 2 entries is a file" in capsys.readouterr().err
     assert not (tmp_path / "u.csv").exists() and not B.journal_path(tmp_path / "u.csv").exists()
+    B.journal_path(tmp_path / "v.csv").write_text("my notes\n")  # a file of that name that is not a journal
+    assert main([*base, "--batch", str(folder), "--table", str(tmp_path / "v.csv")]) == 1
+    assert "is not the journal of a batch" in capsys.readouterr().err
+    assert B.journal_path(tmp_path / "v.csv").read_text() == "my notes\n" and not (tmp_path / "v.csv").exists()
 
 
 def test_dask_cluster_gives_the_rows_of_local_processes(tmp_path, stars, first, small_model):

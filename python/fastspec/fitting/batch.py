@@ -9,7 +9,7 @@ raises gets a row with status "failed" and the reason, and the batch goes on.
 
 Where the fits run: ``workers`` local processes (default 1), each loading the model once and running the core
 with one thread; or a Dask cluster (``scheduler``: "tcp://HOST:8786", a scheduler file, or "local:N" for N
-local Dask worker processes; needs ``dask.distributed``, imported only then). Dask workers must see the model file
+local Dask worker processes; needs ``dask.distributed``, `pip install "fastspec[cluster]"`, imported only then). Dask workers must see the model file
 and the spectra at the paths this process gives them (absolute paths; a shared filesystem).
 
 The table (``table``: .csv or .fits) has one row per star in the order given: `file`, `status` (ok/failed),
@@ -58,7 +58,7 @@ TAIL = ("rv", "rv_err", "reduced_chi2", "chi2", "n_pixels", "quality", "converge
         "seconds", "reason", "notes")
 TEXT = ("file", "status", "quality", "medium", "reason", "notes")
 FLAGS = ("success", "converged")
-INSTALL_DASK = 'pip install "dask[distributed]"'
+INSTALL_DASK = 'pip install "fastspec[cluster]" (Dask\'s distributed scheduler)'
 
 
 @dataclass(frozen=True)
@@ -351,7 +351,12 @@ class Journal:
                 self.file.truncate(0)
                 self._append({"fastspec_fit_batch_journal": JOURNAL_VERSION, "settings": settings})
                 return
-            header = json.loads(lines[0])
+            try:
+                header = json.loads(lines[0])
+                header["fastspec_fit_batch_journal"]
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(f"{path} exists but is not the journal of a batch; move it away or choose another "
+                                 "table") from None
             if header.get("settings") != settings:
                 raise ValueError(f"{path} is the journal of a batch with other settings ({json.dumps(header.get('settings'))}); "
                                  "run that batch's command to continue it, or delete the journal (or choose another "
