@@ -67,12 +67,12 @@ def run(folder: Path, workers: int, model: str | None, truths: dict) -> dict:
                 load=(load_before, os.getloadavg()[0]))
 
 
-def report(runs: list, n: int, model: str) -> str:
+def report(runs: list, n: int, model: str, where: str) -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:10]
     base = runs[0]["n"] / runs[0]["wall"]
     lines = [f"# `fastspec fit --batch`: {n} synthetic stars on 1 and 2 worker processes", "",
              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, `python benchmarks/bench_fit_batch.py --n {n}`; "
-             f"model `{model}`; {machine()}.", "", "```", *lscpu, "```", "",
+             f"model `{model}`; {where}.", "", "```", *lscpu, "```", "",
              "| workers | stars | wall [s] | stars / s | stars / core-second | worker CPU [s] | stars / CPU-second "
              "| median s per star (wall, in its worker) | scaling (stars / s against 1 worker) | load average before → after "
              "| passed quality checks | every label within 3σ |",
@@ -92,6 +92,7 @@ def main() -> int:
     p.add_argument("--model", help="model file (default: the packaged one)")
     p.add_argument("--out", type=Path, help="write the report (Markdown) here; it is printed either way")
     args = p.parse_args()
+    where = machine()  # its load average: before the batches
     decoder = load_decoder(args.model)
     with tempfile.TemporaryDirectory(prefix="fit-batch-bench-") as tmp:
         runs = []
@@ -101,7 +102,7 @@ def main() -> int:
             truths = make_stars(decoder, args.n, folder)
             runs.append(run(folder, workers, args.model, truths))
             print(runs[-1], file=sys.stderr, flush=True)
-    text = report(runs, args.n, args.model or "packaged default (" + Path(decoder.info["path"]).name + ")")
+    text = report(runs, args.n, args.model or "packaged default (" + Path(decoder.info["path"]).name + ")", where)
     print(text)
     if args.out:
         args.out.write_text(text)
