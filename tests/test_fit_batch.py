@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -203,14 +204,17 @@ def test_no_table_when_writing_it_fails(tmp_path, stars, first, small_model, mon
     assert result.n_skipped == N_GOOD and len(_read_csv(table)) == N_GOOD + 1
 
 
-def test_command_interrupted_keeps_the_journal_and_continues(tmp_path, stars, small_model):
-    folder, _ = stars
-    many = tmp_path / "many"
-    many.mkdir()
-    source = folder / "star0.csv"
-    for k in range(N_MANY):  # enough stars that the run is still going when interrupted
-        (many / f"s{k:02d}.csv").write_bytes(source.read_bytes())
-    table = tmp_path / "t.csv"
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, stars):
+    """N_MANY copies of one star: enough that a command is still running when two are done."""
+    folder = tmp_path_factory.mktemp("many")
+    for k in range(N_MANY):
+        (folder / f"s{k:02d}.csv").write_bytes((stars[0] / "star0.csv").read_bytes())
+    return folder
+
+
+def _start_and_wait(many, table, small_model):
+    """`fastspec fit --batch` on two workers in its own process group, once two stars are in the journal."""
     cmd = [sys.executable, "-m", "fastspec", "fit", "--batch", str(many), "--table", str(table), "--model",
            str(small_model), "--no-integrate", "--rv-bounds", "-100", "100", "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -219,6 +223,12 @@ def test_command_interrupted_keeps_the_journal_and_continues(tmp_path, stars, sm
     while not (journal.exists() and len(journal.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
+    return cmd, proc, journal
+
+
+def test_command_interrupted_keeps_the_journal_and_continues(tmp_path, many, small_model):
+    table = tmp_path / "t.csv"
+    cmd, proc, journal = _start_and_wait(many, table, small_model)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the command and its workers
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "same command" in err, err
@@ -231,6 +241,21 @@ def test_command_interrupted_keeps_the_journal_and_continues(tmp_path, stars, sm
     rows = _read_csv(table)
     assert len(rows) == N_MANY and {r["status"] for r in rows} == {"ok"}
     assert len({r["teff"] for r in rows}) == 1  # the same spectrum, the same fit, whichever run did it
+
+
+def test_a_worker_that_dies_stops_the_batch_with_the_journal_kept(tmp_path, many, small_model):
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("finds the worker processes in /proc (Linux)")
+    table = tmp_path / "t.csv"
+    _, proc, journal = _start_and_wait(many, table, small_model)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2, children
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "a worker process died" in err and "run the same batch again" in err, err
+    assert not table.exists() and not list(tmp_path.glob("*.partial"))
+    assert len(journal.read_text().splitlines()) >= 3  # the stars done are kept
 
 
 def test_command_line_errors(tmp_path, stars, small_model, capsys):

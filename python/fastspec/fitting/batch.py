@@ -23,13 +23,16 @@ Resumable and Ctrl-C safe: each finished star is appended to a journal beside th
 lines, flushed per star) by this process alone; the same call again skips the stars the journal holds as fitted
 (failed ones are tried again) and refuses to go on with other settings (model, fit options, medium, error).
 The table is written at the end, under a temporary name renamed into place, so it is complete or absent; an
-interrupted batch (Ctrl-C, SIGTERM) stops the workers at once, keeps the journal and writes no table.
+interrupted batch (Ctrl-C, SIGTERM) stops the workers at once, keeps the journal and writes no table. A local worker
+process that dies (killed, out of memory) stops the batch the same way, with an error; on Dask the scheduler
+reschedules a lost worker's star and, past its allowed failures, that star gets a failed row (KilledWorker).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import signal
@@ -217,6 +220,7 @@ def _run_local(tasks: list, workers: int, model: str):
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(model,))
     todo, pending = iter(tasks), {}
+    paths = {index: args[0] for index, args in tasks}
     try:
         while True:
             while len(pending) < IN_FLIGHT_PER_WORKER * workers and (task := next(todo, None)) is not None:
@@ -229,8 +233,9 @@ def _run_local(tasks: list, workers: int, model: str):
                 try:
                     yield index, future.result()
                 except BrokenProcessPool:
-                    raise RuntimeError("a worker process died (killed, or out of memory?) while fitting "
-                                       f"{task_path(tasks, index)} or another star in flight") from None
+                    raise RuntimeError(f"a worker process died (killed, or out of memory?) while fitting {paths[index]} "
+                                       "or another star in flight; the stars finished are kept (in the table's "
+                                       "journal): run the same batch again to continue") from None
     except BaseException:
         # a fit in progress is not waited for: its star is just not done. shutdown() cannot stop a running task
         # (before Python 3.14's terminate_workers), so the processes are ended here.
@@ -242,10 +247,6 @@ def _run_local(tasks: list, workers: int, model: str):
             process.join()
         raise
     executor.shutdown(wait=True)
-
-
-def task_path(tasks: list, index: int) -> str:
-    return next(args[0] for i, args in tasks if i == index)
 
 
 def parse_scheduler(text: str) -> tuple[str, object]:
@@ -285,7 +286,7 @@ def _run_dask(tasks: list, scheduler, model: str):
         try:
             if kind == "local":  # N processes of one thread: N fits at a time, as --workers N
                 cluster = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None)
+                                                   dashboard_address=None, silence_logs=logging.ERROR)
                 client = distributed.Client(cluster)
                 client.run(_ignore_sigint)
             elif kind == "file":
