@@ -4,6 +4,7 @@
     fastspec batch labels.csv -o spectra.h5
     fastspec info [--model model.fsm]
     fastspec fit spectrum.fits --medium vacuum -o result.json --plot fit.png
+    fastspec fit --batch spectra/ --table stars.csv --workers 2
     fastspec evaluate --model M --data D --out report/
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import atomic_output as _atomic_output
 from .decoder import Decoder
 from .evaluate.cli import _positive_int  # one parser of "a positive integer" for every subcommand
 
@@ -95,14 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=cmd_info)
 
-    fit = sub.add_parser("fit", help="fit the labels, RV and continuum of an observed spectrum",
+    fit = sub.add_parser("fit", help="fit the labels, RV and continuum of an observed spectrum (or of many: --batch)",
                          description="Fit an observed spectrum (fastspec.fit): prints the labels with uncertainties; "
                                      "exit status 0 when the fit passed its quality checks, 3 when it ran but did not "
-                                     "(see 'quality' in the output), 1 on an error.")
-    fit.add_argument("spectrum", type=Path,
+                                     "(see 'quality' in the output), 1 on an error. With --batch, every spectrum of a "
+                                     "folder or list, each on its own, with the same options, into one --table "
+                                     "(fastspec.fit_batch): exit status 0 when every star was fitted and passed its "
+                                     "quality checks, 3 when every star was fitted but some did not pass (their "
+                                     "'success' column), 1 when a star could not be fitted (its row says why; the "
+                                     "others go on) or on an error, 130 when interrupted (the journal keeps the stars "
+                                     "done: the same command continues).")
+    fit.add_argument("spectrum", type=Path, nargs="?",
                      help="CSV/text (header naming wavelength, flux[, error], or those three columns), FITS (a 1-D "
                           "table, or a 1-D image with CRVAL1/CDELT1; needs astropy), HDF5 (datasets wavelength, "
                           "flux[, error]) or .npy (N, 2 or 3); also what `fastspec generate -o` writes")
+    many = fit.add_argument_group("many stars (--batch)")
+    many.add_argument("--batch", type=Path, metavar="LIST_OR_DIR",
+                      help="fit many stars: a folder (each spectrum file in it is one star) or a text file listing one "
+                           "spectrum per line (PATH, or PATH,air|vacuum; relative to the current folder; # comments)")
+    many.add_argument("--table", type=Path,
+                      help="with --batch: the table to write (.csv or .fits; FITS needs astropy): per star its file, "
+                           "status, labels and uncertainties, RV, reduced chi2, quality flag and reason. Beside it "
+                           "TABLE.journal records each star as it finishes; the same command again skips those done")
+    many.add_argument("--workers", type=_positive_int,
+                      help="with --batch: local processes fitting at once, one thread each (default 1)")
+    many.add_argument("--scheduler", metavar="ADDRESS|FILE|local:N",
+                      help="with --batch: fit on a Dask cluster instead (needs dask.distributed): a scheduler address "
+                           "(tcp://HOST:8786), a scheduler file, or local:N for N local Dask worker processes")
+    many.add_argument("--no-progress", action="store_true", help="with --batch: no progress bar")
     fit.add_argument("--medium", choices=["air", "vacuum"], default="air", help="of the observed wavelengths (default air)")
     fit.add_argument("--model", type=Path, help="model file (default: the embedded model)")
     fit.add_argument("--error", type=_positive_float,
@@ -123,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", type=Path, help="write the result as JSON")
     fit.add_argument("--plot", type=Path, help="also save a plot of data, model and residuals, in the format of its "
                                                 "extension (.png, .pdf, ...; needs matplotlib)")
-    fit.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    fit.add_argument("--threads", type=int, help="CPU threads (default 1; with --batch each worker uses 1)")
     fit.set_defaults(func=cmd_fit)
 
     # Always registered: it says itself when matplotlib is missing.
@@ -233,19 +255,6 @@ def _clamped(labels: np.ndarray, decoder: Decoder, command: str) -> np.ndarray:
                     f"first: row {i + 1}, {labels[i, j]:g}); clamped to the range, and stored so")
         print(f"fastspec {command}: {text}", file=sys.stderr)
     return out
-
-
-@contextmanager
-def _atomic_output(path: Path):
-    """A temporary name beside `path`, renamed to `path` on success and removed on any failure (also Ctrl-C),
-    so that a file under `path` is always complete."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        yield tmp
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -460,28 +469,40 @@ def _parse_bounds(items: list[str]) -> dict:
     return bounds
 
 
+def _fit_options(args) -> dict:
+    """The options of `fastspec fit` as keyword arguments of fastspec.fit (one star or --batch)."""
+    if args.continuum_degree < -1:
+        raise ValueError(f"--continuum-degree must be -1 (none) or 0-10, got {args.continuum_degree}")
+    return dict(rv=not args.no_rv, continuum_degree=None if args.continuum_degree == -1 else args.continuum_degree,
+                rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound) or None, clip=args.clip or None,
+                loss=args.loss, model_error=False if args.no_model_error else "auto",
+                integrate="auto" if args.integrate is None else args.integrate)
+
+
 def cmd_fit(args) -> int:
     import warnings
 
     from .fitting import FitQualityWarning, fit
     from .observations import read_spectrum
 
+    if args.batch is not None:
+        return cmd_fit_batch(args)
+    if args.spectrum is None:
+        raise ValueError("give a spectrum file, or --batch LIST_OR_DIR --table TABLE for many")
+    for name in ("table", "workers", "scheduler"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name} goes with --batch")
+    options = _fit_options(args)
     _check_output(args.output, (".json",), "result")
     _check_plot(args.plot)
-    if args.continuum_degree < -1:
-        raise ValueError(f"--continuum-degree must be -1 (none) or 0-10, got {args.continuum_degree}")
     spec = read_spectrum(args.spectrum)
     error = args.error if args.error is not None else spec.error
     for note in spec.notes if args.error is None else ():
         print(f"note: {note}", file=sys.stderr)
-    decoder = Decoder.load(args.model, threads=args.threads)
+    decoder = Decoder.load(args.model, threads=args.threads or 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitQualityWarning)  # reported below, with the result
-        result = fit(spec.wavelength, spec.flux, error, decoder, rv=not args.no_rv,
-                     continuum_degree=None if args.continuum_degree == -1 else args.continuum_degree,
-                     rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound), medium=args.medium,
-                     clip=args.clip or None, loss=args.loss, model_error=False if args.no_model_error else "auto",
-                     integrate="auto" if args.integrate is None else args.integrate)
+        result = fit(spec.wavelength, spec.flux, error, decoder, medium=args.medium, **options)
     print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_invalid} invalid (NaN flux, or an "
           f"error NaN or <= 0), {result.n_pixels_masked} masked, {result.n_pixels_trimmed} outside the model's reach "
           f"trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
@@ -512,6 +533,38 @@ def cmd_fit(args) -> int:
         if args.plot:
             plot_fit(spec, result, outputs.enter_context(_atomic_output(args.plot)), fmt=args.plot.suffix[1:].lower())
     return 0 if result.success else 3
+
+
+def cmd_fit_batch(args) -> int:
+    from .fitting.batch import fit_batch
+
+    if args.spectrum is not None:
+        raise ValueError(f"give a spectrum ({args.spectrum}) or --batch, not both; several files for one star are "
+                         "not a batch")
+    for option, given in (("--table", args.table is None), ("-o/--output", args.output is not None),
+                          ("--plot", args.plot is not None), ("--threads", args.threads is not None)):
+        if given:
+            raise ValueError("--batch needs --table" if option == "--table" else
+                             f"{option} is for one spectrum; with --batch the results go to --table"
+                             + (" and each worker uses one thread" if option == "--threads" else ""))
+    try:
+        result = fit_batch(args.batch, args.table, model=args.model, workers=args.workers, scheduler=args.scheduler,
+                           medium=args.medium, error=args.error, progress=not args.no_progress, **_fit_options(args))
+    except KeyboardInterrupt:
+        print(f"fastspec fit: interrupted; the stars done are kept in {args.table}.journal: run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
+    n = len(result.rows)
+    print(f"fastspec fit: {n - result.n_failed} of {n} stars fitted ({result.n_skipped} from the journal), "
+          f"{result.n_quality_failed} not passing their quality checks, {result.n_failed} could not be fitted; "
+          f"wrote {args.table}", file=sys.stderr)
+    if result.n_failed:
+        for path, reason in result.failures[:5]:
+            print(f"  failed: {reason}", file=sys.stderr)
+        if result.n_failed > 5:
+            print(f"  ... and {result.n_failed - 5} more (status 'failed' in the table, with the reason)", file=sys.stderr)
+        return 1
+    return 3 if result.n_quality_failed else 0
 
 
 def plot_fit(spec, result, path, fmt: str = "png") -> None:

@@ -151,22 +151,22 @@ def _read_npy(path: Path) -> Spectrum:
     return _from_columns(dict(zip(("wavelength", "flux", "error"), table.astype(np.float64).T)), path)
 
 
+# the file names read_spectrum knows (lower case), and its reader for each
+READERS = (((".fits", ".fit", ".fits.gz", ".fts"), _read_fits), ((".h5", ".hdf5"), _read_hdf5),
+           ((".csv", ".txt", ".dat", ".tsv"), _read_csv), ((".npy",), _read_npy))
+SUFFIXES = tuple(suffix for suffixes, _ in READERS for suffix in suffixes)
+
+
 def read_spectrum(path: str | Path) -> Spectrum:
     """An observed spectrum from a .csv/.txt/.dat, .fits/.fit/.fits.gz, .h5/.hdf5 or .npy file (see the module doc)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     name = path.name.lower()
-    if name.endswith((".fits", ".fit", ".fits.gz", ".fts")):
-        spec = _read_fits(path)
-    elif name.endswith((".h5", ".hdf5")):
-        spec = _read_hdf5(path)
-    elif name.endswith((".csv", ".txt", ".dat", ".tsv")):
-        spec = _read_csv(path)
-    elif name.endswith(".npy"):
-        spec = _read_npy(path)
-    else:
+    reader = next((read for suffixes, read in READERS if name.endswith(suffixes)), None)
+    if reader is None:
         raise ValueError(f"{path}: unknown spectrum format; use .csv/.txt/.dat, .fits, .h5 or .npy")
+    spec = reader(path)
     if spec.wavelength.ndim != 1 or spec.flux.shape != spec.wavelength.shape or (
             spec.error is not None and spec.error.shape != spec.wavelength.shape):
         raise ValueError(f"{path}: wavelength, flux and error must be 1-D and of one length")

@@ -25,9 +25,11 @@ Where things are: `observation` (the spectrum to fit: wavelengths, flux, errors,
 integration; a specutils Spectrum unpacked), `parameters` (label ranges, ``bounds``, the fit's coordinates),
 `likelihood` (the model of the observation, residuals and Jacobian, the emulator-error variance and label
 systematics), `solver` (`fit`: starts, least squares, v sin i at 0, clipping, covariance, upper limits) and
-`results` (`FitResult`, `FitQualityWarning`, the quality checks, `model_spectrum`).
+`results` (`FitResult`, `FitQualityWarning`, the quality checks, `model_spectrum`); `batch` (`fit_batch`: many
+spectra, each fitted on its own, in parallel processes or on Dask, into one table, resumable).
 """
 
+from .batch import BatchResult, Star, fit_batch
 from .observation import C_KMS
 from .results import FitQualityWarning, FitResult, model_spectrum
 from .solver import fit
@@ -36,4 +38,4 @@ from .solver import fit
 # `fastspec.fit.model_spectrum` must be reachable from it.
 fit.model_spectrum = model_spectrum
 
-__all__ = ["C_KMS", "FitQualityWarning", "FitResult", "fit", "model_spectrum"]
+__all__ = ["BatchResult", "C_KMS", "FitQualityWarning", "FitResult", "Star", "fit", "fit_batch", "model_spectrum"]

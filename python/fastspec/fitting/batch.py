@@ -1,0 +1,565 @@
+"""Many stars: `fit_batch` fits every spectrum of a list or a folder with `fastspec.fit`, in parallel, into one table.
+
+    rows = fastspec.fit_batch("spectra/", "stars.csv", workers=2).rows      # or a list file, or [paths]
+    fastspec fit --batch spectra/ --table stars.fits --workers 2            # the same from the shell
+
+Each star is one spectrum file, read by `fastspec.observations.read_spectrum` (what `fastspec fit FILE` reads)
+and fitted by `fastspec.fit` with the same options for every star; a star whose file cannot be read or whose fit
+raises gets a row with status "failed" and the reason, and the batch goes on.
+
+Where the fits run: ``workers`` local processes (default 1), each loading the model once and running the core
+with one thread; or a Dask cluster (``scheduler``: "tcp://HOST:8786", a scheduler file, or "local:N" for N
+local Dask worker processes; needs ``dask.distributed``, `pip install "fastspec[cluster]"`, imported only then). Dask workers must see the model file
+and the spectra at the paths this process gives them (absolute paths; a shared filesystem).
+
+The table (``table``: .csv or .fits) has one row per star in the order given: `file`, `status` (ok/failed),
+`success` (the fit's quality flag: converged and every quality check passed), each label with `<label>_err`,
+`vsini_upper` (95 % upper limit where the data cannot tell v sin i from 0), `rv`, `rv_err`, `reduced_chi2`
+(χ²/dof), `chi2`, `n_pixels`, `quality` (the failed checks), `converged`, `error_estimate` (the noise estimated
+when the file has no errors), `medium`, `seconds` (wall time of the star), `reason` (why a star failed) and
+`notes` (what the reader and fit said). Missing values are empty cells in CSV and NaN in FITS.
+
+Resumable and Ctrl-C safe: each finished star is appended to a journal beside the table (`<table>.journal`, JSON
+lines, flushed per star) by this process alone; the same call again skips the stars the journal holds as fitted
+(failed ones are tried again) and refuses to go on with other settings (model, fit options, medium, error).
+The table is written at the end, under a temporary name renamed into place, so it is complete or absent; an
+interrupted batch (Ctrl-C, SIGTERM) stops the workers at once, keeps the journal and writes no table. A local worker
+process that dies (killed, out of memory) stops the batch the same way, with an error; on Dask the scheduler
+reschedules a lost worker's star and, past its allowed failures, that star gets a failed row (KilledWorker).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._files import atomic_output
+from ..decoder import Decoder
+from ..observations import SUFFIXES, read_spectrum
+from .results import FitQualityWarning
+from .solver import fit
+
+TABLE_FORMATS = (".csv", ".fits")
+JOURNAL_VERSION = 1
+IN_FLIGHT_PER_WORKER = 2  # stars handed out per worker at a time: each has its next star ready
+MEDIA = ("air", "vacuum")
+# column order of the table; the label columns (with their _err and _upper) go between HEAD and TAIL
+HEAD = ("file", "status", "success")
+TAIL = ("rv", "rv_err", "reduced_chi2", "chi2", "n_pixels", "quality", "converged", "error_estimate", "medium",
+        "seconds", "reason", "notes")
+TEXT = ("file", "status", "quality", "medium", "reason", "notes")
+FLAGS = ("success", "converged")
+INSTALL_DASK = 'pip install "fastspec[cluster]" (Dask\'s distributed scheduler)'
+
+
+@dataclass(frozen=True)
+class Star:
+    """One entry of a batch: a spectrum file and, when it differs from the batch's, the medium of its wavelengths."""
+
+    path: str
+    medium: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """What `fit_batch` did: ``rows`` one dict per star in the order given (the table's rows; keys ``columns``),
+    ``table`` the file written (None without one), ``n_skipped`` the stars the journal already held."""
+
+    rows: list
+    columns: list
+    table: Path | None = None
+    n_skipped: int = 0
+    failures: list = field(default_factory=list)  # (file, reason) of the stars that could not be fitted
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def n_quality_failed(self) -> int:
+        """Stars fitted whose fit did not pass its quality checks (``success`` False)."""
+        return sum(row["status"] == "ok" and not row["success"] for row in self.rows)
+
+
+# -- the stars -----------------------------------------------------------------------------------------------
+
+def read_star_list(path: str | Path) -> list[Star]:
+    """The stars of a list file: one spectrum path per line, optionally followed by a comma and its medium (air or
+    vacuum); blank lines and lines starting with # are skipped. Relative paths are relative to the current folder
+    (as in IRAF @lists and tar -T), not to the list's."""
+    path = Path(path)
+    if path.name.lower().endswith(tuple(s for s in SUFFIXES if s not in (".txt", ".csv", ".dat", ".tsv"))):
+        raise ValueError(f"{path}: a spectrum, not a list of spectra (a text file, one path per line, or a folder)")
+    stars = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            fields = [x.strip() for x in next(csv.reader([line.strip()]))]
+            if len(fields) > 2 or (len(fields) == 2 and fields[1].lower() not in MEDIA) or not fields[0]:
+                raise ValueError(f"{path}: line {number}: expected PATH or PATH,air|vacuum, got {line.strip()!r}")
+            stars.append(Star(fields[0], fields[1].lower() if len(fields) == 2 else None))
+    if not stars:
+        raise ValueError(f"{path}: no spectra listed")
+    if not any(Path(s.path).is_file() for s in stars):
+        raise ValueError(f"{path}: none of its {len(stars)} entries is a file (e.g. {stars[0].path!r}); a list has one "
+                         "spectrum path per line, relative to the current folder")
+    return stars
+
+
+def stars_in_folder(folder: str | Path, exclude=()) -> list[Star]:
+    """Every file of `folder` (not its subfolders) that read_spectrum knows by its name, sorted; `exclude`: paths
+    to leave out (the batch's own table and journal, when they are in it)."""
+    folder = Path(folder)
+    skip = {Path(p).resolve() for p in exclude}
+    stars = [Star(str(p)) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name.lower().endswith(SUFFIXES) and p.resolve() not in skip]
+    if not stars:
+        raise ValueError(f"{folder}: no spectra in this folder (files ending in {', '.join(SUFFIXES)})")
+    return stars
+
+
+def as_stars(spectra, exclude=()) -> list[Star]:
+    """A folder, a list file, or an iterable of paths / (path, medium) pairs / Stars -> [Star]; duplicates refused."""
+    if isinstance(spectra, (str, os.PathLike)):
+        path = Path(spectra)
+        if path.is_dir():
+            stars = stars_in_folder(path, exclude)
+        elif path.is_file():
+            stars = read_star_list(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such folder or list file")
+    else:
+        stars = []
+        for item in spectra:
+            if isinstance(item, Star):
+                stars.append(item)
+            elif isinstance(item, (str, os.PathLike)):
+                stars.append(Star(str(item)))
+            else:
+                path, medium = item
+                stars.append(Star(str(path), medium))
+        if not stars:
+            raise ValueError("no spectra given")
+    seen = set()
+    for star in stars:
+        if star.medium not in (None, *MEDIA):
+            raise ValueError(f"{star.path}: medium must be 'air' or 'vacuum', got {star.medium!r}")
+        if star.path in seen:
+            raise ValueError(f"{star.path} is given twice: each star once (its row is found by its file)")
+        seen.add(star.path)
+    return stars
+
+
+# -- one star, in a worker -----------------------------------------------------------------------------------
+
+_LOCAL = threading.local()  # a worker's decoder: one per process (per thread on a Dask worker with several)
+
+
+def _init_worker(model: str) -> None:
+    """A local worker process: Ctrl-C goes to the driver, which stops the workers; the model is loaded now, once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _decoder(model)
+
+
+def _decoder(model: str) -> Decoder:
+    if getattr(_LOCAL, "model", None) != model:
+        _LOCAL.decoder, _LOCAL.model = Decoder.load(model, device="cpu", threads=1), model
+    return _LOCAL.decoder
+
+
+def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
+    """Read and fit one spectrum; the table row (without `file`), also when it fails (status "failed", the reason)."""
+    start = time.perf_counter()
+    try:
+        spec = read_spectrum(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(spec.wavelength, spec.flux, spec.error if error is None else error, _decoder(model),
+                         medium=medium, **options)
+    except Exception as exc:  # the row says why; the batch goes on
+        text = str(exc)
+        if path not in text:  # read_spectrum's messages name the file; the fit's do not
+            text = f"{path}: {text}"
+        return {"status": "failed", "success": False, "medium": medium, "reason": f"{type(exc).__name__}: {text}",
+                "seconds": time.perf_counter() - start}
+    # the quality checks are in `quality`; anything else that was said goes to `notes`
+    notes = list(spec.notes if error is None else ()) + [str(w.message) for w in caught
+                                                          if not issubclass(w.category, FitQualityWarning)]
+    row = {"status": "ok", "success": bool(result.success)}
+    for name, value in result.labels.items():
+        row[name], row[f"{name}_err"] = float(value), float(result.uncertainties[name])
+    for name, limit in result.upper_limits.items():
+        row[f"{name}_upper"] = float(limit)
+    row.update(rv=result.rv, rv_err=result.rv_uncertainty, reduced_chi2=float(result.reduced_chi2),
+               chi2=float(result.chi2), n_pixels=int(result.n_pixels_used), quality="; ".join(result.quality),
+               converged=bool(result.converged), error_estimate=result.error_estimate, medium=medium,
+               seconds=time.perf_counter() - start, reason="", notes="; ".join(dict.fromkeys(notes)))
+    return row
+
+
+# -- where the fits run --------------------------------------------------------------------------------------
+
+def _run_local(tasks: list, workers: int, model: str):
+    """Yield (index, row) as the `workers` processes finish the tasks [(index, fit_one args)]."""
+    import multiprocessing
+
+    # spawn: a fresh interpreter, whatever threads this process holds (the progress bar's, BLAS's)
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(model,))
+    todo, pending = iter(tasks), {}
+    paths = {index: args[0] for index, args in tasks}
+    try:
+        while True:
+            while len(pending) < IN_FLIGHT_PER_WORKER * workers and (task := next(todo, None)) is not None:
+                pending[executor.submit(fit_one, *task[1])] = task[0]
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = pending.pop(future)
+                try:
+                    yield index, future.result()
+                except BrokenProcessPool:
+                    raise RuntimeError(f"a worker process died (killed, or out of memory?) while fitting {paths[index]} "
+                                       "or another star in flight; the stars finished are kept (in the table's "
+                                       "journal): run the same batch again to continue") from None
+    except BaseException:
+        # a fit in progress is not waited for: its star is just not done. shutdown() cannot stop a running task
+        # (before Python 3.14's terminate_workers), so the processes are ended here.
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        raise
+    executor.shutdown(wait=True)
+
+
+def parse_scheduler(text: str) -> tuple[str, object]:
+    """'local:N' -> ('local', N); 'PROTOCOL://HOST:PORT' -> ('address', text); an existing file -> ('file', path),
+    a Dask scheduler file. The convention of `fastspec-grid build --scheduler`."""
+    if text.startswith("local:"):
+        n = int(text[6:]) if text[6:].isdigit() else 0
+        if n < 1:
+            raise ValueError(f"--scheduler {text!r}: local:N wants a number of worker processes N >= 1")
+        return "local", n
+    if "://" in text:
+        return "address", text
+    if Path(text).is_file():
+        return "file", text
+    raise ValueError(f"--scheduler {text!r}: give a scheduler address (tcp://HOST:8786), a scheduler file "
+                     "(JSON, from `dask scheduler --scheduler-file`) or local:N")
+
+
+def _ignore_sigint(dask_worker=None):
+    """local:N: Ctrl-C (sent to the whole process group) is the driver's to handle; it closes the cluster."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not a process's main thread
+        pass
+
+
+def _run_dask(tasks: list, scheduler, model: str):
+    """Yield (index, row) as a Dask cluster finishes the tasks; `scheduler` a --scheduler string (the cluster is
+    closed at the end) or a distributed.Client (left open)."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise RuntimeError(f"--scheduler needs Dask ({exc}): {INSTALL_DASK}") from None
+    cluster = None
+    if isinstance(scheduler, str):
+        kind, value = parse_scheduler(scheduler)
+        try:
+            if kind == "local":  # N processes of one thread: N fits at a time, as --workers N
+                cluster = distributed.LocalCluster(n_workers=value, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None, silence_logs=logging.ERROR)
+                client = distributed.Client(cluster)
+                client.run(_ignore_sigint)
+            elif kind == "file":
+                client = distributed.Client(scheduler_file=value, timeout="60s")
+            else:
+                client = distributed.Client(value, timeout="60s")
+        except (OSError, TimeoutError) as exc:
+            if cluster is not None:
+                cluster.close()
+            raise RuntimeError(f"could not connect to the Dask scheduler {scheduler}: {exc}") from None
+    else:
+        client = scheduler
+    run = uuid.uuid4().hex[:8]  # keys unique on a scheduler shared by several runs
+    todo, pending = iter(tasks), {}
+    results = distributed.as_completed(with_results=True, raise_errors=False)
+    try:
+        def refill():
+            window = max(4, IN_FLIGHT_PER_WORKER * int(sum(client.nthreads().values())))
+            while len(pending) < window and (task := next(todo, None)) is not None:
+                future = client.submit(fit_one, *task[1], key=f"fastspec-fit-{task[0]}-{run}", pure=False)
+                pending[future] = task[0]
+                results.add(future)
+
+        refill()
+        for future, row in results:
+            index = pending.pop(future)
+            if future.status != "finished":  # fit_one returns its errors: this is the cluster's (a KilledWorker...)
+                exc = future.exception()
+                row = {"status": "failed", "success": False, "reason": f"{type(exc).__name__}: {exc}"}
+            yield index, row
+            refill()
+    finally:
+        if pending:
+            client.cancel(list(pending), force=True)
+        if cluster is not None:
+            client.close()
+            cluster.close()
+
+
+# -- the journal and the table -------------------------------------------------------------------------------
+
+def journal_path(table: str | Path) -> Path:
+    table = Path(table)
+    return table.with_name(table.name + ".journal")
+
+
+class Journal:
+    """The rows of finished stars, one JSON line each after a header line with the batch's settings; appended and
+    flushed as stars finish, by the driver alone (a lock keeps a second batch off the same file)."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path, self.rows = path, {}
+        self.file = open(path, "a+b")
+        try:
+            self._lock()
+            self.file.seek(0)
+            data = self.file.read()
+            lines = data.split(b"\n")
+            if data and not data.endswith(b"\n"):  # the last line was cut short by a kill: dropped
+                self.file.truncate(len(data) - len(lines[-1]))
+            lines = [line for line in lines[:-1] if line.strip()]
+            if not lines:
+                self.file.truncate(0)
+                self._append({"fastspec_fit_batch_journal": JOURNAL_VERSION, "settings": settings})
+                return
+            try:
+                header = json.loads(lines[0])
+                header["fastspec_fit_batch_journal"]
+            except (ValueError, TypeError, KeyError):
+                raise ValueError(f"{path} exists but is not the journal of a batch; move it away or choose another "
+                                 "table") from None
+            if header.get("settings") != settings:
+                raise ValueError(f"{path} is the journal of a batch with other settings ({json.dumps(header.get('settings'))}); "
+                                 "run that batch's command to continue it, or delete the journal (or choose another "
+                                 "table) to start this one")
+            for number, line in enumerate(lines[1:], start=2):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise ValueError(f"{path}: line {number} is not JSON; the journal is damaged") from None
+                self.rows[row["file"]] = row  # a star tried again: its last row
+        except BaseException:
+            self.file.close()
+            raise
+
+    def _lock(self):
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{self.path}: another batch is writing this journal (the same table)") from None
+
+    def _append(self, doc: dict) -> None:
+        self.file.write((json.dumps(doc) + "\n").encode())
+        self.file.flush()
+
+    def add(self, row: dict) -> None:
+        self._append(row)
+        self.rows[row["file"]] = row
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def columns_of(rows: list, label_names) -> list:
+    """The table's columns: HEAD, the labels (the model's first, in its order) with _err and any _upper, TAIL."""
+    names = list(label_names)
+    for row in rows:
+        names += [k[:-4] for k in row if k.endswith("_err") and k != "rv_err" and k[:-4] not in names]
+    uppers = [f"{name}_upper" for name in names if name == "vsini" or any(f"{name}_upper" in row for row in rows)]
+    return [*HEAD, *(c for name in names for c in (name, f"{name}_err")), *uppers, *TAIL]
+
+
+def write_table(rows: list, columns: list, path: str | Path, units: dict | None = None, meta: dict | None = None) -> None:
+    """The rows as CSV or FITS (by the extension of `path`), written complete or not at all."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_FORMATS:
+        raise ValueError(f"{path}: unknown table format {path.suffix or '(no extension)'}; use {', '.join(TABLE_FORMATS)}")
+    with atomic_output(path) as tmp:
+        if suffix == ".csv":
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                for row in rows:
+                    writer.writerow(["" if _missing(row.get(c)) else row[c] for c in columns])
+        else:
+            _write_fits(rows, columns, tmp, units or {}, meta or {})
+
+
+def _fits_unit(unit: str) -> bool:
+    """Whether FITS can say `unit` (it cannot say dex: those columns go without one)."""
+    from astropy import units as u
+
+    try:
+        u.Unit(unit).to_string("fits")
+        return True
+    except ValueError:
+        return False
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _write_fits(rows, columns, tmp: Path, units: dict, meta: dict) -> None:
+    try:
+        from astropy.table import Table
+    except ImportError:
+        raise RuntimeError(f"a FITS table needs astropy: pip install 'fastspec[fits]' (or write {tmp.stem}.csv)") from None
+    data = {}
+    for c in columns:
+        values = [row.get(c) for row in rows]
+        if c in TEXT:
+            data[c] = ["" if v is None else str(v) for v in values]
+        elif c in FLAGS:
+            data[c] = [bool(v) for v in values]
+        else:
+            data[c] = [math.nan if v is None else float(v) for v in values]
+    table = Table(data, meta=meta)
+    for c, unit in units.items():
+        if c in table.columns and _fits_unit(unit):
+            table[c].unit = unit
+    table.write(tmp, format="fits")
+
+
+# -- the batch -----------------------------------------------------------------------------------------------
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | None = None, workers: int | None = None,
+              scheduler=None, medium: str = "air", error: float | None = None, progress: bool = True,
+              log=None, **options) -> BatchResult:
+    """Fit many spectra, each on its own, with the same options; returns a BatchResult and writes ``table``.
+
+    spectra: a folder (every spectrum file in it), a list file (one path per line, optionally ",air" or ",vacuum";
+    see `read_star_list`), or an iterable of paths, (path, medium) pairs or `Star`. table: a .csv or .fits file to
+    write (and its journal `<table>.journal`, which makes the same call resumable); None: none, the rows are only
+    returned. model: a model file (default: the embedded one). workers: local processes (default 1); scheduler: a
+    Dask scheduler instead ("tcp://HOST:PORT", a scheduler file, "local:N", or a distributed.Client). medium: of the
+    wavelengths of every star without its own; error: one error for every pixel of every star (default: each
+    file's, else estimated). options: passed to `fastspec.fit` for every star (rv, continuum_degree, bounds,
+    rv_bounds, clip, loss, model_error, integrate, ...). log: where messages go (default: stderr, above the progress
+    bar). Ctrl-C (KeyboardInterrupt) stops the workers and re-raises with the journal kept and no table written.
+
+    On a local process pool the caller's script needs the usual ``if __name__ == "__main__":`` guard (workers
+    are started fresh, spawn, and import it).
+    """
+    import inspect
+    import sys
+
+    from tqdm import tqdm
+
+    if workers is not None and scheduler is not None:
+        raise ValueError("give workers (local processes) or scheduler (a Dask cluster), not both")
+    workers = 1 if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if isinstance(scheduler, str):
+        parse_scheduler(scheduler)  # a bad value is refused before any work
+    if medium not in MEDIA:
+        raise ValueError(f"medium must be 'air' or 'vacuum', got {medium!r}")
+    if error is not None and not (math.isfinite(error) and error > 0):
+        raise ValueError(f"error must be a finite number > 0, got {error}")
+    defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
+                if name not in ("wavelength", "flux", "error", "decoder", "medium")}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise TypeError(f"fit_batch: unknown fit option {', '.join(unknown)}; fastspec.fit takes {', '.join(defaults)}")
+    if table is not None:
+        table = Path(table)
+        if table.suffix.lower() not in TABLE_FORMATS:
+            raise ValueError(f"{table}: unknown table format {table.suffix or '(no extension)'}; use "
+                             f"{', '.join(TABLE_FORMATS)}")
+        if not table.parent.is_dir():
+            raise ValueError(f"{table}: the folder {table.parent} does not exist")
+        if table.suffix.lower() == ".fits":
+            try:
+                import astropy  # noqa: F401
+            except ImportError:
+                raise RuntimeError(f"{table}: a FITS table needs astropy: pip install 'fastspec[fits]'") from None
+    log = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    exclude = () if table is None else (table, journal_path(table), table.with_name(table.name + ".partial"))
+    stars = as_stars(spectra, exclude)
+    decoder = Decoder.load(model, device="cpu")  # a bad model is refused here, before any work
+    model_path = str(Path(decoder.info["path"]).resolve())
+    # what decides a star's row (fit's defaults spelt out, so that the CLI's and an API call's settings compare
+    # equal): a journal written with other settings is not continued
+    settings = json.loads(json.dumps({"model": model_path, "medium": medium, "error": error,
+                                      "options": {**defaults, **options}}, default=str))
+    journal = Journal(journal_path(table), settings) if table is not None else None
+    rows, failures = {}, []
+    try:
+        done = {s.path: journal.rows[s.path] for s in stars
+                if journal is not None and journal.rows.get(s.path, {}).get("status") == "ok"}
+        rows.update(done)
+        # the workers get absolute paths (a Dask worker's folder is not ours); the table keeps them as given
+        tasks = [(i, (os.path.abspath(s.path), s.medium or medium, error, model_path, options))
+                 for i, s in enumerate(stars) if s.path not in done]
+        runner = _run_dask(tasks, scheduler, model_path) if scheduler is not None else _run_local(tasks, workers, model_path)
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main else None  # `kill`: as Ctrl-C
+        try:
+            with tqdm(total=len(stars), initial=len(done), unit=" stars", desc="fastspec fit --batch",
+                      disable=not progress, dynamic_ncols=True) as bar:
+                for index, row in runner:
+                    star = stars[index]
+                    row = {"file": star.path, **row}
+                    rows[star.path] = row
+                    if journal is not None:
+                        journal.add(row)
+                    if row["status"] != "ok":
+                        failures.append((star.path, row["reason"]))
+                        log(f"fastspec fit --batch: {row['reason']}")
+                    bar.update(1)
+        finally:
+            runner.close()  # stops the workers when the loop did not finish
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+    finally:
+        if journal is not None:
+            journal.close()
+    ordered = [rows[s.path] for s in stars]
+    columns = columns_of(ordered, decoder.label_names)
+    if table is not None:
+        units = dict(zip(decoder.label_names, decoder.label_units))
+        units.update({f"{n}_err": u for n, u in units.items()}, vsini_upper=units.get("vsini"), rv="km/s",
+                     rv_err="km/s", seconds="s")
+        write_table(ordered, columns, table, {c: u for c, u in units.items() if u},
+                    {"MODEL": Path(model_path).name, "MEDIUM": medium})
+    return BatchResult(ordered, columns, table, len(done), failures)
