@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._files import atomic_output
+from .._scheduler import parse_scheduler
 from ..decoder import Decoder
 from ..observations import SUFFIXES, read_spectrum
 from .results import FitQualityWarning
@@ -247,22 +248,6 @@ def _run_local(tasks: list, workers: int, model: str):
             process.join()
         raise
     executor.shutdown(wait=True)
-
-
-def parse_scheduler(text: str) -> tuple[str, object]:
-    """'local:N' -> ('local', N); 'PROTOCOL://HOST:PORT' -> ('address', text); an existing file -> ('file', path),
-    a Dask scheduler file. The convention of `fastspec-grid build --scheduler`."""
-    if text.startswith("local:"):
-        n = int(text[6:]) if text[6:].isdigit() else 0
-        if n < 1:
-            raise ValueError(f"--scheduler {text!r}: local:N wants a number of worker processes N >= 1")
-        return "local", n
-    if "://" in text:
-        return "address", text
-    if Path(text).is_file():
-        return "file", text
-    raise ValueError(f"--scheduler {text!r}: give a scheduler address (tcp://HOST:8786), a scheduler file "
-                     "(JSON, from `dask scheduler --scheduler-file`) or local:N")
 
 
 def _ignore_sigint(dask_worker=None):

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastspec._scheduler import parse_scheduler
+
 from . import build as B
 from .fetch import GridSetupError
 
@@ -52,25 +54,6 @@ def _distributed():
     except ImportError as exc:
         raise GridSetupError(f"--scheduler needs Dask ({exc}); install it with {INSTALL_HINT}") from None
     return distributed
-
-
-def parse_scheduler(text: str) -> tuple[str, object]:
-    """'local:N' -> ('local', N); an existing file -> ('file', path) (a Dask scheduler file, as written
-    by `dask scheduler --scheduler-file`); 'PROTOCOL://HOST:PORT' -> ('address', text)."""
-    if text.startswith("local:"):
-        try:
-            n = int(text[len("local:"):])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"--scheduler {text!r}: local:N wants a number of worker processes N >= 1")
-        return "local", n
-    if "://" in text:
-        return "address", text
-    if Path(text).is_file():
-        return "file", text
-    raise ValueError(f"--scheduler {text!r}: give a scheduler address (tcp://HOST:8786), a scheduler file "
-                     "(JSON, from `dask scheduler --scheduler-file`) or local:N")
 
 
 class _CtrlCToDriver(_WorkerPlugin):
