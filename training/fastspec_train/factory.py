@@ -509,7 +509,7 @@ def run(out: str | Path, req: Request, ex: Execution | None = None) -> dict:
                 record["result"] = getattr(factory, f"run_{stage}")()
                 record["done"] = True
             finally:  # the time counts also when the stage was interrupted
-                record["seconds"] = round(record["seconds"] + time.time() - t0, 1)
+                record["seconds"] = round(record["seconds"] + time.time() - t0, 4)  # not 0.1 s: a short stage counts too
                 _write_state(out / STATE_FILE, state)
     finally:
         if on_main:
