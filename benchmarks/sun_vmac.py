@@ -1,6 +1,6 @@
 """The observed HARPS Sun (../shared/realstars/sun_harps.csv) fitted by `fastspec fit` with the resolving power held
 at HARPS's 115000 (the model's upper bound: `--bound resolution=114900:115000`) and the macroturbulence held at 0
-or fitted (`--vmac fit`), side by side; and, for context, R free with vmac fitted. A check on a real star, not a
+or fitted (`--vmac fit`), side by side; and, for context, R free with vmac held at 0 (the defaults) and fitted. A check on a real star, not a
 tuning set: nothing is chosen from it.
 
     python benchmarks/sun_vmac.py [--model M.fsm] [--out benchmarks/results/sun-vmac-DATE.md]
@@ -26,6 +26,7 @@ from sun_fit import REFERENCE, SUN  # noqa: E402
 R_FIXED = ["--bound", "resolution=114900:115000"]
 CASES = [("R 115000, vmac 0", R_FIXED + ["--vmac", "0"]),
          ("R 115000, vmac fitted", R_FIXED + ["--vmac", "fit"]),
+         ("R free, vmac 0 (the defaults)", ["--vmac", "0"]),
          ("R free, vmac fitted", ["--vmac", "fit"])]
 
 

@@ -185,6 +185,18 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
             runs.append(at_rest)
             if prob.chi2_at(at_rest.x) < prob.chi2_at(best.x):
                 best = at_rest
+    # A fitted macroturbulence trades with R and v sin i (all three widen the lines): the random starts may end in the
+    # basin where it does the widening when a lower χ² has R or v sin i do it with vmac at 0 (or the reverse). So,
+    # as for v sin i: fit the rest with vmac held at 0, release it, polish, and keep the lower χ².
+    if prob.fit_vmac and prob.lo[prob.names.index(VMAC)] == 0.0:
+        jm = prob.names.index(VMAC)
+        if prob.labels_of(prob.split(best.x)[0])[jm] > 0.0:
+            theta, held = best.x.copy(), ub.copy()
+            theta[jm], held[jm] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
+            no_vmac = solve(solve(theta, 1e-8, held).x, 1e-8)
+            runs.append(no_vmac)
+            if prob.chi2_at(no_vmac.x) < prob.chi2_at(best.x):
+                best = no_vmac
     # Outliers: reject pixels far out in the robust spread of the normalised residuals, then polish again.
     n_clipped = 0
     for _ in range(clip_iterations if clip is not None else 0):
