@@ -6,6 +6,9 @@ And the version-3 stage for pixel means (band-limited kernels) against the versi
     FASTSPEC_BENCH_THREADS=1 python -m pytest benchmarks/bench_broadening.py --benchmark-json=out.json
     python benchmarks/bench_broadening.py out.json > out.md
 
+And (test_vmac_cost) the version-3 stage with radial-tangential macroturbulence ζ > 0 against ζ = 0 on the same
+model, forward and forward_jacobian (with the dF/dvmac column), round-robin likewise.
+
 Both models have the default decoder's size (z 16 + 4 labels → 256 → 512 → 1024 → 19000) with the same random
 weights, stored as fp16 like the shipped model. Within one benchmark the two run round-robin, one call each
 per round, so the ratio (median of per-round ratios) sees the same machine load; forward_jacobian is measured
@@ -74,6 +77,28 @@ def test_broadening_overhead(benchmark, decoders, vsini, resolution, kind):
     benchmark.pedantic(calls[0], rounds=20, iterations=1)
 
 
+VMAC_CASES = [(2.0, 115000.0, 4.0), (2.0, 50000.0, 4.0), (10.0, 20000.0, 8.0), (100.0, 5000.0, 4.0),
+              (2.0, 115000.0, 20.0)]
+
+
+@pytest.mark.parametrize("kind", ["forward", "jacobian"])
+@pytest.mark.parametrize("vsini,resolution,vmac", VMAC_CASES)
+def test_vmac_cost(benchmark, decoders, vsini, resolution, vmac, kind):
+    pixel = decoders[2]
+    labels6 = np.array([[5777.0, 4.44, vsini, 0.0, 1.0, resolution]])
+    v = np.array([vmac])
+    if kind == "forward":
+        calls = [lambda: pixel.forward(labels6, vmac=v), lambda: pixel.forward(labels6)]
+    else:
+        calls = [lambda: pixel.forward_jacobian(labels6, vmac=v, vmac_column=True), lambda: pixel.forward_jacobian(labels6)]
+    _round_robin(calls, 5)
+    t = _round_robin(calls)
+    benchmark.extra_info.update(kind=kind, vsini=vsini, resolution=resolution, vmac=vmac,
+                                vmac_ms=float(np.median(t[:, 0]) * 1e3), zero_ms=float(np.median(t[:, 1]) * 1e3),
+                                vmac_ratio=float(np.median(t[:, 0] / t[:, 1])))
+    benchmark.pedantic(calls[0], rounds=20, iterations=1)
+
+
 def summarize(path: str) -> str:
     data = json.load(open(path))
     m = data.get("machine_info", {})
@@ -84,11 +109,20 @@ def summarize(path: str) -> str:
              "per-round ratios (targets: ≤ 1.3 with broadening / alone, ≤ 1.5 pixel means / point, forward).", "",
              "| call | v sin i (km/s) | R | with broadening (ms) | network alone (ms) | ratio | pixel-mean stage (ms) | "
              "pixel mean / point |", "|---|---|---|---|---|---|---|---|"]
+    vm = [b["extra_info"] for b in data["benchmarks"] if "vmac" in b["extra_info"]]
     for b in data["benchmarks"]:
         e = b["extra_info"]
+        if "vmac" in e:
+            continue
         pm = (f" {e['pixel_mean_ms']:.3f} | {e['pixel_mean_ratio']:.2f} |" if "pixel_mean_ms" in e else " | |")
         lines.append(f"| {e['kind']} | {e['vsini']:g} | {e['resolution']:g} | {e['with_broadening_ms']:.3f} | "
                      f"{e['network_alone_ms']:.3f} | {e['ratio']:.2f} |" + pm)
+    if vm:
+        lines += ["", "Macroturbulence (the pixel-mean model; forward_jacobian with the dF/dvmac column): ζ > 0 against ζ = 0.",
+                  "", "| call | v sin i (km/s) | R | ζ (km/s) | ζ > 0 (ms) | ζ = 0 (ms) | ratio |", "|---|---|---|---|---|---|---|"]
+        for e in vm:
+            lines.append(f"| {e['kind']} | {e['vsini']:g} | {e['resolution']:g} | {e['vmac']:g} | {e['vmac_ms']:.3f} | "
+                         f"{e['zero_ms']:.3f} | {e['vmac_ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

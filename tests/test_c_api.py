@@ -76,3 +76,56 @@ def test_pkg_config_build_and_the_installed_default_model(installed_core, tmp_pa
     out = run_checked([exe, model_path, *map(str, labels)], env=env).stdout
     data = np.array([[float(x) for x in line.split()] for line in out.splitlines()])
     np.testing.assert_allclose(data[:, 1], Decoder.load()(labels)[: data.shape[0]], rtol=1e-6, atol=1e-6)
+
+
+VMAC_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <fastspec/fastspec.h>
+/* usage: prog model vmac labels(6): prints flux and dF/dvmac per pixel, or the error and exits 1 */
+int main(int argc, char** argv) {
+    fastspec_model* m; fastspec_decoder* d;
+    double labels[6], vmac = atof(argv[2]);
+    for (int i = 0; i < 6; ++i) labels[i] = atof(argv[3 + i]);
+    if (fastspec_model_load(argv[1], &m) || fastspec_decoder_new(m, 1, &d)) { fprintf(stderr, "%s\n", fastspec_last_error()); return 1; }
+    size_t np = fastspec_model_n_pixels(m), nl = fastspec_model_n_labels(m);
+    float* flux = malloc(np * sizeof(float)); float* f2 = malloc(np * sizeof(float));
+    float* jac = malloc(np * nl * sizeof(float)); float* jv = malloc(np * sizeof(float));
+    int rc = fastspec_forward_vmac(d, labels, &vmac, 1, flux, 0);
+    if (rc) { fprintf(stderr, "%d %s\n", rc, fastspec_last_error()); return 1; }
+    rc = fastspec_forward_jacobian_vmac(d, labels, &vmac, 1, f2, jac, jv, 0);
+    if (rc) { fprintf(stderr, "%d %s\n", rc, fastspec_last_error()); return 1; }
+    for (size_t p = 0; p < np; ++p) printf("%.9g %.9g %.9g\n", flux[p], f2[p], jv[p]);
+    fprintf(stderr, "max_vmac %g\n", fastspec_max_vmac());
+    fastspec_decoder_free(d); fastspec_model_free(m);
+    return 0;
+}
+"""
+
+
+def test_c_api_macroturbulence(installed_core, model, tmp_path):
+    """fastspec_forward_vmac / fastspec_forward_jacobian_vmac against Python on the installed default (format-3)
+    model; bad vmac and a format-2 model give FASTSPEC_ERR_INPUT (3) with the message."""
+    from conftest import clean_env
+
+    from fastspec.decoder import default_model_path
+
+    env = clean_env(PKG_CONFIG_PATH=str(installed_core / "lib" / "pkgconfig"))
+    pc = lambda *a: run_checked(["pkg-config", *a, "fastspec"], env=env).stdout.split()  # noqa: E731
+    src, exe = tmp_path / "vmac.c", tmp_path / "vmac"
+    src.write_text(VMAC_C)
+    run_checked(["cc", "-O2", "-std=c99", "-o", exe, src, *pc("--cflags", "--libs"), "-lstdc++", "-lm"], env=env)
+    labels = [5777.0, 4.44, 1.6, 0.0, 1.0, 115000.0]
+    out = run_checked([exe, default_model_path(), "4", *map(str, labels)], env=env)
+    data = np.array([[float(x) for x in line.split()] for line in out.stdout.splitlines()])
+    assert "max_vmac 50" in out.stderr
+    d = Decoder.load(device="cpu")
+    flux, _, col = d.jacobian(labels, vmac=4.0, return_vmac=True)
+    np.testing.assert_allclose(data[:, 0], d(labels, vmac=4.0), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(data[:, 1], flux, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(data[:, 2], col, rtol=1e-6, atol=1e-9)
+    bad = subprocess.run([str(exe), str(default_model_path()), "-1", *map(str, labels)], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 1 and "3 vmac = -1 km/s (row 0) is outside [0, 50]" in bad.stderr
+    old = subprocess.run([str(exe), str(model), "3", *map(str, LABELS)], capture_output=True, text=True, env=env)
+    assert old.returncode == 1 and "is format 2 (its stage takes point samples), so only vmac = 0 works" in old.stderr

@@ -177,6 +177,48 @@ def test_jacobian_on_device_writes_every_entry(cp, rng, clip):
         assert (jb[2, :, 0] == 0).all()
 
 
+def test_macroturbulence_matches_cpu(cp, rng):
+    """vmac > 0 on the default (format-3) model: CUDA against the CPU on the same inputs -- flux, every Jacobian
+    column and dF/dvmac -- through the host entry point (NaN-poisoned caller buffers; max_chunk 8 so that several
+    chunks and the staging of the vmac column are exercised) and the device one (NaN-poisoned GPU buffers);
+    vmac = 0 as without it. The same provisional CPU-vs-CUDA bounds as above."""
+    cpu = fastspec.Decoder.load(device="cpu")
+    gpu = fastspec.Decoder.load(device="cuda", max_chunk=8)
+    assert cpu.info["broadening"]["sampling"] == "pixel_mean"
+    labels = random_labels(rng, cpu, 19)
+    vmac = rng.uniform(0.0, 20.0, 19)
+    vmac[0], vmac[1] = 0.0, 50.0  # none, and the largest the stage takes
+    a, b = cpu(labels, vmac=vmac), gpu(labels, vmac=vmac)
+    rel, worst = errors(b, a.astype(np.float64))
+    assert rel <= CPU_CUDA_NORM and worst <= CPU_CUDA_MAX, f"rel {rel:.2e} max {worst:.2e}"
+    np.testing.assert_array_equal(gpu(labels[:1], vmac=[0.0]), gpu(labels[:1]))
+    fa, ja, va = cpu.jacobian(labels, vmac=vmac, return_vmac=True)
+    n, nl = labels.shape
+    for repeat in range(3):  # plain, capture, replay
+        out = np.full((n, cpu.n_pixels), np.nan, np.float32)
+        jac = np.full((n, cpu.n_pixels, nl), np.nan, np.float32)
+        fb, jb, vb = gpu._core.forward_jacobian(labels, out=out, jac=jac, vmac=vmac, vmac_column=True)
+        assert np.isfinite(fb).all() and np.isfinite(jb).all() and np.isfinite(vb).all()
+        assert errors(fb, fa.astype(np.float64))[1] <= CPU_CUDA_MAX
+        for j in range(nl):
+            r = np.linalg.norm(jb[..., j] - ja[..., j]) / max(np.linalg.norm(ja[..., j]), 1e-30)
+            assert r <= JACOBIAN_BOUND["f16"], f"column {j}: rel {r:.2e}"
+        r = np.linalg.norm(vb - va) / np.linalg.norm(va)
+        assert r <= JACOBIAN_BOUND["f16"], f"vmac column: rel {r:.2e}"
+        assert not vb[0].any()  # vmac = 0: derivative 0
+    # the device entry point
+    d_out = cp.full((n, cpu.n_pixels), cp.nan, dtype=cp.float32)
+    d_jac = cp.full((n, cpu.n_pixels, nl), cp.nan, dtype=cp.float32)
+    d_vm = cp.full((n, cpu.n_pixels), cp.nan, dtype=cp.float32)
+    stream = cp.cuda.get_current_stream()
+    gpu._core.forward_jacobian_device(labels, d_out.data.ptr, d_jac.data.ptr, stream.ptr, 0, False, vmac, d_vm.data.ptr)
+    stream.synchronize()
+    assert np.isfinite(cp.asnumpy(d_vm)).all() and np.isfinite(cp.asnumpy(d_jac)).all()
+    np.testing.assert_allclose(cp.asnumpy(d_vm), vb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="vmac = -1"):
+        gpu(labels[:2], vmac=[1.0, -1.0])
+
+
 def test_cupy_in_and_out_without_copies(cp, rng):
     d = fastspec.Decoder.load(device="cuda")
     labels = random_labels(rng, d, 64)

@@ -93,7 +93,7 @@ def test_cuda_plan_chunks(small_model):
     # forward_jacobian: 6 tangents a row, capped to 1 GiB of tangents (+ the host Jacobian for host callers)
     pj = _core._cuda_plan(m, 10**6, 10**6, True, False)
     assert pj["rows"] == (1 << 30) // (6 * 19000 * 4)
-    assert _core._cuda_plan(m, 10**6, 10**6, True, True)["rows"] == (1 << 30) // ((6 + 1 + 6) * 19000 * 4)
+    assert _core._cuda_plan(m, 10**6, 10**6, True, True)["rows"] == (1 << 30) // ((6 + 2 + 6) * 19000 * 4)
     assert _core._cuda_plan(m, 0, 1024, False, False)["chunks"] == []
 
 
@@ -101,7 +101,7 @@ def test_cuda_plan_broadening(v2_model):
     m = _core.Model.load(str(v2_model))
     p = _core._cuda_plan(m, 3, 1024, True, False)
     assert p["elem"] == 2 and p["nodes"] == 9 and p["max_half"] > 300
-    taps = 9 * (2 * p["max_half"] + 1) * 3
+    taps = 9 * (2 * p["max_half"] + 1) * 4  # flux, d/dvsini, d/dR, d/dvmac
     align = lambda n: (n + 255) // 256 * 256  # noqa: E731
     assert p["buffers"]["kernels"] == align(3 * 16) + align(3 * 9 * 4) + align(3 * taps * 4)
     assert p["buffers"]["intrinsic"] == align(3 * 19000 * 4)
@@ -270,11 +270,13 @@ class RecordingCore:
     def __init__(self):
         self.calls = []
 
-    def forward_device(self, labels, out, stream, z, clip):
+    def forward_device(self, labels, out, stream, z, clip, vmac=None):
         self.calls.append(("forward", labels.copy(), out, stream, z, clip))
+        self.vmac = vmac
 
-    def forward_jacobian_device(self, labels, out, jac, stream, z, clip):
+    def forward_jacobian_device(self, labels, out, jac, stream, z, clip, vmac=None, jac_vmac=0):
         self.calls.append(("jacobian", labels.copy(), out, jac, stream, z, clip))
+        self.vmac, self.jac_vmac = vmac, jac_vmac
 
 
 def test_cuda_decoder_python_layer_with_fakes(small_model, monkeypatch):
@@ -289,6 +291,9 @@ def test_cuda_decoder_python_layer_with_fakes(small_model, monkeypatch):
     kind, lab, ptr, stream, z, clip = d._core.calls[-1]
     assert kind == "forward" and ptr == 0x7000 and stream == 99 and z == 0 and clip is True
     assert lab.dtype == np.float64 and lab.shape == (2, 6) and lab.flags.c_contiguous
+    assert d._core.vmac is None
+    d(labels, out=out, vmac=[4.0, 0.0])  # macroturbulence: host float64 (N,) to the core
+    assert d._core.vmac.dtype == np.float64 and d._core.vmac.tolist() == [4.0, 0.0]
     z_dev = FakeCAI(shape=(2, 4), typestr="<f4", data=(0x9000, False))
     d(labels, z=z_dev, out=out)
     assert d._core.calls[-1][4] == 0x9000

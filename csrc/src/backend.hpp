@@ -20,7 +20,7 @@
 
 namespace fastspec::detail {
 
-constexpr int kBackendAbi = 2;
+constexpr int kBackendAbi = 3;
 
 // What a backend needs of a Model.
 struct NetworkSpec {
@@ -64,7 +64,8 @@ public:
     // d(normalised network input t)/d(label network_labels[t]) for rows [r0, r0 + rows): (rows, n_network) floats,
     // 0 for a label clamped by clip.
     virtual void tangent_scales(std::size_t r0, std::size_t rows, float* dst) const = 0;
-    // Row r's broadening kernels (BroadeningStage::make_kernels of its v sin i and R, clamped with clip).
+    // Row r's broadening kernels (BroadeningStage::make_kernels of its v sin i and R, clamped with clip, and its
+    // macroturbulence; with derivatives, d_vmac too).
     virtual void kernels(std::size_t r, bool derivatives, BroadeningStage::Kernels& k) const = 0;
     // Whether row r's label j is outside its range (clamped by clip): its Jacobian column is 0.
     virtual bool clamped(std::size_t r, std::size_t j) const = 0;
@@ -77,7 +78,8 @@ struct DeviceCall {
     std::size_t n = 0;
     float* out = nullptr;
     float* jacobian = nullptr;
-    bool on_device = false;  // out and jacobian: device memory (true) or host memory (false)
+    float* jacobian_vmac = nullptr;  // (n, n_pixels) dF/dvmac, or nullptr (only with jacobian)
+    bool on_device = false;  // out, jacobian and jacobian_vmac: device memory (true) or host memory (false)
     std::uintptr_t stream = 0;
     bool clip = false, z = false;
 };

@@ -114,6 +114,19 @@ void rotation_transform(double k, double c1, double c2, double& r, double& dr, d
 
 }  // namespace
 
+// M(a) = (1 - e^-a) / a = -expm1(-a) / a; dM/da = (e^-a (1 + a) - 1) / a^2. Below a = 1e-2 the series
+// M = sum_k (-a)^k / (k+1)!, dM/da = sum_{k>=1} (-1)^k k a^(k-1) / (k+1)! to a^5 (next terms < 2e-16 there).
+void macroturbulence_transform(double a, double& m, double& dm_da) {
+    if (a < 1e-2) {
+        m = 1.0 - a * (1.0 / 2 - a * (1.0 / 6 - a * (1.0 / 24 - a * (1.0 / 120 - a * (1.0 / 720 - a / 5040)))));
+        dm_da = -1.0 / 2 + a * (2.0 / 6 - a * (3.0 / 24 - a * (4.0 / 120 - a * (5.0 / 720 - a * 6.0 / 5040))));
+        return;
+    }
+    const double e = std::exp(-a);
+    m = -std::expm1(-a) / a;
+    dm_da = (e * (1.0 + a) - 1.0) / (a * a);
+}
+
 // Tables for band_limited_kernel, made once per stage: cos(omega_j) and 1/box(omega_j) on the finest frequency grid
 // it uses (coarser grids take every stride-th entry), and R, R', R'' on a k grid of step 1/32, read by cubic Hermite
 // interpolation (R from R and R', R' from R' and R''; error ~1e-8): Bessel functions cost 100 ns a call, and a
@@ -155,14 +168,18 @@ struct BroadeningStage::BandTables {
 
 namespace {
 
-// The kernel for pixel-mean input: taps whose transform is H(omega) = R(omega w) exp(-sigma^2 omega^2 / 2) / sinc(omega/2)
-// on |omega| <= pi -- rotation and Gaussian with the input's one-pixel box divided out, for a spectrum read as
+// The kernel for pixel-mean input: taps whose transform is H(omega) = R(omega w) exp(-sigma^2 omega^2 / 2) M(omega) /
+// sinc(omega/2) on |omega| <= pi -- rotation, Gaussian and radial-tangential macroturbulence (M = (1 - e^-a) / a,
+// a = (omega z / 2)^2, z = zeta in pixels; M = 1 at z = 0) with the input's one-pixel box divided out, for a spectrum read as
 // band-limited (benchmarks/results/operator-floor-2026-12-03.md: its floor against SYNSPEC's fine mesh is 5.6e-6 for
 // slow rotators at high R, against 1.5e-4 for hat weights on the same pixel means). H is sampled at
 // omega_j = 2 pi j / nfft (the inverse real DFT, by direct cosine sums; nfft >= 1024 and >= 4 reach), the taps kept
-// to |m| <= reach and divided by their sum; dk_dw and dk_dsigma (when asked for) are the derivatives of the
+// to |m| <= reach and divided by their sum; dk_dw, dk_dsigma and dk_dz (when asked for) are the derivatives of the
 // normalised taps.
 int band_limited_reach(double w, double sigma) { return int(std::ceil(w + 7.0 * sigma)) + 16; }
+// What macroturbulence adds to the reach: 5 z (the profile is a mixture of Gaussians exp(-(v / zeta mu)^2) with
+// zeta mu <= zeta: its mass beyond 5 zeta is below erfc(5) = 1.5e-12).
+int vmac_reach(double z) { return z > 0 ? int(std::ceil(5.0 * z)) : 0; }
 
 int band_limited_nfft(int reach) {
     // At least 1024 frequencies: the kernel of a sharp R rings as 1/m and a short transform wraps that ringing
@@ -172,10 +189,12 @@ int band_limited_nfft(int reach) {
     return nfft;
 }
 
-void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, double sigma, int reach,
-                         std::vector<double>& k, std::vector<double>* dk_dw, std::vector<double>* dk_dsigma) {
+void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, double sigma, double z, int reach,
+                         std::vector<double>& k, std::vector<double>* dk_dw, std::vector<double>* dk_dsigma,
+                         std::vector<double>* dk_dz) {
     const int nfft = band_limited_nfft(reach), stride = tab.nmax / nfft, n = 2 * reach + 1;
-    std::vector<double> t(reach + 1, 0.0), tw(dk_dw ? reach + 1 : 0, 0.0), ts(dk_dsigma ? reach + 1 : 0, 0.0);
+    std::vector<double> t(reach + 1, 0.0), tw(dk_dw ? reach + 1 : 0, 0.0), ts(dk_dsigma ? reach + 1 : 0, 0.0),
+        tz(dk_dz ? reach + 1 : 0, 0.0);
     // exp(-a j^2), a = (sigma d_omega)^2 / 2, by its recurrence: g_{j+1} = g_j ratio_j, ratio_{j+1} = ratio_j q
     const double d_om = 2.0 * M_PI / nfft, a = 0.5 * sigma * sigma * d_om * d_om, q = std::exp(-2.0 * a);
     double g = 1.0, ratio = std::exp(-a);
@@ -185,7 +204,14 @@ void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, doubl
         double r = 1.0, dr = 0.0;
         if (w > 0) tab.rotation(om * w, r, dr);
         const double weight = (j == 0 || 2 * j == nfft) ? 1.0 : 2.0;  // the even, real spectrum's both halves
-        const double gb = weight * g * tab.inv_box[j * stride];
+        double gb = weight * g * tab.inv_box[j * stride], hz = 0.0;
+        if (z > 0) {  // macroturbulence: M(a), a = (om z / 2)^2; dH/dz = R gb dM/da * om^2 z / 2
+            const double half_oz = 0.5 * om * z;
+            double mt, dmt;
+            macroturbulence_transform(half_oz * half_oz, mt, dmt);
+            hz = r * gb * dmt * half_oz * om;
+            gb *= mt;
+        }
         const double h = r * gb, hw = om * dr * gb, hs = -sigma * om * om * h;
         // cos(m om) for m = 0..reach by the Chebyshev recurrence
         const double c = tab.cos_om[j * stride];
@@ -194,6 +220,7 @@ void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, doubl
             t[m] += h * cur;
             if (dk_dw) tw[m] += hw * cur;
             if (dk_dsigma) ts[m] += hs * cur;
+            if (dk_dz) tz[m] += hz * cur;
             const double next = 2.0 * c * cur - prev;
             prev = cur;
             cur = next;
@@ -216,6 +243,7 @@ void band_limited_kernel(const BroadeningStage::BandTables& tab, double w, doubl
     };
     if (dk_dw) normalised_derivative(tw, dk_dw);
     if (dk_dsigma) normalised_derivative(ts, dk_dsigma);
+    if (dk_dz) normalised_derivative(tz, dk_dz);
     for (double& x : k) x /= sum;
 }
 
@@ -252,6 +280,7 @@ BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step
     const double lam_max = wavelength_start + wavelength_step * double(n_pixels - 1);
     rot_half_max_ = int(std::ceil(max_vsini / kC * lam_max / step_)) + 2;
     gauss_half_max_ = int(std::ceil(6.0 * lam_max / (kFwhmPerSigma * min_resolution * step_))) + 2;
+    vmac_half_max_ = vmac_reach(kMaxVmac / kC * lam_max / step_);
     if (rot_half_max_ + gauss_half_max_ > int(n_pixels) * 4)
         throw Error("Broadening: kernels of " + std::to_string(rot_half_max_ + gauss_half_max_) +
                     " pixels are too wide for a grid of " + std::to_string(n_pixels));
@@ -282,17 +311,22 @@ BroadeningStage::BroadeningStage(const Model& m)
                       m.broadening().segments, m.labels()[m.broadening().vsini_label].max,
                       m.labels()[m.broadening().resolution_label].min, m.broadening().sampling) {}
 
-void BroadeningStage::check(double vsini, double resolution) const {
+void BroadeningStage::check(double vsini, double resolution, double vmac) const {
     if (!(vsini >= 0 && vsini <= max_vsini_ * (1 + 1e-12)))
         throw InputError("vsini = " + num(vsini) + " km/s is outside [0, " + num(max_vsini_) + "]");
     if (!(resolution >= min_resolution_ * (1 - 1e-12)))  // also NaN; +inf is allowed
         throw InputError("resolution = " + num(resolution) + " is below " + num(min_resolution_) + " (inf allowed)");
+    if (!(vmac >= 0 && vmac <= kMaxVmac))  // also NaN and inf
+        throw InputError("vmac = " + num(vmac) + " km/s is outside [0, " + num(kMaxVmac) + "]");
+    if (vmac > 0 && sampling_ != Sampling::pixel_mean)
+        throw InputError("vmac = " + num(vmac) + " km/s: macroturbulence needs a pixel-mean broadening stage (model "
+                         "format 3); this stage takes point samples (format 2), which has none");
 }
 
-void BroadeningStage::make_kernels(double vsini, double resolution, bool derivatives, Kernels& k) const {
-    check(vsini, resolution);
+void BroadeningStage::make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k) const {
+    check(vsini, resolution, vmac);
     struct Parts {
-        std::vector<double> flux, dv, dr;
+        std::vector<double> flux, dv, dr, dz;
     };
     std::vector<Parts> parts(nodes_.size());
     k.node_half.assign(nodes_.size(), 0);
@@ -305,18 +339,21 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
         // cut at 6 sigma + 2 pixels like training's (its tail there is < 1e-8 and renormalised away).
         const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
         if (sampling_ == Sampling::pixel_mean) {
-            // One composite kernel: rotation, Gaussian and the input's box together (band_limited_kernel).
+            // One composite kernel: rotation, Gaussian, macroturbulence and the input's box together
+            // (band_limited_kernel). zeta is in km/s like v sin i: z = vmac * dw_dv pixels.
+            const double z = vmac * dw_dv;
             int reach = 0;
-            if (w > 0 || sigma > 0) reach = std::min(max_half(), band_limited_reach(w, sigma));
+            if (w > 0 || sigma > 0 || z > 0) reach = std::min(base_half_max(), band_limited_reach(w, sigma)) + vmac_reach(z);
             if (reach == 0) {
-                parts[s].flux = {1.0};  // v sin i = 0 and R = inf: the identity
-                if (derivatives) parts[s].dv = parts[s].dr = {0.0};
+                parts[s].flux = {1.0};  // v sin i = 0, R = inf and no macroturbulence: the identity
+                if (derivatives) parts[s].dv = parts[s].dr = parts[s].dz = {0.0};
             } else {
-                band_limited_kernel(*bands_, w, sigma, reach, parts[s].flux, derivatives ? &parts[s].dv : nullptr,
-                                    derivatives ? &parts[s].dr : nullptr);
+                band_limited_kernel(*bands_, w, sigma, z, reach, parts[s].flux, derivatives ? &parts[s].dv : nullptr,
+                                    derivatives ? &parts[s].dr : nullptr, derivatives ? &parts[s].dz : nullptr);
                 if (derivatives) {
                     for (double& x : parts[s].dv) x *= dw_dv;
                     for (double& x : parts[s].dr) x *= ds_dr;
+                    for (double& x : parts[s].dz) x *= dw_dv;  // d/dvmac = d/dz * dz/dvmac
                 }
             }
             k.node_half[s] = reach;
@@ -334,6 +371,7 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
             for (double& x : parts[s].dv) x *= dw_dv;                     // d/dvsini = d/dw * dw/dvsini
             parts[s].dr = convolve(kr, dkg);
             for (double& x : parts[s].dr) x *= ds_dr;
+            parts[s].dz.assign(parts[s].flux.size(), 0.0);  // no macroturbulence on point samples (check())
         }
         k.node_half[s] = hr + hg;
         half = std::max(half, hr + hg);
@@ -352,14 +390,19 @@ void BroadeningStage::make_kernels(double vsini, double resolution, bool derivat
     if (derivatives) {
         lay_out(k.d_vsini, &Parts::dv);
         lay_out(k.d_resolution, &Parts::dr);
+        lay_out(k.d_vmac, &Parts::dz);
     } else {
         k.d_vsini.clear();
         k.d_resolution.clear();
+        k.d_vmac.clear();
     }
 }
 
 void BroadeningStage::apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const {
-    const std::vector<float>& taps = which == Which::flux ? k.flux : which == Which::d_vsini ? k.d_vsini : k.d_resolution;
+    const std::vector<float>& taps = which == Which::flux      ? k.flux
+                                     : which == Which::d_vsini ? k.d_vsini
+                                     : which == Which::d_vmac  ? k.d_vmac
+                                                               : k.d_resolution;
     if (taps.empty()) throw Error("BroadeningStage::apply: kernels made without derivatives");
     const int h = k.half, n = int(n_);
     const std::size_t ntaps = 2 * std::size_t(h) + 1;
@@ -415,15 +458,23 @@ std::size_t Broadening::n_pixels() const { return impl_->stage.n_pixels(); }
 
 void Broadening::apply(const float* in, double vsini, double resolution, float* out, float* d_vsini,
                        float* d_resolution) const {
+    apply(in, vsini, resolution, 0.0, out, d_vsini, d_resolution, nullptr);
+}
+
+void Broadening::apply(const float* in, double vsini, double resolution, double vmac, float* out, float* d_vsini,
+                       float* d_resolution, float* d_vmac) const {
     if (!in || !out) throw InputError("Broadening::apply: in and out must not be null");
     using W = detail::BroadeningStage::Which;
     detail::BroadeningStage::Kernels k;
-    impl_->stage.make_kernels(vsini, resolution, d_vsini || d_resolution, k);
+    impl_->stage.make_kernels(vsini, resolution, vmac, d_vsini || d_resolution || d_vmac, k);
     std::vector<float> scratch;
     // The flux last: `out` may be `in` (the stage reads its input in full before it writes).
     if (d_vsini) impl_->stage.apply(k, W::d_vsini, in, d_vsini, scratch);
     if (d_resolution) impl_->stage.apply(k, W::d_resolution, in, d_resolution, scratch);
+    if (d_vmac) impl_->stage.apply(k, W::d_vmac, in, d_vmac, scratch);
     impl_->stage.apply(k, W::flux, in, out, scratch);
 }
+
+double Broadening::max_vmac() { return detail::kMaxVmac; }
 
 }  // namespace fastspec

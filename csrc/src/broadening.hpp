@@ -13,7 +13,11 @@
 //     spectrum convolved with a one-pixel box), so one composite kernel per node has the transform
 //     rotation * Gaussian / box on |omega| <= pi, the spectrum read as band-limited (band_limited_kernel);
 //   * rotation and Gaussian are combined into one kernel per node, applied to the spectrum extended by its
-//     edge values (training's FFT applies both to the same edge-extended window: the same operator).
+//     edge values (training's FFT applies both to the same edge-extended window: the same operator);
+//   * macroturbulence (pixel means only): Gray's radial-tangential profile (equal radial and tangential areas, no
+//     limb darkening) of zeta = vmac km/s is one more factor of the composite kernel's transform,
+//     M(omega) = (1 - exp(-a)) / a with a = (omega z / 2)^2, z = zeta in pixels at the node (macroturbulence_transform);
+//     a point-sample stage refuses vmac > 0 (InputError naming the sampling and the model format).
 #pragma once
 
 #include <cstddef>
@@ -24,6 +28,14 @@
 
 namespace fastspec::detail {
 
+// The largest radial-tangential macroturbulence zeta the stage takes (km/s); it sizes the kernels (max_half).
+constexpr double kMaxVmac = 50.0;
+
+// Gray's radial-tangential macroturbulence profile's Fourier transform, M = (1 - e^-a) / a, and dM/da, at
+// a = (pi zeta s)^2 (s the frequency in cycles per unit of zeta; a >= 0). Series below a = 1e-2, where the closed
+// form cancels. Exposed for the tests (fastspec._core._macroturbulence_transform).
+void macroturbulence_transform(double a, double& m, double& dm_da);
+
 class BroadeningStage {
 public:
     BroadeningStage(double wavelength_start, double wavelength_step, std::size_t n_pixels, double epsilon,
@@ -32,18 +44,21 @@ public:
     // labels (model.broadening().enabled must be true).
     explicit BroadeningStage(const Model& model);
 
-    // The kernels of one (vsini, R): for every node, 2 * half + 1 float taps (nodes with narrower kernels are
-    // zero-padded to the widest), and with `derivatives` their derivatives by vsini and by R.
+    // The kernels of one (vsini, R, vmac): for every node, 2 * half + 1 float taps (nodes with narrower kernels are
+    // zero-padded to the widest), and with `derivatives` their derivatives by vsini, by R and by vmac.
     struct Kernels {
         int half = 0;
         std::vector<int> node_half;  // each node's own half-width (<= half): the taps beyond it are zero
-        std::vector<float> flux, d_vsini, d_resolution;  // (nodes, 2 * half + 1) each
+        std::vector<float> flux, d_vsini, d_resolution, d_vmac;  // (nodes, 2 * half + 1) each
     };
-    enum class Which { flux, d_vsini, d_resolution };
+    enum class Which { flux, d_vsini, d_resolution, d_vmac };
 
-    // Throws InputError for vsini outside [0, max_vsini] or resolution below min_resolution (inf is allowed).
-    void check(double vsini, double resolution) const;
-    void make_kernels(double vsini, double resolution, bool derivatives, Kernels& k) const;
+    // Throws InputError for vsini outside [0, max_vsini], resolution below min_resolution (inf is allowed), or vmac
+    // outside [0, kMaxVmac] (NaN included) or > 0 on a point-sample stage.
+    void check(double vsini, double resolution, double vmac = 0.0) const;
+    // vmac: radial-tangential macroturbulence zeta, km/s (0: none; then the kernels are the ones without it, bit for
+    // bit). d_vmac is 0 at vmac = 0 (the transform is even in zeta).
+    void make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k) const;
     // y = sum over nodes of hat_s * (K_s applied to x), x extended by its edge values; x and y may alias.
     // scratch is grown as needed (one per thread).
     void apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const;
@@ -56,10 +71,13 @@ public:
     int node_lo(std::size_t s) const { return nodes_[s].lo; }
     int node_hi(std::size_t s) const { return nodes_[s].hi; }
     const std::vector<float>& node_hat(std::size_t s) const { return nodes_[s].hat; }
-    // the widest kernel make_kernels returns (pixel means: the band-limited kernel's reach, w + 7 sigma + 16)
-    int max_half() const { return rot_half_max_ + gauss_half_max_ + (sampling_ == Sampling::pixel_mean ? gauss_half_max_ / 6 + 16 : 0); }
+    // the widest kernel make_kernels returns (pixel means: the band-limited kernel's reach, w + 7 sigma + 16, plus
+    // 5 zeta for macroturbulence up to kMaxVmac)
+    int max_half() const { return base_half_max() + (sampling_ == Sampling::pixel_mean ? vmac_half_max_ : 0); }
 
 private:
+    // the widest kernel without macroturbulence (what the rotation and Gaussian reach is capped at)
+    int base_half_max() const { return rot_half_max_ + gauss_half_max_ + (sampling_ == Sampling::pixel_mean ? gauss_half_max_ / 6 + 16 : 0); }
     struct Node {
         int lo, hi;               // the pixels this node's hat covers
         double wavelength;        // where its kernel widths are taken
@@ -74,7 +92,7 @@ public:
 private:
     std::shared_ptr<const BandTables> bands_;
     std::size_t n_;
-    int rot_half_max_, gauss_half_max_;
+    int rot_half_max_, gauss_half_max_, vmac_half_max_;
     std::vector<Node> nodes_;
 };
 

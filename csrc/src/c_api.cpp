@@ -116,4 +116,20 @@ int fastspec_forward_jacobian(const fastspec_decoder* decoder, const double* lab
     return guarded([&] { decoder->decoder.forward_jacobian(labels, n, flux, jacobian, nullptr, clip != 0); });
 }
 
+int fastspec_forward_vmac(const fastspec_decoder* decoder, const double* labels, const double* vmac, size_t n,
+                          float* flux, int clip) {
+    if (!decoder) return null_argument("decoder");
+    return guarded([&] { decoder->decoder.forward(labels, n, flux, nullptr, clip != 0, vmac); });
+}
+
+int fastspec_forward_jacobian_vmac(const fastspec_decoder* decoder, const double* labels, const double* vmac,
+                                   size_t n, float* flux, float* jacobian, float* jacobian_vmac, int clip) {
+    if (!decoder) return null_argument("decoder");
+    return guarded([&] {
+        decoder->decoder.forward_jacobian(labels, n, flux, jacobian, nullptr, clip != 0, vmac, jacobian_vmac);
+    });
+}
+
+double fastspec_max_vmac(void) { return fastspec::Broadening::max_vmac(); }
+
 }  // extern "C"

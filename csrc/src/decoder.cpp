@@ -1,6 +1,7 @@
 // Decoder: validates the inputs, then runs the layers chunk by chunk with a pooled workspace.
 #include <algorithm>
 #include <mutex>
+#include <sstream>
 
 #include "backend.hpp"
 #include "decoder_impl.hpp"
@@ -44,6 +45,27 @@ void Decoder::Impl::broadening_labels(const double* labels, std::size_t r, bool 
     if (clip) {
         vsini = std::clamp(vsini, info[b.vsini_label].min, info[b.vsini_label].max);
         resolution = std::clamp(resolution, info[b.resolution_label].min, info[b.resolution_label].max);
+    }
+}
+
+void Decoder::Impl::validate_vmac(const double* vmac, std::size_t n) const {
+    if (!vmac) return;
+    for (std::size_t r = 0; r < n; ++r) {
+        const double v = vmac[r];
+        if (!(v >= 0 && v <= detail::kMaxVmac)) {  // NaN and inf too
+            std::ostringstream os;
+            os.precision(10);
+            os << "vmac = " << v << " km/s (row " << r << ") is outside [0, " << detail::kMaxVmac << "]";
+            throw InputError(os.str());
+        }
+        if (v > 0 && !(stage && stage->sampling() == Sampling::pixel_mean)) {
+            std::ostringstream os;
+            os.precision(10);
+            os << "vmac = " << v << " km/s (row " << r << "): macroturbulence is applied by the pixel-mean broadening "
+               << "stage of format-3 models; " << model.path() << " is format " << model.format_version()
+               << (stage ? " (its stage takes point samples)" : " (no broadening stage)") << ", so only vmac = 0 works";
+            throw InputError(os.str());
+        }
     }
 }
 
@@ -105,12 +127,14 @@ void Decoder::Impl::run_network(const double* labels, std::size_t n, float* out,
     }
 }
 
-void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip) const {
+void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip,
+                      const double* vmac) const {
     if (n == 0) return;
     if (!labels || !out) throw InputError("forward: labels and out must not be null");
-    if (impl_->device) return impl_->run_on_device(labels, n, out, nullptr, false, 0, z, false, clip);
+    if (impl_->device) return impl_->run_on_device(labels, n, out, nullptr, false, 0, z, false, clip, vmac, nullptr);
     const Model& m = impl_->model;
     detail::validate_inputs(m, labels, n, z, clip);  // everything, before any output is written
+    impl_->validate_vmac(vmac, n);
     detail::cpu::ensure_blas_threads(impl_->options.threads);
     auto ws = impl_->acquire();
     try {
@@ -120,7 +144,7 @@ void Decoder::forward(const double* labels, std::size_t n, float* out, const flo
             for (std::size_t r = 0; r < n; ++r) {
                 double vsini, resolution;
                 impl_->broadening_labels(labels, r, clip, vsini, resolution);
-                impl_->stage->make_kernels(vsini, resolution, false, ws->kernels);
+                impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, false, ws->kernels);
                 impl_->stage->apply(ws->kernels, detail::BroadeningStage::Which::flux, out + r * np, out + r * np,
                                     ws->broadening_scratch);
             }

@@ -48,10 +48,14 @@ struct Decoder::Impl {
                      DecoderWorkspace& ws) const;
     // The (v sin i, R) of row r of labels, clamped to the ranges when clip.
     void broadening_labels(const double* labels, std::size_t r, bool clip, double& vsini, double& resolution) const;
+    // Throws InputError for a vmac row that the model cannot apply (NaN, out of [0, kMaxVmac], > 0 without a
+    // pixel-mean stage), naming the row and the model's format; vmac may be nullptr (0 for every row).
+    void validate_vmac(const double* vmac, std::size_t n) const;
     // A Device::cuda call (device_decoder.cpp): validates on the host, then the backend runs it. out and jacobian
     // (nullptr: forward only) are device pointers when on_device, z a device pointer when z_on_device.
     void run_on_device(const double* labels, std::size_t n, float* out, float* jacobian, bool on_device,
-                       std::uintptr_t stream, const float* z, bool z_on_device, bool clip) const;
+                       std::uintptr_t stream, const float* z, bool z_on_device, bool clip, const double* vmac,
+                       float* jacobian_vmac) const;
     ~Impl();
 };
 

@@ -87,8 +87,8 @@ namespace {
 // The core's host-side work for one device call over validated inputs.
 class CoreRows final : public detail::HostRows {
 public:
-    CoreRows(const Decoder::Impl& impl, const double* labels, const float* z, bool clip)
-        : impl_(impl), labels_(labels), z_(z), clip_(clip) {}
+    CoreRows(const Decoder::Impl& impl, const double* labels, const float* z, bool clip, const double* vmac)
+        : impl_(impl), labels_(labels), z_(z), clip_(clip), vmac_(vmac) {}
     void input_rows(std::size_t r0, std::size_t rows, float* dst) const override {
         const Model& m = impl_.model;
         detail::make_input_rows(m, labels_ + r0 * m.n_labels(), z_ ? z_ + r0 * m.latent_dim() : nullptr, rows, clip_,
@@ -100,7 +100,7 @@ public:
     void kernels(std::size_t r, bool derivatives, detail::BroadeningStage::Kernels& k) const override {
         double vsini, resolution;
         impl_.broadening_labels(labels_, r, clip_, vsini, resolution);
-        impl_.stage->make_kernels(vsini, resolution, derivatives, k);
+        impl_.stage->make_kernels(vsini, resolution, vmac_ ? vmac_[r] : 0.0, derivatives, k);
     }
     bool clamped(std::size_t r, std::size_t j) const override {
         const LabelInfo& l = impl_.model.labels()[j];
@@ -113,12 +113,14 @@ private:
     const double* labels_;
     const float* z_;
     bool clip_;
+    const double* vmac_;
 };
 
 }  // namespace
 
 void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* out, float* jacobian, bool on_device,
-                                  std::uintptr_t stream, const float* z, bool z_on_device, bool clip) const {
+                                  std::uintptr_t stream, const float* z, bool z_on_device, bool clip,
+                                  const double* vmac, float* jacobian_vmac) const {
     if (n == 0) return;
     std::vector<float> z_host;
     if (z && z_on_device) {  // z is small: read it back, so that it is checked and used by the one host path
@@ -127,12 +129,14 @@ void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* ou
         z = z_host.data();
     }
     detail::validate_inputs(model, labels, n, z, clip);  // everything, before any output is written
-    CoreRows rows(*this, labels, z, clip);
+    validate_vmac(vmac, n);
+    CoreRows rows(*this, labels, z, clip, vmac);
     detail::DeviceCall call;
     call.host = &rows;
     call.n = n;
     call.out = out;
     call.jacobian = jacobian;
+    call.jacobian_vmac = jacobian ? jacobian_vmac : nullptr;
     call.on_device = on_device;
     call.stream = stream;
     call.clip = clip;
@@ -141,24 +145,25 @@ void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* ou
 }
 
 void Decoder::forward_device(const double* labels_host, std::size_t n, float* out_device, std::uintptr_t stream,
-                             const float* z_device, bool clip) const {
+                             const float* z_device, bool clip, const double* vmac_host) const {
     if (!impl_->device)
         throw DeviceError("forward_device: this Decoder runs on the CPU (DecoderOptions.device = cpu); use forward()");
     if (n == 0) return;
     if (!labels_host || !out_device) throw InputError("forward_device: labels and out must not be null");
-    impl_->run_on_device(labels_host, n, out_device, nullptr, true, stream, z_device, true, clip);
+    impl_->run_on_device(labels_host, n, out_device, nullptr, true, stream, z_device, true, clip, vmac_host, nullptr);
 }
 
 void Decoder::forward_jacobian_device(const double* labels_host, std::size_t n, float* out_device,
                                       float* jacobian_device, std::uintptr_t stream, const float* z_device,
-                                      bool clip) const {
+                                      bool clip, const double* vmac_host, float* jacobian_vmac_device) const {
     if (!impl_->device)
         throw DeviceError("forward_jacobian_device: this Decoder runs on the CPU (DecoderOptions.device = cpu); "
                           "use forward_jacobian()");
     if (n == 0) return;
     if (!labels_host || !out_device || !jacobian_device)
         throw InputError("forward_jacobian_device: labels, out and jacobian must not be null");
-    impl_->run_on_device(labels_host, n, out_device, jacobian_device, true, stream, z_device, true, clip);
+    impl_->run_on_device(labels_host, n, out_device, jacobian_device, true, stream, z_device, true, clip, vmac_host,
+                         jacobian_vmac_device);
 }
 
 Device Decoder::device() const { return impl_->device ? Device::cuda : Device::cpu; }

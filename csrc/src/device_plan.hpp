@@ -46,7 +46,7 @@ struct Buffers {
     std::size_t hidden = 0;       // each of the two ping-pong activation buffers
     std::size_t logits = 0;       // the last layer's pre-activation, float32 (first, the first_f32 layer's output)
     std::size_t intrinsic = 0;    // the network's flux before the broadening stage
-    std::size_t staging_out = 0;  // out (and jacobian) on the device when the caller's are host memory
+    std::size_t staging_out = 0;  // out (and jacobian, jacobian_vmac) on the device when the caller's are host memory
     std::size_t tangent_in = 0, tangent_hidden = 0, tangent_last = 0;  // forward_jacobian: tangents
     std::size_t kernels = 0;      // broadening kernels of every row: [row records | node half-widths | taps]
     std::size_t lt_workspace = kLtWorkspace;
@@ -57,7 +57,7 @@ struct Buffers {
 };
 
 inline std::size_t kernel_row_floats(const Dims& d, bool jacobian) {
-    return d.nodes * (2 * std::size_t(d.max_half) + 1) * (jacobian ? 3 : 1);
+    return d.nodes * (2 * std::size_t(d.max_half) + 1) * (jacobian ? 4 : 1);  // flux | d/dvsini, d/dR, d/dvmac
 }
 
 struct RowRecord {  // one row's broadening kernels in the kernels buffer (device layout, 16 bytes)
@@ -78,7 +78,8 @@ inline Buffers buffers(const Dims& d, std::size_t rows, bool jacobian, bool host
     const std::size_t f32_width = std::max(d.n_pixels, d.first_f32);
     b.logits = align_up(rows * f32_width * 4);
     if (d.broadening) b.intrinsic = align_up(rows * d.n_pixels * 4);
-    if (host_output) b.staging_out = align_up(rows * d.n_pixels * 4 * (jacobian ? 1 + d.n_labels : 1));
+    // out | the Jacobian | its vmac column
+    if (host_output) b.staging_out = align_up(rows * d.n_pixels * 4 * (jacobian ? 2 + d.n_labels : 1));
     if (jacobian) {
         b.tangent_in = align_up(rows * d.n_network * d.input_dim * 4);
         b.tangent_hidden = align_up(rows * d.n_network * d.widest_hidden * d.elem);
@@ -96,7 +97,7 @@ inline std::size_t chunk_rows(const Dims& d, std::size_t n, std::size_t max_chun
     std::size_t rows = std::max<std::size_t>(1, std::min(n, max_chunk));
     if (jacobian) {
         const std::size_t per_row =
-            std::max<std::size_t>(1, d.n_pixels * 4 * (d.n_network + (host_output ? 1 + d.n_labels : 0)));
+            std::max<std::size_t>(1, d.n_pixels * 4 * (d.n_network + (host_output ? 2 + d.n_labels : 0)));
         rows = std::min(rows, std::max<std::size_t>(1, kJacobianBudget / per_row));
     }
     return rows;

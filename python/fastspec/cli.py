@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "one row); default: CSV on stdout")
     gen.add_argument("--plot", type=Path, help="also save a plot of the spectrum, in the format of its extension "
                                                 "(.png, .pdf, ...; needs matplotlib)")
+    gen.add_argument("--vmac", type=_vmac_value, default=0.0, metavar="KM_S",
+                     help="radial-tangential macroturbulence in km/s, 0-50, applied in the broadening stage "
+                          "(format-3 models; default 0)")
     gen.add_argument("--sample", action="store_true", help="draw z ~ N(0, I) instead of the prior mean z = 0")
     gen.add_argument("--seed", type=int, help="random seed for --sample (only with --sample)")
     gen.set_defaults(func=cmd_generate)
@@ -135,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Legendre degree of the continuum, 0-10; -1: none, the spectrum is normalised (default 2)")
     fit.add_argument("--bound", action="append", default=[], metavar="LABEL=LO:HI",
                      help="narrow a label's range, e.g. --bound vmic=1:3 (repeatable)")
+    fit.add_argument("--vmac", type=_vmac_value, default=0.0, metavar="KM_S|fit",
+                     help="radial-tangential macroturbulence: a value in km/s held fixed (0-20, default 0), or 'fit' "
+                          "to fit it in 0-20 km/s (narrow with --bound vmac=LO:HI); format-3 models")
     fit.add_argument("--clip", type=float, default=5.0, metavar="SIGMA",
                      help="reject outliers beyond SIGMA robust standard deviations (default 5; 0: off)")
     fit.add_argument("--loss", default="linear", help="least-squares loss: linear, soft_l1, huber, cauchy, arctan")
@@ -153,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     return parser
+
+
+def _vmac_value(text: str):
+    """--vmac: 'fit' or a finite number >= 0 (the core and fit() check the upper bound and the model)."""
+    if text.strip().lower() == "fit":
+        return "fit"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (km/s) or 'fit', got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -203,12 +222,15 @@ def cmd_generate(args) -> int:
     _check_plot(args.plot)
     decoder = Decoder.load(args.model, threads=args.threads)
     labels = {name: getattr(args, name) for name in LABEL_HELP}
-    flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed)
+    if args.vmac == "fit":
+        raise ValueError("--vmac fit is for `fastspec fit`; generate takes a value in km/s")
+    flux = decoder(**labels, clip=args.clip, sample=args.sample, seed=args.seed, vmac=args.vmac or None)
     if args.clip:  # say what was computed: the header and the plot carry the clamped labels
         labels = dict(zip(labels, _clamped(np.array([list(labels.values())]), decoder, "generate")[0]))
     wave = decoder.wavelength
     medium = decoder.info["medium"]
     header = ("fastspec " + " ".join(f"{k}={v:g}" for k, v in labels.items())
+              + (f" vmac={args.vmac:g}" if args.vmac else "")
               + f" z={'sampled' if args.sample else '0'}; wavelength in Å ({medium}), flux normalised to the continuum")
     # The output and the plot appear together, complete, or not at all.
     with ExitStack() as outputs:
@@ -476,7 +498,7 @@ def _fit_options(args) -> dict:
     return dict(rv=not args.no_rv, continuum_degree=None if args.continuum_degree == -1 else args.continuum_degree,
                 rv_bounds=tuple(args.rv_bounds), bounds=_parse_bounds(args.bound) or None, clip=args.clip or None,
                 loss=args.loss, model_error=False if args.no_model_error else "auto",
-                integrate="auto" if args.integrate is None else args.integrate)
+                integrate="auto" if args.integrate is None else args.integrate, vmac=args.vmac)
 
 
 def cmd_fit(args) -> int:
@@ -527,7 +549,8 @@ def cmd_fit(args) -> int:
                    "n_pixels_trimmed": result.n_pixels_trimmed, "n_pixels_clipped": result.n_pixels_clipped,
                    "error_estimate": result.error_estimate, "model_error": result.model_error,
                    "upper_limits": result.upper_limits, "integrate_pixels": result.integrate_pixels,
-                   "n_pixels_invalid": result.n_pixels_invalid, "n_pixels_masked": result.n_pixels_masked}
+                   "n_pixels_invalid": result.n_pixels_invalid, "n_pixels_masked": result.n_pixels_masked,
+                   "vmac": result.vmac, "vmac_fitted": result.vmac_fitted}
             with open(outputs.enter_context(_atomic_output(args.output)), "w") as f:
                 json.dump(doc, f, indent=1)
         if args.plot:
@@ -582,6 +605,7 @@ def plot_fit(spec, result, path, fmt: str = "png") -> None:
     lab = result.labels
     ax.set_title(f"Teff {lab['teff']:.0f} ± {result.uncertainties['teff']:.0f} K, log g {lab['logg']:.2f}, "
                  f"[M/H] {lab['mh']:+.2f}, v sin i {lab['vsini']:.1f}, v_mic {lab['vmic']:.2f}, R {lab['resolution']:.0f}"
+                 + (f", v_mac {result.vmac:.1f}" + ("" if result.vmac_fitted else " (fixed)") if result.vmac else "")
                  + (f", RV {result.rv:.2f} km/s" if result.rv is not None else "")
                  + f"; reduced χ² {result.reduced_chi2:.2f}", fontsize=9)
     axr.plot(spec.wavelength[used], (spec.flux - result.model_flux)[used], lw=0.5, color="k")

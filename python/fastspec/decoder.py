@@ -95,6 +95,13 @@ class Decoder:
     Labels outside the training ranges (``decoder.label_ranges``) raise ValueError, because a neural
     network extrapolates badly and silently; ``clip=True`` clamps them to the range instead. NaN or
     infinite labels always raise ValueError naming the label.
+
+    Macroturbulence: ``vmac=`` (km/s; a scalar or one value per spectrum; default 0) adds Gray's radial–tangential
+    macroturbulence profile (equal radial and tangential areas, no limb darkening) to the broadening stage, with
+    rotation and the instrumental profile. It is not a label (the six labels stay as they are, and ``clip`` does not
+    touch it): it must lie in [0, 50] km/s, and only models whose stage takes pixel means (format 3, the shipped
+    one) apply it; vmac > 0 on another model raises ValueError naming its format. vmac = 0 gives the spectra
+    without it, bit for bit.
     """
 
     def __init__(self, model: _core.Model, path: Path, *, threads: int = 1, device: str = "cpu", cuda_device: int = 0,
@@ -190,23 +197,25 @@ class Decoder:
     # ------------------------------------------------------------------------------------ compute
     @_python_words
     def __call__(self, params=None, *, z=None, sample: bool = False, seed=None, clip: bool = False,
-                 out=None, **labels):
+                 out=None, vmac=None, **labels):
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z, out)):
-            return self._call_device(params, labels, z, sample, seed, clip, out, jacobian=False)
+            return self._call_device(params, labels, z, sample, seed, clip, out, jacobian=False, vmac=vmac)
         labels_2d, single = self._labels_array(params, labels)
         n = labels_2d.shape[0]
         z_2d = self._latent_array(z, sample, seed, n)
+        vmac_1d = _vmac_array(vmac, n)
         if out is not None:
             out_2d = out.reshape(1, -1) if (single and out.ndim == 1) else out
             if out_2d.shape != (n, self.n_pixels) or out_2d.dtype != np.float32 or not out_2d.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, self.n_pixels)}")
         else:
             out_2d = None
-        flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d)
+        flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d, vmac=vmac_1d)
         return flux[0] if single else flux
 
     @_python_words
-    def jacobian(self, params=None, *, z=None, clip: bool = False, **labels) -> tuple[np.ndarray, np.ndarray]:
+    def jacobian(self, params=None, *, z=None, clip: bool = False, vmac=None, return_vmac: bool = False,
+                 **labels) -> tuple[np.ndarray, ...]:
         """The flux and its derivatives with respect to the labels, in one call: ``flux, jac = decoder.jacobian(p)``.
 
         Labels as for ``__call__`` (array of shape (6,) or (N, 6), or keywords). Returns float32 ``flux``
@@ -214,19 +223,26 @@ class Decoder:
         (N, n_pixels, 6): dF/d(label) in physical units (per K, per dex, per km/s, per unit of R), computed
         analytically by the core (about 7 forward passes). With ``clip=True`` a label outside its range
         is clamped and its derivative is 0. On a CUDA decoder, GPU arrays in give GPU arrays out.
+
+        ``vmac``: macroturbulence in km/s, as for ``__call__``. ``return_vmac=True`` returns a third array, dF/dvmac
+        per km/s, (n_pixels,) or (N, n_pixels), from the derivative of the stage's kernel (0 at vmac = 0, where the
+        flux is even in vmac).
         """
         for name in ("sample", "seed", "out"):
             if name in labels:
                 raise TypeError(f"jacobian() takes no {name}=: it differentiates at the given z (default 0); "
                                 "for a sampled z, draw it yourself and pass z=")
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z)):
-            return self._call_device(params, labels, z, False, None, clip, None, jacobian=True)
+            return self._call_device(params, labels, z, False, None, clip, None, jacobian=True, vmac=vmac,
+                                     return_vmac=return_vmac)
         labels_2d, single = self._labels_array(params, labels)
         z_2d = self._latent_array(z, False, None, labels_2d.shape[0])
-        flux, jac = self._core.forward_jacobian(labels_2d, z=z_2d, clip=clip)
-        return (flux[0], jac[0]) if single else (flux, jac)
+        vmac_1d = _vmac_array(vmac, labels_2d.shape[0])
+        result = self._core.forward_jacobian(labels_2d, z=z_2d, clip=clip, vmac=vmac_1d, vmac_column=bool(return_vmac))
+        return tuple(a[0] for a in result) if single else tuple(result)
 
-    def _call_device(self, params, keywords, z, sample, seed, clip, out, *, jacobian: bool):
+    def _call_device(self, params, keywords, z, sample, seed, clip, out, *, jacobian: bool, vmac=None,
+                     return_vmac: bool = False):
         """A CUDA decoder with GPU arrays: labels are read to the host (validated and normalised there, then copied
         once), z and the outputs stay on the GPU; the work is queued on CuPy's current stream (or the producer's)."""
         dev = self.cuda_device
@@ -238,6 +254,7 @@ class Decoder:
             params = devarr.to_host(params, "params")
         labels_2d, single = self._labels_array(params, keywords)
         n = labels_2d.shape[0]
+        vmac_1d = _vmac_array(devarr.to_host(vmac, "vmac") if _is_gpu_array(vmac) else vmac, n)
         z_ptr, z_keep = 0, None
         if _is_gpu_array(z):
             if sample:
@@ -264,7 +281,7 @@ class Decoder:
         out_arr = devarr.check(devarr.as_device_array(out, devarr.dlpack_stream(stream)), "out", "<f4", out_shape, dev,
                                writable=True)
         if not jacobian:
-            self._core.forward_device(labels_2d, out_arr.ptr, stream, z_ptr, clip)
+            self._core.forward_device(labels_2d, out_arr.ptr, stream, z_ptr, clip, vmac_1d)
             del z_keep
             return out
         jac_shape = (self.n_pixels, len(self.label_names)) if single else (n, self.n_pixels, len(self.label_names))
@@ -272,9 +289,13 @@ class Decoder:
         if jac is None:
             raise TypeError("forward_jacobian with GPU arrays needs CuPy to allocate the GPU Jacobian")
         jac_arr = devarr.as_device_array(jac)
-        self._core.forward_jacobian_device(labels_2d, out_arr.ptr, jac_arr.ptr, stream, z_ptr, clip)
+        jac_vmac, jv_ptr = None, 0
+        if return_vmac:
+            jac_vmac = devarr.empty(out_shape, dev)
+            jv_ptr = devarr.as_device_array(jac_vmac).ptr
+        self._core.forward_jacobian_device(labels_2d, out_arr.ptr, jac_arr.ptr, stream, z_ptr, clip, vmac_1d, jv_ptr)
         del z_keep
-        return out, jac
+        return (out, jac, jac_vmac) if return_vmac else (out, jac)
 
     def _labels_array(self, params, keywords: dict) -> tuple[np.ndarray, bool]:
         if _is_gpu_array(params):
@@ -322,6 +343,19 @@ class Decoder:
         if not np.all(np.isfinite(z)):
             raise ValueError("z contains NaN or infinite values")
         return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _vmac_array(vmac, n: int) -> np.ndarray | None:
+    """vmac (None, a scalar, or (n,)) as the core's float64 (n,), or None for 0 everywhere; the core checks the
+    values (finite, in [0, 50] km/s, > 0 only on a pixel-mean stage)."""
+    if vmac is None:
+        return None
+    arr = _as_float(vmac, "vmac")
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise ValueError(f"vmac must be a scalar or have shape ({n},) (one per spectrum); got {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def _as_float(value, name: str) -> np.ndarray:

@@ -70,8 +70,8 @@ void test_chunks() {
     CHECK(dp::chunk_rows(d, 0, 1024, false, false) == 1);
     // forward_jacobian: 4 tangents * 19000 * 4 bytes a row = 304000 -> 1 GiB / 304000 = 3532 rows
     CHECK(dp::chunk_rows(d, 100000, 100000, true, false) == (std::size_t(1) << 30) / 304000);
-    // with a host Jacobian: (4 + 1 + 6) * 19000 * 4 a row
-    CHECK(dp::chunk_rows(d, 100000, 100000, true, true) == (std::size_t(1) << 30) / (11 * 19000 * 4));
+    // with a host Jacobian: (4 + 1 + 6 + 1) * 19000 * 4 a row (tangents, out, the Jacobian, its vmac column)
+    CHECK(dp::chunk_rows(d, 100000, 100000, true, true) == (std::size_t(1) << 30) / (12 * 19000 * 4));
     CHECK(dp::chunk_rows(d, 10, 3, true, true) == 3);
     const auto c = dp::chunks(17, 5);
     CHECK(c.size() == 4 && dp::chunk_count(17, 5) == 4);
@@ -91,9 +91,9 @@ void test_chunks() {
     d.broadening = true, d.nodes = 9, d.max_half = 388;
     const auto j = dp::buffers(d, 3, true, true);
     CHECK(j.intrinsic == dp::align_up(3 * 19000 * 4));
-    CHECK(j.staging_out == dp::align_up(3 * 19000 * 4 * 7));
+    CHECK(j.staging_out == dp::align_up(3 * 19000 * 4 * 8));  // out | Jacobian (6) | vmac column
     CHECK(j.tangent_last == dp::align_up(3 * 4 * 19000 * 4));
-    CHECK(j.kernels == dp::align_up(3 * 16) + dp::align_up(3 * 9 * 4) + dp::align_up(3 * 9 * 777 * 3 * 4));
+    CHECK(j.kernels == dp::align_up(3 * 16) + dp::align_up(3 * 9 * 4) + dp::align_up(3 * 9 * 777 * 4 * 4));  // flux, d/dvsini, d/dR, d/dvmac
     CHECK(j.input == dp::kAlign + dp::align_up(3 * 20 * 4) + dp::align_up(3 * 4 * 4));
     CHECK(j.tangent_in == dp::align_up(3 * 4 * 20 * 4));
     CHECK(sizeof(dp::RowRecord) == 16);

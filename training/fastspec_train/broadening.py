@@ -29,6 +29,13 @@ Rot̂(ωw)·Ĝ(ω)/sinc(ω/2) on |ω| ≤ π (the box divided out, the spectrum 
 real FFT (band_limited_kernel). Against SYNSPEC's fine mesh its floor is 5.6e-6 (median |ΔF|, v sin i < 50, R > 2e4)
 where hat weights on the same pixel means give 1.5e-4 (benchmarks/results/operator-floor-2026-12-03.md).
 
+Macroturbulence (pixel means only; `vmac=` ζ in km/s). Gray's radial–tangential profile with equal radial and
+tangential areas and no limb darkening: at disk position μ the radial motions give a Gaussian exp(−(v/ζμ)²) along
+the line of sight, the tangential ones exp(−(v/ζ√(1−μ²))²); averaged over the disk with weight 2μ dμ, each part's
+transform is ∫₀¹ 2μ exp(−a μ²) dμ = (1 − e^{−a})/a, a = (π ζ s)² (s in cycles per km/s), and so is their sum's. It is
+one more factor M(ω) = (1 − e^{−a})/a, a = (ω z/2)², z = ζ in pixels at the node, of the composite kernel; it
+widens the taps' reach by 5z (the profile's mass beyond 5ζ is < 1.5e-12). A point-sample stage refuses ζ > 0.
+
 Edges. Each window is extended by its edge value (continuum-normalised flux, so constant extension is the
 least-surprising guess) over the widest kernel, so the circular FFT convolution never wraps around.
 Within one kernel half-width of either end the true broadened flux depends on the spectrum outside the
@@ -103,26 +110,47 @@ def rotation_transform(k: torch.Tensor, epsilon: float = EPSILON) -> torch.Tenso
     return torch.where(small, 1.0 - (c1 * math.pi / 16.0 + 2.0 * c2 / 15.0) * k * k, closed)
 
 
-def band_limited_reach(w: float, sigma: float) -> int:
-    """How far the pixel-mean kernel's taps are kept (pixels), as the C++ stage: ⌈w + 7σ⌉ + 16."""
-    return int(math.ceil(w + 7.0 * sigma)) + 16
+MAX_VMAC = 50.0  # km/s: the largest radial-tangential macroturbulence the stage takes (the C++ kMaxVmac)
+
+
+def macroturbulence_transform(a: torch.Tensor) -> torch.Tensor:
+    """Fourier transform of Gray's radial–tangential profile (equal areas, no limb darkening) at a = (π ζ s)²:
+    (1 − e^{−a})/a (series below a = 1e-2, as the C++ stage)."""
+    small = a < 1e-2
+    a_s = torch.where(small, torch.ones_like(a), a)
+    closed = -torch.expm1(-a_s) / a_s
+    series = 1.0 - a * (1 / 2 - a * (1 / 6 - a * (1 / 24 - a * (1 / 120 - a * (1 / 720 - a / 5040)))))
+    return torch.where(small, series, closed)
+
+
+def band_limited_reach(w: float, sigma: float, z: float = 0.0) -> int:
+    """How far the pixel-mean kernel's taps are kept (pixels), as the C++ stage: ⌈w + 7σ⌉ + 16, plus ⌈5z⌉ for a
+    macroturbulence of z pixels."""
+    return int(math.ceil(w + 7.0 * sigma)) + 16 + (int(math.ceil(5.0 * z)) if z > 0 else 0)
 
 
 def band_limited_kernel(halfwidth_px: torch.Tensor, sigma_px: torch.Tensor, half: int,
-                        epsilon: float = EPSILON) -> torch.Tensor:
+                        epsilon: float = EPSILON, vmac_px: torch.Tensor | None = None,
+                        base_half: int | None = None) -> torch.Tensor:
     """Taps (B, 2·half+1) that turn pixel means into the point-sampled spectrum broadened by rotation (half-width
-    w) and a Gaussian (σ), both in pixels: the inverse real DFT (nfft = the power of two ≥ 4·reach, at least 1024)
-    of H(ω) = Rot̂(ωw)·exp(−σ²ω²/2)/sinc(ω/2), the spectrum read as band-limited; kept to |m| ≤ reach
-    (band_limited_reach, at most `half`) and divided by their sum. w = σ = 0: the identity. As the C++ stage."""
+    w), a Gaussian (σ) and radial–tangential macroturbulence (ζ = vmac_px, default 0), all in pixels: the inverse
+    real DFT (nfft = the power of two ≥ 4·reach, at least 1024) of H(ω) = Rot̂(ωw)·exp(−σ²ω²/2)·M(ω)/sinc(ω/2)
+    (M = macroturbulence_transform((ωζ/2)²)), the spectrum read as band-limited; kept to |m| ≤ reach (⌈w + 7σ⌉ + 16,
+    at most `base_half` (default `half`), plus ⌈5ζ⌉) and divided by their sum. w = σ = ζ = 0: the identity. As the
+    C++ stage."""
     w_all = halfwidth_px.to(torch.float64)
     s_all = sigma_px.to(torch.float64)
+    z_all = torch.zeros_like(w_all) if vmac_px is None else vmac_px.to(torch.float64)
+    base_half = half if base_half is None else base_half
     out = torch.zeros(w_all.shape[0], 2 * half + 1, dtype=torch.float64, device=halfwidth_px.device)
     for b in range(w_all.shape[0]):
-        w, s = float(w_all[b]), float(s_all[b])
-        if w == 0 and s == 0:
+        w, s, z = float(w_all[b]), float(s_all[b]), float(z_all[b])
+        if w == 0 and s == 0 and z == 0:
             out[b, half] = 1.0
             continue
-        reach = min(half, band_limited_reach(w, s))
+        reach = min(base_half, band_limited_reach(w, s)) + band_limited_reach(0.0, 0.0, z) - 16
+        if reach > half:
+            raise ValueError(f"the kernel reaches {reach} pixels, beyond half = {half}")
         nfft = 1024  # a short transform wraps a sharp kernel's 1/m ringing onto its taps (as the C++ stage)
         while nfft < 4 * reach:
             nfft *= 2
@@ -130,6 +158,8 @@ def band_limited_kernel(halfwidth_px: torch.Tensor, sigma_px: torch.Tensor, half
         box = torch.ones_like(om)
         box[1:] = torch.sin(0.5 * om[1:]) / (0.5 * om[1:])
         h = rotation_transform(om * w, epsilon) * torch.exp(-0.5 * (s * om) ** 2) / box
+        if z > 0:
+            h = h * macroturbulence_transform((0.5 * om * z) ** 2)
         taps = torch.fft.irfft(h, n=nfft)[: reach + 1]
         row = torch.cat([taps.flip(0)[:-1], taps])
         out[b, half - reach:half + reach + 1] = row / row.sum()
@@ -208,7 +238,8 @@ class Broadener:
     >>> br = Broadener(4450.0, 0.05, 19000, device="cpu")
     >>> out = br(flux, vsini, resolution)    # flux (B, 19000); vsini, resolution (B,) or scalars
 
-    R = inf switches the Gaussian off, vsini = 0 the rotation; both off is the identity. `sampling` says what the
+    R = inf switches the Gaussian off, vsini = 0 the rotation; both off is the identity. ``br(flux, vsini, resolution,
+    vmac=ζ)`` adds radial–tangential macroturbulence (km/s, in [0, MAX_VMAC]; pixel means only, as the C++ stage). `sampling` says what the
     input pixels hold ("point" samples or "pixel_mean"s); the output is the broadened spectrum at the pixel centres. `max_vsini` and
     `min_resolution` size the kernels: wider kernels are refused rather than silently truncated.
     """
@@ -238,8 +269,11 @@ class Broadener:
         lam_max = wavelength_start + wavelength_step * (n_pixels - 1)
         self.rot_half = int(math.ceil(self.max_vsini / C_KMS * lam_max / self.step)) + 2
         self.gauss_half = int(math.ceil(6.0 * lam_max / (FWHM_PER_SIGMA * self.min_resolution * self.step))) + 2
-        # the widest kernel (the C++ stage's max_half): pixel means' band-limited kernels reach w + 7σ + 16
-        self.max_half = self.rot_half + self.gauss_half + (self.gauss_half // 6 + 16 if sampling == "pixel_mean" else 0)
+        # the widest kernel (the C++ stage's max_half): pixel means' band-limited kernels reach w + 7σ + 16, plus 5ζ
+        # for macroturbulence up to MAX_VMAC
+        self.base_half = self.rot_half + self.gauss_half + (self.gauss_half // 6 + 16 if sampling == "pixel_mean" else 0)
+        vmac_half = int(math.ceil(5.0 * MAX_VMAC / C_KMS * lam_max / self.step))
+        self.max_half = self.base_half + (vmac_half if sampling == "pixel_mean" else 0)
         # Hat weights of each segment node over its window [node_{s−1}, node_{s+1}].
         self._hats = []
         for s, c in enumerate(self.nodes):
@@ -251,15 +285,18 @@ class Broadener:
             w = np.where(idx <= c, left if s > 0 else 1.0, right if s < segments else 1.0)
             self._hats.append((int(lo), int(hi), torch.as_tensor(w, dtype=dtype, device=self.device)))
 
-    def kernels(self, vsini: torch.Tensor, resolution: torch.Tensor, wavelength: float) -> list[torch.Tensor]:
-        """Rotation and Gaussian pixel kernels for the widths at `wavelength` (both float64, (B, ·))."""
+    def kernels(self, vsini: torch.Tensor, resolution: torch.Tensor, wavelength: float,
+                vmac: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Rotation and Gaussian pixel kernels for the widths at `wavelength` (both float64, (B, ·)); pixel means:
+        one composite kernel, with macroturbulence when vmac (km/s, (B,)) is given."""
         halfwidth = vsini * (wavelength / C_KMS / self.step)
         sigma = wavelength / (FWHM_PER_SIGMA * resolution * self.step)  # 0 for R = inf
         if self.sampling == "pixel_mean":
-            return [band_limited_kernel(halfwidth, sigma, self.max_half, self.epsilon)]
+            vmac_px = None if vmac is None else vmac * (wavelength / C_KMS / self.step)
+            return [band_limited_kernel(halfwidth, sigma, self.max_half, self.epsilon, vmac_px, self.base_half)]
         return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gaussian_kernel(sigma, self.gauss_half)]
 
-    def __call__(self, flux, vsini, resolution) -> torch.Tensor:
+    def __call__(self, flux, vsini, resolution, vmac=None) -> torch.Tensor:
         flux = torch.as_tensor(flux)
         if flux.ndim != 2 or flux.shape[1] != self.n_pixels:
             raise ValueError(f"flux must have shape (B, {self.n_pixels}), got {tuple(flux.shape)}")
@@ -271,10 +308,17 @@ class Broadener:
             raise ValueError(f"vsini must lie in [0, {self.max_vsini:g}] km/s, got {float(vsini.min()):g}..{float(vsini.max()):g}")
         if (resolution < self.min_resolution * (1 - 1e-9)).any():
             raise ValueError(f"resolution must be >= {self.min_resolution:g} (inf allowed), got {float(resolution.min()):g}")
+        if vmac is not None:
+            vmac = _as_batch(vmac, b, "vmac", self.device)
+            if not bool(((vmac >= 0) & (vmac <= MAX_VMAC)).all()):
+                raise ValueError(f"vmac must lie in [0, {MAX_VMAC:g}] km/s, got {float(vmac.min()):g}..{float(vmac.max()):g}")
+            if self.sampling != "pixel_mean" and bool((vmac > 0).any()):
+                raise ValueError("vmac > 0: macroturbulence needs sampling='pixel_mean' (the format-3 stage); "
+                                 "the point-sample stage has none")
         conv = fft_convolve if self.method == "fft" else direct_convolve
         out = torch.zeros_like(flux)
         for (lo, hi, hat), lam in zip(self._hats, self.node_wavelength):
-            ks = self.kernels(vsini, resolution, float(lam))
+            ks = self.kernels(vsini, resolution, float(lam), vmac)
             # The window plus the kernel reach on both sides, so interior pixels see the real neighbours.
             reach = self.max_half
             a, z = max(lo - reach, 0), min(hi + reach + 1, self.n_pixels)

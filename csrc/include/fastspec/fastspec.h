@@ -63,6 +63,16 @@ int fastspec_forward(const fastspec_decoder* decoder, const double* labels, size
 int fastspec_forward_jacobian(const fastspec_decoder* decoder, const double* labels, size_t n, float* flux,
                               float* jacobian, int clip);
 
+/* The same with radial-tangential macroturbulence (Gray's profile, applied in the broadening stage; not a label):
+ * vmac (n) km/s, one per row, each in [0, fastspec_max_vmac()] (NULL: 0 for every row, the calls above bit for bit).
+ * Only format-3 models (a pixel-mean stage) take vmac > 0; others return FASTSPEC_ERR_INPUT naming their format.
+ * jacobian_vmac: NULL, or (n, n_pixels) floats for dF/dvmac per km/s. */
+int fastspec_forward_vmac(const fastspec_decoder* decoder, const double* labels, const double* vmac, size_t n,
+                          float* flux, int clip);
+int fastspec_forward_jacobian_vmac(const fastspec_decoder* decoder, const double* labels, const double* vmac,
+                                   size_t n, float* flux, float* jacobian, float* jacobian_vmac, int clip);
+double fastspec_max_vmac(void); /* 50 km/s */
+
 #ifdef __cplusplus
 }
 #endif

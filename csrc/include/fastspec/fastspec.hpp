@@ -202,8 +202,14 @@ public:
     // is written: a non-finite value, or one outside the model's range unless clip is true (then it
     // is clamped to the range), throws InputError. Const and thread-safe: concurrent calls on one
     // Decoder are fine (workspaces are pooled, not allocated per call once warm).
+    //
+    // vmac: nullptr, or n values (one per row) of Gray's radial-tangential macroturbulence zeta in km/s, applied in
+    // the broadening stage with rotation and the instrumental profile (docs/model-format.md, "Macroturbulence"). It is
+    // not a label: it is not clipped, and must be finite and in [0, Broadening::max_vmac()] (else InputError). Only a
+    // pixel-mean stage (format-3 models) has it: vmac > 0 on another model throws InputError naming its format.
+    // nullptr and zeros give the results without it, bit for bit.
     void forward(const double* labels, std::size_t n, float* out, const float* z = nullptr,
-                 bool clip = false) const;
+                 bool clip = false, const double* vmac = nullptr) const;
 
     // forward() plus the Jacobian of the flux with respect to the physical labels, in one call (forward-
     // mode differentiation through the network, about 1 + n_network_labels forward passes; the broadening
@@ -212,9 +218,11 @@ public:
     // (per K, per dex, per km/s, per unit of R). Same validation as forward(). With clip, a label outside
     // its range is clamped, so its derivative is 0 there (at the bounds themselves: the inside one-sided
     // derivative). At a ReLU kink (pre-activation exactly 0) the derivative of ReLU is taken as 0, as
-    // torch does. Const and thread-safe like forward().
+    // torch does. Const and thread-safe like forward(). vmac as forward(); jacobian_vmac, when not null, receives
+    // dF/dvmac (n, n_pixels) per km/s (0 at vmac = 0, where the flux is even in zeta).
     void forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian,
-                          const float* z = nullptr, bool clip = false) const;
+                          const float* z = nullptr, bool clip = false, const double* vmac = nullptr,
+                          float* jacobian_vmac = nullptr) const;
 
     // Device memory entry points of a cuda Decoder (DeviceError on a cpu one). labels_host: host memory, as for
     // forward() (validated and normalised on the host, then copied to the GPU once); out (n, n_pixels) and
@@ -223,12 +231,14 @@ public:
     // stream is a cudaStream_t (0: the legacy default stream). The work is queued on stream and the call returns
     // without waiting for it (z, when given, is first read to the host, which waits for stream). forward() and forward_jacobian() with host pointers work on a cuda Decoder too (they copy
     // in and out and wait). On the GPU, forward_jacobian's flux equals forward's within rounding (float
-    // summation order may differ with the batch size), not bit for bit.
+    // summation order may differ with the batch size), not bit for bit. vmac_host: host memory, as for forward();
+    // jacobian_vmac_device: a device pointer (n, n_pixels) or nullptr.
     void forward_device(const double* labels_host, std::size_t n, float* out_device, std::uintptr_t stream,
-                        const float* z_device = nullptr, bool clip = false) const;
+                        const float* z_device = nullptr, bool clip = false, const double* vmac_host = nullptr) const;
     void forward_jacobian_device(const double* labels_host, std::size_t n, float* out_device,
                                  float* jacobian_device, std::uintptr_t stream, const float* z_device = nullptr,
-                                 bool clip = false) const;
+                                 bool clip = false, const double* vmac_host = nullptr,
+                                 float* jacobian_vmac_device = nullptr) const;
 
     const Model& model() const;
     const DecoderOptions& options() const;
@@ -247,7 +257,7 @@ private:
 
 // The broadening stage on its own, for any spectrum on a uniform wavelength grid (the Decoder of a version-2
 // model runs exactly this after its network). Like SYNSPEC's ROTIN: rotation with linear limb darkening
-// epsilon, then a Gaussian of FWHM = lambda / R. The input is point samples (read as their piecewise-linear
+// epsilon, then a Gaussian of FWHM = lambda / R (and, on pixel means, radial-tangential macroturbulence). The input is point samples (read as their piecewise-linear
 // interpolant) or pixel means (`sampling`); it is extended beyond both ends by its edge values, and the output is
 // the broadened spectrum at the pixel centres (docs/model-format.md, "Broadening stage"). Const and thread-safe.
 class Broadening {
@@ -269,6 +279,13 @@ public:
     // from the analytic derivatives of the kernels (one-sided at vsini = 0).
     void apply(const float* in, double vsini, double resolution, float* out, float* d_vsini = nullptr,
                float* d_resolution = nullptr) const;
+    // The same with Gray's radial-tangential macroturbulence (equal radial and tangential areas, no limb darkening) of
+    // zeta = vmac km/s in [0, max_vmac()], one more factor of the pixel-mean stage's composite kernel; d_vmac, when
+    // not null, receives d(out)/d(vmac) per km/s. vmac > 0 on a point-sample stage throws InputError. vmac = 0 is
+    // the 6-argument apply bit for bit.
+    void apply(const float* in, double vsini, double resolution, double vmac, float* out, float* d_vsini,
+               float* d_resolution, float* d_vmac) const;
+    static double max_vmac();  // 50 km/s
 
     struct Impl;
 

@@ -138,15 +138,17 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
 }  // namespace
 
 void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian, const float* z,
-                               bool clip) const {
+                               bool clip, const double* vmac, float* jacobian_vmac) const {
     if (n == 0) return;
     if (!labels || !out || !jacobian) throw InputError("forward_jacobian: labels, out and jacobian must not be null");
-    if (impl_->device) return impl_->run_on_device(labels, n, out, jacobian, false, 0, z, false, clip);  // cuda
+    if (impl_->device)  // cuda
+        return impl_->run_on_device(labels, n, out, jacobian, false, 0, z, false, clip, vmac, jacobian_vmac);
     const Model& m = model();
     const std::size_t np = m.n_pixels(), nl = m.n_labels();
     if (!impl_->stage) {
         // The flux is forward()'s, bit for bit (it validates every input before writing anything).
-        forward(labels, n, out, z, clip);
+        forward(labels, n, out, z, clip, vmac);  // vmac: only 0 here (validated)
+        if (jacobian_vmac) std::fill(jacobian_vmac, jacobian_vmac + n * np, 0.0f);
         auto ws = impl_->acquire();
         try {
             network_jacobian(m, options(), impl_->direct16, labels, n, out, jacobian, z, clip, ws->jac);
@@ -161,6 +163,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     // network columns are broadened with the row's kernels (the stage is linear in the flux), and the v sin i
     // and R columns are the intrinsic flux under the kernels' derivatives.
     detail::validate_inputs(m, labels, n, z, clip);
+    impl_->validate_vmac(vmac, n);
     detail::cpu::ensure_blas_threads(options().threads);
     auto ws = impl_->acquire();
     try {
@@ -179,10 +182,11 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
         for (std::size_t r = 0; r < n; ++r) {
             double vsini, resolution;
             impl_->broadening_labels(labels, r, clip, vsini, resolution);
-            impl_->stage->make_kernels(vsini, resolution, true, k);
+            impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, true, k);
             const float* f = intrinsic.data() + r * np;
             float* jr = jacobian + r * np * nl;
             impl_->stage->apply(k, W::flux, f, out + r * np, scratch);  // as forward() computes it
+            if (jacobian_vmac) impl_->stage->apply(k, W::d_vmac, f, jacobian_vmac + r * np, scratch);
             for (std::size_t j = 0; j < nl; ++j) {
                 const W which = j == b.vsini_label ? W::d_vsini : j == b.resolution_label ? W::d_resolution : W::flux;
                 if (which == W::flux) {  // a network label: broaden its column of the intrinsic Jacobian

@@ -22,8 +22,11 @@ __global__ void __launch_bounds__(kTile) broaden_kernel(BroadenArgs a) {
     const int p0 = tile * kTile, i = p0 + threadIdx.x;
     float* dst;
     std::size_t stride;
-    if (pl.dst < 0) {
+    if (pl.dst == -1) {
         dst = a.out + std::size_t(r) * np;
+        stride = 1;
+    } else if (pl.dst == -2) {
+        dst = a.jacobian_vmac + std::size_t(r) * np;
         stride = 1;
     } else {
         dst = a.jacobian + std::size_t(r) * np * a.n_labels + pl.dst;

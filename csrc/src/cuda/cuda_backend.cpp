@@ -296,6 +296,7 @@ CudaBackend::CudaBackend(const NetworkSpec& spec, const detail::BackendOptions& 
             }
         }
         n_planes_jacobian_ = int(jac.size());
+        jac.push_back({-1, 3, -2, 0});  // dF/dvmac, after the others: used when the call asks for it
         const std::size_t n = lo.size();
         const std::size_t at_hi = dp::align_up(n * 4), at_off = at_hi + dp::align_up(n * 4),
                           at_hat = at_off + dp::align_up(n * 4), at_pf = at_hat + dp::align_up(hat.size() * 4),
@@ -657,8 +658,9 @@ std::size_t CudaBackend::stage_kernels(Workspace& ws, const detail::DeviceCall& 
         if (jacobian) {
             std::memcpy(taps + used + per, k.d_vsini.data(), per * 4);
             std::memcpy(taps + used + 2 * per, k.d_resolution.data(), per * 4);
+            std::memcpy(taps + used + 3 * per, k.d_vmac.data(), per * 4);
         }
-        used += per * (jacobian ? 3 : 1);
+        used += per * (jacobian ? 4 : 1);
     }
     return taps_at + used * 4;
 }
@@ -685,9 +687,11 @@ void CudaBackend::run(const detail::DeviceCall& call) const {
     if (call.n == 0) return;
     DeviceScope scope(options_.device);
     const bool jacobian = call.jacobian != nullptr, host_output = !call.on_device;
+    const bool vmac_column = jacobian && call.jacobian_vmac != nullptr;
     if (call.on_device) {
         check_device_pointer(call.out, options_.device, "out");
         if (jacobian) check_device_pointer(call.jacobian, options_.device, "jacobian");
+        if (vmac_column) check_device_pointer(call.jacobian_vmac, options_.device, "jacobian_vmac");
     }
     const std::size_t np = dims_.n_pixels, nl = dims_.n_labels, nt = dims_.n_network;
     const std::size_t rows = dp::chunk_rows(dims_, call.n, options_.max_chunk, jacobian, host_output);
@@ -713,6 +717,9 @@ void CudaBackend::run(const detail::DeviceCall& call) const {
             char* pin = static_cast<char*>(ws->pin_input[slot].p);
             float* out_dst = host_output ? ws->staging_out.as<float>() : call.out + r0 * np;
             float* jac_dst = !jacobian ? nullptr : host_output ? ws->staging_out.as<float>() + R * np : call.jacobian + r0 * np * nl;
+            float* vmac_dst = !vmac_column ? nullptr
+                              : host_output ? ws->staging_out.as<float>() + R * np * (1 + nl)
+                                            : call.jacobian_vmac + r0 * np;
             float* ptrs[2] = {out_dst, jac_dst};
             std::memcpy(pin, ptrs, sizeof ptrs);
             const std::size_t in_count = R * dims_.input_dim;
@@ -737,7 +744,7 @@ void CudaBackend::run(const detail::DeviceCall& call) const {
                 a.n_pixels = int(np);
                 a.n_labels = int(nl);
                 a.n_nodes = int(dims_.nodes);
-                a.kernels_per_row = jacobian ? 3 : 1;
+                a.kernels_per_row = jacobian ? 4 : 1;
                 a.records = ws->kernels.as<const dp::RowRecord>();
                 a.node_half = ws->kernels.as<const int>(dp::align_up(R * sizeof(dp::RowRecord)));
                 a.taps = ws->kernels.as<const float>(dp::align_up(R * sizeof(dp::RowRecord)) + dp::align_up(R * dims_.nodes * 4));
@@ -746,11 +753,14 @@ void CudaBackend::run(const detail::DeviceCall& call) const {
                 a.hat_offset = hat_offset_;
                 a.hat = hat_;
                 a.planes = jacobian ? planes_jacobian_ : planes_forward_;
-                a.n_planes = jacobian ? n_planes_jacobian_ : 1;
+                a.n_planes = jacobian ? n_planes_jacobian_ + (vmac_column ? 1 : 0) : 1;
                 a.out = out_dst;
                 a.jacobian = jac_dst;
+                a.jacobian_vmac = vmac_dst;
                 launch_broaden(a, R, max_half, stream);
                 check_launch("broaden");
+            } else if (vmac_column) {  // no broadening stage: vmac is 0 (the core checked), and so is its column
+                check(cudaMemsetAsync(vmac_dst, 0, R * np * 4, stream), "cudaMemsetAsync (jacobian_vmac)");
             }
             if (host_output) {
                 check(cudaMemcpyAsync(call.out + r0 * np, out_dst, R * np * 4, cudaMemcpyDeviceToHost, stream),
@@ -759,6 +769,10 @@ void CudaBackend::run(const detail::DeviceCall& call) const {
                     check(cudaMemcpyAsync(call.jacobian + r0 * np * nl, jac_dst, R * np * nl * 4, cudaMemcpyDeviceToHost,
                                           stream),
                           "cudaMemcpyAsync (jacobian to the host)");
+                if (vmac_column)
+                    check(cudaMemcpyAsync(call.jacobian_vmac + r0 * np, vmac_dst, R * np * 4, cudaMemcpyDeviceToHost,
+                                          stream),
+                          "cudaMemcpyAsync (jacobian_vmac to the host)");
             }
             slot ^= 1;
         }

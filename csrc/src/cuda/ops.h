@@ -55,8 +55,8 @@ void launch_relu_mask(void* t, const void* h, Elem elem, std::size_t rows, int n
 // (row stride n_pixels) or to one column of the Jacobian (row stride n_pixels * n_labels, pixel stride n_labels).
 struct BroadenPlane {
     int src;       // -1: flux, t >= 0: tangent t
-    int which;     // 0: flux kernels, 1: d/dvsini, 2: d/dR
-    int dst;       // -1: out, j >= 0: Jacobian column j
+    int which;     // 0: flux kernels, 1: d/dvsini, 2: d/dR, 3: d/dvmac
+    int dst;       // -1: out, -2: jacobian_vmac (row stride n_pixels), j >= 0: Jacobian column j
     int zero_bit;  // the plane is 0 where the row record's zero & zero_bit (a clamped label)
 };
 struct BroadenArgs {
@@ -74,6 +74,7 @@ struct BroadenArgs {
     int n_planes = 0;
     float* out = nullptr;
     float* jacobian = nullptr;
+    float* jacobian_vmac = nullptr;  // (rows, n_pixels), the plane with dst -2
 };
 // max_half: the largest records[r].half of these rows (sizes the shared memory). Returns the bytes of dynamic shared
 // memory it asked for (the caller raised the kernel's limit to broaden_shared_limit() once).

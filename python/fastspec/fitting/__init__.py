@@ -1,5 +1,7 @@
 """`fastspec.fit` (this package's `fit`): least-squares fit of the six labels (plus a radial velocity and a
-continuum polynomial) to an observed spectrum, with the decoder's analytic Jacobian.
+continuum polynomial) to an observed spectrum, with the decoder's analytic Jacobian. Radial-tangential
+macroturbulence (a parameter of the broadening stage, not a label) is held fixed (``vmac=``, default 0) or fitted
+(``vmac="fit"``: then one more parameter, "vmac", in 0-20 km/s, with the core's dF/dvmac).
 
 The model of the observation and its Jacobian: `likelihood`; the fit's coordinates: `parameters`.
 

@@ -3,9 +3,9 @@ error model.
 
 Model of the observation at wavelength λ (Å, in the model's medium, air for the shipped models):
 
-    m(λ) = C(x) · F(λ / (1 + v/c); labels),   C(x) = Σ_k c_k P_k(x),  x ∈ [−1, 1] across the fitted pixels
+    m(λ) = C(x) · F(λ / (1 + v/c); labels, vmac),   C(x) = Σ_k c_k P_k(x),  x ∈ [−1, 1] across the fitted pixels
 
-F is the decoder's spectrum (z = 0) interpolated linearly from the model grid at the rest wavelength (or, with
+F is the decoder's spectrum (z = 0; with the macroturbulence vmac, fixed or fitted, in its broadening stage) interpolated linearly from the model grid at the rest wavelength (or, with
 pixel integration, averaged over each observed pixel), P_k are Legendre polynomials. The Jacobian is exact: the
 core's dF/d(labels) sampled the same way as F, the RV column from the model spectrum's wavelength gradient, and
 the polynomial basis for the continuum.
@@ -28,9 +28,9 @@ class Likelihood(Parameters, Observation):
     and χ² of a parameter vector, and the χ² of whole model spectra for ranking starts."""
 
     def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds,
-                 medium="air", model_error=False, integrate="auto"):
+                 medium="air", model_error=False, integrate="auto", vmac=0.0):
         self.decoder = decoder
-        Parameters.__init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds)
+        Parameters.__init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds, vmac)
         Observation.__init__(self, decoder, wavelength, flux, error, mask, medium, self.rv_bounds,
                              min_pixels=max(10, 2 * self.n_params), divide_unit=self.degree >= 0, integrate=integrate)
         self.ivar_sqrt = 1.0 / self.sigma_obs
@@ -43,6 +43,21 @@ class Likelihood(Parameters, Observation):
         self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(x.size, -1)
         self.n_model_calls = 0
         self.n_jac_calls = 0
+
+    def model_flux(self, labels):
+        """The decoder's spectra at fit-coordinate labels (len(names),) or (N, len(names)), with the macroturbulence
+        (fitted or fixed)."""
+        lab, vmac = self.model_call(labels)
+        return self.decoder(lab, vmac=vmac)
+
+    def model_jacobian(self, labels):
+        """Flux and dF/d(names) at fit-coordinate labels (len(names),): the core's label columns, then dF/dvmac
+        when it is fitted."""
+        lab, vmac = self.model_call(labels)
+        if not self.fit_vmac:
+            return self.decoder.jacobian(lab, vmac=vmac)
+        spec, jac, jac_vmac = self.decoder.jacobian(lab, vmac=vmac, return_vmac=True)
+        return spec, np.concatenate([jac, jac_vmac[:, None]], axis=1)
 
     def _interp(self, rv):
         """Indices and weights of the linear interpolation at the rest wavelengths (rv scalar or (R, 1))."""
@@ -115,14 +130,14 @@ class Likelihood(Parameters, Observation):
     def residuals(self, theta):
         u, rv, c = self.split(theta)
         self.n_model_calls += 1
-        f = self.sample(self.decoder(self.labels_of(u)).astype(np.float64), rv)
+        f = self.sample(self.model_flux(self.labels_of(u)).astype(np.float64), rv)
         cont = self.basis @ c if self.degree >= 0 else 1.0
         return (cont * f - self.flux) * self.ivar_sqrt
 
     def jacobian(self, theta):
         u, rv, c = self.split(theta)
         self.n_jac_calls += 1
-        spec, jac = self.decoder.jacobian(self.labels_for_jacobian(u))
+        spec, jac = self.model_jacobian(self.labels_for_jacobian(u))
         spec = spec.astype(np.float64)
         f = self.sample(spec, rv)
         cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)

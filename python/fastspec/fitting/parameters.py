@@ -13,21 +13,52 @@ from .observation import C_KMS
 
 MAX_CONTINUUM_DEGREE = 10  # higher degrees bend into the wings of strong lines (Hβ, Mg b) over this 950 Å range
 AT_REST = "vsini"  # a label whose lower bound 0 is physical (a star that does not rotate), not a failed fit
-SQUARED_FLOOR = 1e-3  # km/s: the lowest v sin i at which the core's Jacobian is taken when v sin i² is fitted
+VMAC = "vmac"  # radial-tangential macroturbulence: a parameter of the broadening stage, fitted like a label
+VMAC_RANGE = (0.0, 20.0)  # km/s, the fitted range (FGK stars 3-6 km/s; hotter ones up to ~20)
+PHYSICAL_ZERO = (AT_REST, VMAC)  # labels whose lower bound 0 is physical, not a failed fit
+SQUARED_FLOOR = 1e-3  # km/s: the lowest v sin i (vmac) at which the core's Jacobian is taken when its square is fitted
+
+
+def parse_vmac(vmac, decoder) -> float | None:
+    """fit()'s ``vmac``: a number (km/s, fixed) or "fit"; returns the fixed value, or None when it is fitted. A
+    model whose stage cannot apply macroturbulence (format < 3) takes only 0."""
+    if isinstance(vmac, str):
+        if vmac.strip().lower() != "fit":
+            raise ValueError(f"vmac must be a number (km/s, held fixed) or 'fit', not {vmac!r}")
+        fixed = None
+    else:
+        try:
+            fixed = float(vmac)
+        except (TypeError, ValueError):
+            raise ValueError(f"vmac must be a number (km/s, held fixed) or 'fit', not {vmac!r}") from None
+        if not 0.0 <= fixed <= VMAC_RANGE[1]:
+            raise ValueError(f"vmac = {vmac} km/s must lie in [0, {VMAC_RANGE[1]:g}] (or be 'fit')")
+    stage = decoder.info.get("broadening") or {}
+    if (fixed is None or fixed > 0) and stage.get("sampling") != "pixel_mean":
+        raise ValueError(f"vmac = {vmac!r}: macroturbulence is applied by the pixel-mean broadening stage of format-3 "
+                         f"models; {decoder.info['path']} is format {decoder.info['format_version']}, so only vmac = 0 "
+                         "works")
+    return fixed
 
 
 class Parameters:
     """names, lo/hi (allowed label ranges), is_log / is_squared (how each maps to u), fit_rv, degree (-1: no
-    continuum polynomial), n_params, rv_bounds ((0, 0) without an RV)."""
+    continuum polynomial), n_params, rv_bounds ((0, 0) without an RV). With ``vmac="fit"`` the macroturbulence is
+    one more entry of names (after the model's labels, range VMAC_RANGE, fitted as its square like v sin i);
+    otherwise vmac_fixed holds its value."""
 
-    def __init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds):
-        self.names = list(decoder.label_names)
+    def __init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds, vmac=0.0):
+        self.vmac_fixed = parse_vmac(vmac, decoder)
+        self.fit_vmac = self.vmac_fixed is None
+        self.n_model_labels = len(decoder.label_names)
+        self.names = list(decoder.label_names) + ([VMAC] if self.fit_vmac else [])
         scalings = {lab["name"]: lab["scaling"] for lab in decoder.info["labels"]}
-        self.is_log = np.array([scalings[n] == "log10" for n in self.names])
+        self.is_log = np.array([scalings.get(n) == "log10" for n in self.names])
 
         # allowed label ranges: the model's, optionally narrowed
-        lo = np.array([decoder.label_ranges[n][0] for n in self.names], dtype=np.float64)
-        hi = np.array([decoder.label_ranges[n][1] for n in self.names], dtype=np.float64)
+        ranges = {**decoder.label_ranges, VMAC: VMAC_RANGE}
+        lo = np.array([ranges[n][0] for n in self.names], dtype=np.float64)
+        hi = np.array([ranges[n][1] for n in self.names], dtype=np.float64)
         self.model_lo, self.model_hi = lo.copy(), hi.copy()
         for name, pair in (bounds or {}).items():
             if name not in self.names:
@@ -48,8 +79,9 @@ class Parameters:
         # while in v sin i² the gradient there is finite. Away from 0 the covariance maps back to v sin i by
         # d v sin i / d v sin i², exactly as if v sin i were fitted; near 0 see solver._profile. Point-sample stages
         # (format 2) respond linearly at 0 and keep v sin i itself.
+        # The same holds for the macroturbulence (its transform is even in vmac: dF/dvmac = 0 at 0).
         stage = decoder.info.get("broadening") or {}
-        self.is_squared = np.array([stage.get("sampling") == "pixel_mean" and n == stage.get("vsini_label")
+        self.is_squared = np.array([stage.get("sampling") == "pixel_mean" and n in (stage.get("vsini_label"), VMAC)
                                     and lo[j] == 0.0 for j, n in enumerate(self.names)], dtype=bool)
         self.s_lo, self.s_hi = self.scaled(lo), self.scaled(hi)
         self.lo, self.hi = lo, hi
@@ -109,6 +141,14 @@ class Parameters:
         lin_lo, lin_hi = self.lo[self.is_squared], self.hi[self.is_squared]
         s[..., self.is_squared] = (lin_lo + (u_box[..., self.is_squared] + 1.0) * 0.5 * (lin_hi - lin_lo)) ** 2
         return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
+
+    def model_call(self, labels) -> tuple[np.ndarray, np.ndarray | float | None]:
+        """The decoder's labels and the vmac of fit-coordinate labels (..., len(names)): the model's columns, and
+        the fitted vmac column or the fixed value (None for 0: the core's path without it)."""
+        labels = np.asarray(labels, dtype=np.float64)
+        if self.fit_vmac:
+            return labels[..., :self.n_model_labels], labels[..., self.n_model_labels]
+        return labels, (self.vmac_fixed or None)
 
     def split(self, theta):
         nl = len(self.names)

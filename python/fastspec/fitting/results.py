@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .parameters import AT_REST
+from .parameters import AT_REST, PHYSICAL_ZERO, VMAC
 
 
 class FitQualityWarning(UserWarning):
@@ -34,7 +34,10 @@ class FitResult:
     quality: what failed (reduced χ² far from 1, a label on a bound of its range — v sin i = 0 is not one, a
     star may not rotate —, an RV on a bound of rv_bounds, a degenerate covariance), each also issued as a
     FitQualityWarning. A label on a bound has an uncertainty that only describes the curvature there.
-    upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0).
+    upper_limits: {"vsini": 95 % upper limit} when the fitted v sin i is below 2σ (the data cannot tell it from 0);
+    likewise {"vmac": ...} for a fitted macroturbulence.
+    vmac: the radial-tangential macroturbulence of the model (km/s): the fixed value (``vmac_fitted`` False), or
+    the fitted one, which is then also in labels, uncertainties and the covariance as 'vmac'.
     With a pixel-mean stage (format 3) and v sin i below the instrumental width, both come from χ² along v sin i
     with the rest refitted: a limit where χ² at 0 is less than 4 above the minimum, at Δχ² = 2.71; σ(v sin i) is
     then the longer side of its Δχ² = 1 interval, and the other labels' covariance includes their drift along it.
@@ -68,6 +71,8 @@ class FitResult:
     integrate_pixels: float = 1.0  # observed pixel width in model pixels that the model was averaged over (1: none)
     n_pixels_invalid: int = 0  # left out for NaN/inf flux, or an error that is NaN/inf or <= 0
     n_pixels_masked: int = 0  # left out by a mask (the `mask` argument, a masked array's or a Spectrum's)
+    vmac: float = 0.0  # km/s: macroturbulence, fixed (vmac_fitted False) or fitted (then also in labels)
+    vmac_fitted: bool = False
 
     def __str__(self) -> str:
         lines = [f"chi2 = {self.chi2:.6g} on {self.n_pixels_used} pixels (reduced {self.reduced_chi2:.4g}), "
@@ -75,6 +80,8 @@ class FitResult:
         for name, value in self.labels.items():
             lines.append(f"  {name:>10} = {value:.6g} ± {self.uncertainties[name]:.3g}"
                          + (f"  (< {self.upper_limits[name]:.3g}, 95 % upper limit)" if name in self.upper_limits else ""))
+        if not self.vmac_fitted:
+            lines.append(f"  {VMAC:>10} = {self.vmac:.6g}  (fixed)")
         if self.rv is not None:
             lines.append(f"  {'rv':>10} = {self.rv:.4f} ± {self.rv_uncertainty:.3g} km/s")
         return "\n".join(lines)
@@ -94,7 +101,8 @@ def quality_checks(prob, best, u, labels, rv_best, red: float, sig, jtj) -> list
     elif red < 0.3:
         quality.append(f"reduced chi2 = {red:.3g}: the errors look overestimated")
     for j, name in enumerate(prob.names):
-        at_rest = name == AT_REST and u[j] < 0 and prob.lo[j] == 0.0  # v sin i = 0: a star that does not rotate
+        # v sin i = 0: a star that does not rotate; vmac = 0: no macroturbulence
+        at_rest = name in PHYSICAL_ZERO and u[j] < 0 and prob.lo[j] == 0.0
         if abs(u[j]) > 1 - 1e-3 and prob.s_hi[j] > prob.s_lo[j] and not at_rest:
             quality.append(f"{name} = {labels[j]:.6g} is on a bound of its allowed range "
                            f"[{prob.lo[j]:.6g}, {prob.hi[j]:.6g}]: its uncertainty is not meaningful")
