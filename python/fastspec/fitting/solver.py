@@ -150,13 +150,28 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
     x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
 
-    def solve(theta0, tol, upper=ub, lower=lb, reweight=True):
+    def solve(theta0, tol, upper=ub, lower=lb, reweight=True, hold=None):
+        """least_squares from theta0; hold: {parameter index: fit coordinate} held there exactly, out of the problem
+        (a narrow box instead stops trf early: its steps shrink to the box, and xtol reads that as converged)."""
         if reweight:
             prob.reweight(theta0)  # the emulator error at this start's v sin i and R
-        return least_squares(prob.residuals, theta0, jac=prob.jacobian if jac == "analytic" else jac,
-                             bounds=(lower, upper), method="trf", x_scale=x_scale, max_nfev=max_nfev, loss=loss,
-                             f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
-                             diff_step=None if jac == "analytic" else diff_step)
+        full = np.asarray(theta0, dtype=np.float64).copy()
+        for j, value in (hold or {}).items():
+            full[j] = value
+        free = np.setdiff1d(np.arange(full.size), list(hold or {}))
+
+        def expand(x_free):
+            x = full.copy()
+            x[free] = x_free
+            return x
+
+        run = least_squares(lambda x: prob.residuals(expand(x)), full[free],
+                            jac=(lambda x: prob.jacobian(expand(x))[:, free]) if jac == "analytic" else jac,
+                            bounds=(lower[free], upper[free]), method="trf", x_scale=x_scale[free], max_nfev=max_nfev,
+                            loss=loss, f_scale=f_scale, ftol=tol, xtol=tol, gtol=tol,
+                            diff_step=None if jac == "analytic" else diff_step)
+        run.x = expand(run.x)
+        return run
 
     # Each start runs to a loose tolerance (enough to tell the basins apart), then the best is polished.
     runs = []
@@ -179,9 +194,7 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
 
     if jv is not None and "resolution" in prob.names:
         if 0.0 < prob.labels_of(prob.split(best.x)[0])[jv] and slow(best.x):
-            theta, held = best.x.copy(), ub.copy()
-            theta[jv], held[jv] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
-            at_rest = solve(solve(theta, 1e-8, held).x, 1e-8)
+            at_rest = solve(solve(best.x, 1e-8, hold={jv: -1.0}).x, 1e-8)
             runs.append(at_rest)
             if prob.chi2_at(at_rest.x) < prob.chi2_at(best.x):
                 best = at_rest
@@ -191,9 +204,7 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     if prob.fit_vmac and prob.lo[prob.names.index(VMAC)] == 0.0:
         jm = prob.names.index(VMAC)
         if prob.labels_of(prob.split(best.x)[0])[jm] > 0.0:
-            theta, held = best.x.copy(), ub.copy()
-            theta[jm], held[jm] = -1.0 + 5e-7, -1.0 + 1e-6  # least_squares needs lb < ub
-            no_vmac = solve(solve(theta, 1e-8, held).x, 1e-8)
+            no_vmac = solve(solve(best.x, 1e-8, hold={jm: -1.0}).x, 1e-8)
             runs.append(no_vmac)
             if prob.chi2_at(no_vmac.x) < prob.chi2_at(best.x):
                 best = no_vmac
@@ -337,8 +348,8 @@ def _upper_limit(value: float, sigma: float, level: float = 0.95) -> float:
 
 
 def _profile(prob, solve, best, jv, lb, ub, n_bisect: int = 3) -> dict | None:
-    """χ² along v sin i with every other parameter refitted (v sin i held in a 1e-6-wide box of the fit
-    coordinate), at 0 and above the best fit, for a pixel-mean stage's slow rotator; one variance throughout, the
+    """χ² along v sin i with every other parameter refitted (v sin i held exactly: `solve`'s hold), at 0 and
+    above the best fit, for a pixel-mean stage's slow rotator; one variance throughout, the
     best fit's. None when 0 lies DCHI2_TWO_SIGMA or more above the minimum (rotation detected: the curvature
     describes it), {"best": ..., "limit": None} when that shows only once a refit found a lower minimum (the
     result at it). Otherwise {"best": the least-squares result at the minimum (the run held at 0 where that is
@@ -358,15 +369,14 @@ def _profile(prob, solve, best, jv, lb, ub, n_bisect: int = 3) -> dict | None:
         return float(r @ r)
 
     solutions = {float(lab[jv]): (chi2(best.x), best)}
+    # The refits must place χ² to well under the Δχ² = 1 the profile reads: least_squares' tolerances are relative,
+    # and 1e-6 of a χ² of 3e6 (the HARPS Sun, reduced χ² 59) is 3 units, enough to call a flat profile detected.
+    tol = min(1e-6, 0.05 / max(solutions[float(lab[jv])][0], 1.0))
 
     def at(v):
         start = solutions[min(solutions, key=lambda w: abs(w - v))][1].x.copy()
         u_v = float(prob.u_of(np.where(np.arange(lab.size) == jv, v, lab))[jv])
-        lower, upper = lb.copy(), ub.copy()
-        lower[jv] = max(u_v - 5e-7, -1.0)
-        upper[jv] = lower[jv] + 1e-6  # least_squares needs lb < ub
-        start[jv] = 0.5 * (lower[jv] + upper[jv])
-        run = solve(start, 1e-6, upper, lower, reweight=False)
+        run = solve(start, tol, reweight=False, hold={jv: u_v})
         solutions[v] = (chi2(run.x), run)
         return solutions[v][0]
 
