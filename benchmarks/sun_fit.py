@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,14 +28,23 @@ REFERENCE = {"teff": 5771.0, "logg": 4.44, "mh": 0.0, "vmic": 1.06, "vsini": 1.6
 TARGETS = {"teff": 60.0, "logg": 0.1, "mh": 0.05}
 
 
-def fit(model: str | None) -> dict:
+def fit(model: str | None, extra: list[str] = ()) -> dict:
+    """`fastspec fit` on the Sun as a user runs it, with `extra` options; its JSON, exit status and seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "sun.json"
-        cmd = ["fastspec", "fit", str(SUN), "-o", str(out)] + (["--model", model] if model else [])
+        cmd = ["fastspec", "fit", str(SUN), "-o", str(out), *extra] + (["--model", model] if model else [])
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if not out.exists():
             raise RuntimeError(f"{' '.join(cmd)} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        return {"exit": proc.returncode, **json.loads(out.read_text())}
+        return {"exit": proc.returncode, "seconds": time.perf_counter() - t0, **json.loads(out.read_text())}
+
+
+def cell(r: dict, name: str, fmt: str) -> str:
+    """'value ± sigma (Δ against the reference)' of one label of a fit."""
+    lab, unc = r["labels"], r["uncertainties"]
+    d = lab[name] - REFERENCE[name] if name in REFERENCE else None
+    return f"{lab[name]:{fmt}} ± {unc[name]:{fmt}}" + (f" (Δ {d:+{fmt}})" if d is not None else "")
 
 
 def main() -> int:
@@ -51,14 +61,9 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.model or [None]:
         r = fit(model)
-        lab, unc = r["labels"], r["uncertainties"]
-
-        def cell(name, fmt):
-            d = lab[name] - REFERENCE[name] if name in REFERENCE else None
-            return f"{lab[name]:{fmt}} ± {unc[name]:{fmt}}" + (f" (Δ {d:+{fmt}})" if d is not None else "")
-
-        lines.append(f"| `{Path(r['model']).name}` | {cell('teff', '.0f')} | {cell('logg', '.3f')} | {cell('mh', '.3f')} | "
-                     f"{cell('vmic', '.2f')} | {cell('vsini', '.2f')} | {lab['resolution']:.0f} | "
+        lines.append(f"| `{Path(r['model']).name}` | {cell(r, 'teff', '.0f')} | {cell(r, 'logg', '.3f')} | "
+                     f"{cell(r, 'mh', '.3f')} | {cell(r, 'vmic', '.2f')} | {cell(r, 'vsini', '.2f')} | "
+                     f"{r['labels']['resolution']:.0f} | "
                      f"{r['reduced_chi2']:.1f} | {r['exit']} | {'; '.join(r['quality']) or 'ok'} |")
         print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -10,35 +10,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import machine  # noqa: E402
-from sun_fit import REFERENCE, SUN  # noqa: E402
+from sun_fit import SUN, cell, fit  # noqa: E402
 
 R_FIXED = ["--bound", "resolution=114900:115000"]
 CASES = [("R 115000, vmac 0", R_FIXED + ["--vmac", "0"]),
          ("R 115000, vmac fitted", R_FIXED + ["--vmac", "fit"]),
          ("R free, vmac 0 (the defaults)", ["--vmac", "0"]),
          ("R free, vmac fitted", ["--vmac", "fit"])]
-
-
-def fit(model: str | None, extra: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "sun.json"
-        cmd = ["fastspec", "fit", str(SUN), "-o", str(out), *extra] + (["--model", model] if model else [])
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if not out.exists():
-            raise RuntimeError(f"{' '.join(cmd)} wrote nothing (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        return {"exit": proc.returncode, "seconds": time.perf_counter() - t0, **json.loads(out.read_text())}
 
 
 def main() -> int:
@@ -57,18 +42,13 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, extra in CASES:
         r = fit(args.model, extra)
-        lab, unc = r["labels"], r["uncertainties"]
-
-        def cell(key, fmt):
-            d = lab[key] - REFERENCE[key] if key in REFERENCE else None
-            return f"{lab[key]:{fmt}} ± {unc[key]:{fmt}}" + (f" (Δ {d:+{fmt}})" if d is not None else "")
-
         limit = r["upper_limits"]
-        vmac = (cell("vmac", ".2f") if r["vmac_fitted"] else f"{r['vmac']:g} (fixed)") + (
+        vmac = (cell(r, "vmac", ".2f") if r["vmac_fitted"] else f"{r['vmac']:g} (fixed)") + (
             f", < {limit['vmac']:.2f}" if "vmac" in limit else "")
-        vsini = cell("vsini", ".2f") + (f", < {limit['vsini']:.2f}" if "vsini" in limit else "")
-        lines.append(f"| {name} | {cell('teff', '.0f')} | {cell('logg', '.3f')} | {cell('mh', '.3f')} | "
-                     f"{cell('vmic', '.2f')} | {vsini} | {vmac} | {lab['resolution']:.0f} | {r['reduced_chi2']:.1f} | "
+        vsini = cell(r, "vsini", ".2f") + (f", < {limit['vsini']:.2f}" if "vsini" in limit else "")
+        lines.append(f"| {name} | {cell(r, 'teff', '.0f')} | {cell(r, 'logg', '.3f')} | {cell(r, 'mh', '.3f')} | "
+                     f"{cell(r, 'vmic', '.2f')} | {vsini} | {vmac} | {r['labels']['resolution']:.0f} | "
+                     f"{r['reduced_chi2']:.1f} | "
                      f"{r['seconds']:.0f} s | {r['exit']} | {'; '.join(r['quality']) or 'ok'} |")
         print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
