@@ -127,6 +127,31 @@ def test_a_range_outside_the_line_list_and_a_box_outside_the_atmospheres(tmp_pat
         atmospheres.check_box((4000.0, 7000.0), (2.0, 5.0), (-3.0, 0.0))
 
 
+def test_a_conversion_without_lines_leaves_no_cache_file(tmp_path, monkeypatch):
+    """The Gaia-ESO list converted over a range it has no lines in: refused, and nothing in the cache that a later
+    run would take for the converted list."""
+    import contextlib
+
+    from fastspec_train.grid import linelist
+    from fastspec_train.grid.fetch import GridSetupError
+
+    src = tmp_path / "src" / linelist.GES_PATH
+    src.parent.mkdir(parents=True)
+    src.write_text("'  26.000            '    1         2\n'Fe I'\n"
+                   + "".join(f"  {5000 + k:.3f}  2.000 -1.000  -7.500  5.0  1.00E+08 'x' 'x' 0.0 1.0 'Fe I'\n"
+                             for k in range(2)))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(linelist, "cache_dir", lambda: cache)
+    monkeypatch.setattr(linelist, "cache_lock", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(linelist, "fetch_distribution", lambda *a, **kw: tmp_path / "src")
+    with pytest.raises(GridSetupError, match="no lines in 2950-3150 Å"):
+        linelist.ges_linelist((2950.0, 3150.0))
+    assert list(cache.iterdir()) == []
+    path, n = linelist.ges_linelist((4950.0, 5050.0))  # the range it has
+    assert n == 2 and [p.name for p in cache.iterdir()] == [path.name]
+
+
 def _stage_calls(monkeypatch) -> list:
     """Record which stages run."""
     calls = []
