@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_output as _atomic_output
+from ._files import check_output as _check_output
 from .decoder import Decoder
 from .evaluate.cli import _positive_int  # one parser of "a positive integer" for every subcommand
 
@@ -182,19 +183,6 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
-
-
-def _check_output(path: Path | None, formats: tuple[str, ...] | None = None, what: str = "output") -> None:
-    """Refuse an output that cannot be written, before any work: an unknown extension, a missing folder."""
-    if path is None:
-        return
-    if formats is not None and path.suffix.lower() not in formats:
-        raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no extension)'}; use {', '.join(formats)}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ValueError(f"{path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{path}: the folder {folder} is not writable")
 
 
 def _check_plot(path: Path | None) -> None:
