@@ -315,3 +315,87 @@ def test_dask_cluster_gives_the_rows_of_local_processes(tmp_path, stars, first, 
     _check_rows(on_dask.rows, [str(p) for p in sorted(folder.iterdir())], truths)
     for a, b in zip(first[0].rows, on_dask.rows):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_table_that_would_overwrite_a_file_is_refused_before_any_fit(tmp_path, stars, small_model):
+    folder, _ = stars
+    spectrum = folder / "star0.csv"
+    before = spectrum.read_bytes()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{spectrum}\n{folder / 'star1.h5'}\n")
+    # one of the batch's spectra (from a list), a spectrum of the folder (left out of the folder's stars, but a
+    # file that is no batch table), a file of notes: refused, nothing written, no journal
+    for spectra, table, message in ((listing, spectrum, "one of the batch's spectra"),
+                                    (folder, spectrum, "not the table of a batch")):
+        with pytest.raises(ValueError, match=message):
+            fastspec.fit_batch(spectra, table, model=small_model, progress=False, **OPTIONS)
+        assert spectrum.read_bytes() == before and not B.journal_path(table).exists()
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,notes\n1,2\n")
+    with pytest.raises(ValueError, match="not the table of a batch"):
+        fastspec.fit_batch(listing, notes, model=small_model, progress=False, **OPTIONS)
+    assert notes.read_text() == "my,notes\n1,2\n" and not B.journal_path(notes).exists()
+    # a table path that is a folder, or in a folder that cannot be written: refused up front, no stray journal
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        fastspec.fit_batch(listing, tmp_path / "dir.csv", model=small_model, progress=False, **OPTIONS)
+    assert not B.journal_path(tmp_path / "dir.csv").exists()
+    assert main(["fit", "--model", str(small_model), "--batch", str(listing), "--table", str(tmp_path / "dir.csv"),
+                 "--no-progress"]) == 1
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            fastspec.fit_batch(listing, locked / "t.csv", model=small_model, progress=False, **OPTIONS)
+    # a table of an earlier batch is recognised by its columns
+    B.write_table([{"file": "a", "status": "failed", "success": False}], B.columns_of([], ["teff"]),
+                  tmp_path / "old.csv")
+    assert B.is_batch_table(tmp_path / "old.csv") and not B.is_batch_table(notes)
+    assert not B.is_batch_table(spectrum) and not B.is_batch_table(folder / "star3.fits")
+
+
+def test_the_journal_knows_a_star_by_its_file_and_medium(tmp_path, stars, first, small_model, monkeypatch):
+    folder, _ = stars
+    # the same file in another medium (a list's PATH,vacuum) is fitted again, not taken from the journal
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'star0.csv'},vacuum\n{folder / 'star1.h5'}\n")
+    table = tmp_path / "t.csv"
+    _journal_copy(first, table)
+    result = fastspec.fit_batch(listing, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 1 and [r["medium"] for r in result.rows] == ["vacuum", "air"]
+    # a relative list run from another folder names other files: fitted, not the first folder's rows reused
+    for name, extra in (("a", b""), ("b", b"\n")):  # b's: another file (another size), the same star
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "s.csv").write_bytes((folder / "star0.csv").read_bytes() + extra)
+    relative = tmp_path / "rel.txt"
+    relative.write_text("s.csv\n")
+    table = tmp_path / "r.csv"
+    monkeypatch.chdir(tmp_path / "a")
+    assert fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS).n_skipped == 0
+    assert fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS).n_skipped == 1
+    monkeypatch.chdir(tmp_path / "b")
+    result = fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 0 and result.rows[0]["status"] == "ok" and result.rows[0]["file"] == "s.csv"
+    # a file replaced (other size or time) is fitted again
+    with open(tmp_path / "b" / "s.csv", "ab") as f:
+        f.write(b"\n")
+    result = fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 0 and result.rows[0]["status"] == "ok"
+
+
+def test_a_journal_without_a_new_option_at_its_default_is_continued(tmp_path, stars, first, small_model):
+    folder, _ = stars
+    table = tmp_path / "t.csv"
+    _journal_copy(first, table)
+    path = B.journal_path(table)
+    lines = path.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["settings"]["options"]["vmac"]  # a journal of a version before fit(vmac=0.0)
+    path.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    assert fastspec.fit_batch(folder, table, model=small_model, progress=False, **OPTIONS).n_skipped == N_GOOD
+    # an option that differs is refused, naming it (old → new), not dumping every setting
+    with pytest.raises(ValueError, match="other settings") as caught:
+        fastspec.fit_batch(folder, table, model=small_model, progress=False, **{**OPTIONS, "clip": 3.0, "vmac": 2.0})
+    message = str(caught.value)
+    assert "clip: " in message and "→ 3.0" in message and "vmac: null → 2.0" in message
+    assert "n_candidates" not in message and "model" not in message.split("(")[1]
