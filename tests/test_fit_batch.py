@@ -290,6 +290,9 @@ def test_command_line_errors(tmp_path, stars, small_model, capsys):
     assert "line 1: expected PATH or PATH,air|vacuum" in capsys.readouterr().err
     (tmp_path / "spectra.txt").write_text("4450.0 0.99\n4450.05 0.98\n")  # a spectrum given as a list
     assert main([*base, "--batch", str(tmp_path / "spectra.txt"), "--table", str(tmp_path / "u.csv")]) == 1
+    assert "is a spectrum, not a list of spectra" in capsys.readouterr().err
+    (tmp_path / "typos.txt").write_text("no-such-star.csv\nnor-this.csv\n")  # a list whose entries are not files
+    assert main([*base, "--batch", str(tmp_path / "typos.txt"), "--table", str(tmp_path / "u.csv")]) == 1
     assert "none of its 2 entries is a file" in capsys.readouterr().err
     assert not (tmp_path / "u.csv").exists() and not B.journal_path(tmp_path / "u.csv").exists()
     B.journal_path(tmp_path / "v.csv").write_text("my notes\n")  # a file of that name that is not a journal
@@ -399,3 +402,38 @@ def test_a_journal_without_a_new_option_at_its_default_is_continued(tmp_path, st
     message = str(caught.value)
     assert "clip: " in message and "→ 3.0" in message and "vmac: null → 2.0" in message
     assert "n_candidates" not in message and "model" not in message.split("(")[1]
+
+
+def test_command_line_messages(tmp_path, stars, small_model, capsys):
+    folder, _ = stars
+    base = ["fit", "--model", str(small_model)]
+    # a spectrum given as the list is named as such
+    assert main([*base, "--batch", str(folder / "star0.csv"), "--table", str(tmp_path / "u.csv")]) == 1
+    assert "is a spectrum, not a list of spectra (fit one with `fastspec fit FILE`" in capsys.readouterr().err
+    # --no-progress, as --table, goes with --batch
+    assert main([*base, str(folder / "star0.csv"), "--no-progress"]) == 1
+    assert "--no-progress goes with --batch" in capsys.readouterr().err
+    # a usage error argparse reports exits 2, as --help says
+    with pytest.raises(SystemExit) as caught:
+        main([*base, "--batch", str(folder), "--workers", "0"])
+    assert caught.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "2 on a usage error" in " ".join(capsys.readouterr().out.split())
+    # an earlier batch's table in the folder is not a star (the summary says so); a failure's reason printed once
+    spectra = tmp_path / "spectra"
+    spectra.mkdir()
+    (spectra / "s.csv").write_bytes((folder / "star0.csv").read_bytes())
+    (spectra / "corrupt.fits").write_bytes((folder / "corrupt.fits").read_bytes())
+    B.write_table([{"file": "x.csv", "status": "failed", "success": False, "reason": "Error: " + "long " * 100}],
+                  B.columns_of([], ["teff"]), spectra / "old.csv")
+    assert main([*base, "--batch", str(spectra), "--table", str(tmp_path / "t.csv"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 stars fitted" in err and "skipped 1 table(s) of earlier batches" in err and "old.csv" in err, err
+    assert err.count("No SIMPLE card") == 1, err
+    assert [r["file"] for r in _read_csv(tmp_path / "t.csv")] == [str(spectra / "corrupt.fits"), str(spectra / "s.csv")]
+    # a reason is its first line, cut short
+    reason = B.short_reason(ValueError("x.csv: line 2: " + "1.0," * 200 + "\nmore"))
+    assert reason.startswith("ValueError: x.csv: line 2: 1.0,") and len(reason) == B.REASON_CHARS
+    assert "more" not in reason

@@ -21,7 +21,11 @@ when the file has no errors), `medium`, `seconds` (wall time of the star), `reas
 
 Resumable and Ctrl-C safe: each finished star is appended to a journal beside the table (`<table>.journal`, JSON
 lines, flushed per star) by this process alone; the same call again skips the stars the journal holds as fitted
-(failed ones are tried again) and refuses to go on with other settings (model, fit options, medium, error).
+(failed ones are tried again; a star is known by its file's real absolute path, size and modification time, and
+its medium) and refuses to go on with other settings (model, fit options, medium, error), naming those that differ;
+a fit option the journal does not know (added to fastspec since) counts only when it is not at fit()'s default.
+The table path is checked before any fit: it may not be a folder, one of the spectra, or an existing file that is
+not a table of an earlier batch; such tables in a folder of spectra are skipped (``tables_skipped``).
 The table is written at the end, under a temporary name renamed into place, so it is complete or absent; an
 interrupted batch (Ctrl-C, SIGTERM) stops the workers at once, keeps the journal and writes no table. A local worker
 process that dies (killed, out of memory) stops the batch the same way, with an error; on Dask the scheduler
@@ -62,6 +66,7 @@ TAIL = ("rv", "rv_err", "reduced_chi2", "chi2", "n_pixels", "quality", "converge
         "seconds", "reason", "notes")
 TEXT = ("file", "status", "quality", "medium", "reason", "notes")
 FLAGS = ("success", "converged")
+REASON_CHARS = 200  # a failed star's reason: its first line, cut to this
 INSTALL_DASK = 'pip install "fastspec[cluster]" (Dask\'s distributed scheduler)'
 
 
@@ -83,6 +88,7 @@ class BatchResult:
     table: Path | None = None
     n_skipped: int = 0
     failures: list = field(default_factory=list)  # (file, reason) of the stars that could not be fitted
+    tables_skipped: list = field(default_factory=list)  # earlier batch tables in the folder, not fitted
 
     @property
     def n_failed(self) -> int:
@@ -110,34 +116,54 @@ def read_star_list(path: str | Path) -> list[Star]:
                 continue
             fields = [x.strip() for x in next(csv.reader([line.strip()]))]
             if len(fields) > 2 or (len(fields) == 2 and fields[1].lower() not in MEDIA) or not fields[0]:
+                _refuse_a_spectrum(path)
                 raise ValueError(f"{path}: line {number}: expected PATH or PATH,air|vacuum, got {line.strip()!r}")
             stars.append(Star(fields[0], fields[1].lower() if len(fields) == 2 else None))
     if not stars:
         raise ValueError(f"{path}: no spectra listed")
     if not any(Path(s.path).is_file() for s in stars):
+        _refuse_a_spectrum(path)
         raise ValueError(f"{path}: none of its {len(stars)} entries is a file (e.g. {stars[0].path!r}); a list has one "
                          "spectrum path per line, relative to the current folder")
     return stars
 
 
-def stars_in_folder(folder: str | Path, exclude=()) -> list[Star]:
+def _refuse_a_spectrum(path: Path) -> None:
+    """A list file that turns out to be a spectrum: say so (instead of what is wrong with it as a list)."""
+    try:
+        read_spectrum(path)
+    except Exception:
+        return
+    raise ValueError(f"{path} is a spectrum, not a list of spectra (fit one with `fastspec fit FILE`; a list has one "
+                     "spectrum path per line)")
+
+
+def stars_in_folder(folder: str | Path, exclude=(), tables: list | None = None) -> list[Star]:
     """Every file of `folder` (not its subfolders) that read_spectrum knows by its name, sorted; `exclude`: paths
-    to leave out (the batch's own table and journal, when they are in it)."""
+    to leave out (the batch's own table and journal, when they are in it). Tables of earlier batches (by their
+    columns, `is_batch_table`) are left out too, and appended to `tables`."""
     folder = Path(folder)
     skip = {Path(p).resolve() for p in exclude}
-    stars = [Star(str(p)) for p in sorted(folder.iterdir())
-             if p.is_file() and p.name.lower().endswith(SUFFIXES) and p.resolve() not in skip]
+    stars = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.lower().endswith(SUFFIXES) and p.resolve() not in skip:
+            if is_batch_table(p):
+                if tables is not None:
+                    tables.append(str(p))
+            else:
+                stars.append(Star(str(p)))
     if not stars:
         raise ValueError(f"{folder}: no spectra in this folder (files ending in {', '.join(SUFFIXES)})")
     return stars
 
 
-def as_stars(spectra, exclude=()) -> list[Star]:
-    """A folder, a list file, or an iterable of paths / (path, medium) pairs / Stars -> [Star]; duplicates refused."""
+def as_stars(spectra, exclude=(), tables: list | None = None) -> list[Star]:
+    """A folder, a list file, or an iterable of paths / (path, medium) pairs / Stars -> [Star]; duplicates refused.
+    `tables`: filled with the earlier batch tables a folder holds (not stars)."""
     if isinstance(spectra, (str, os.PathLike)):
         path = Path(spectra)
         if path.is_dir():
-            stars = stars_in_folder(path, exclude)
+            stars = stars_in_folder(path, exclude, tables)
         elif path.is_file():
             stars = read_star_list(path)
         else:
@@ -181,6 +207,14 @@ def _decoder(model: str) -> Decoder:
     return _LOCAL.decoder
 
 
+def short_reason(exc: BaseException, text: str | None = None) -> str:
+    """Why a star failed, for its row and the log: the exception's type and its message's first line, cut to
+    REASON_CHARS (a reader's message can quote a whole line of the file)."""
+    lines = (str(exc) if text is None else text).strip().splitlines() or [""]
+    reason = f"{type(exc).__name__}: {lines[0]}"
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
+
+
 def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
     """Read and fit one spectrum; the table row (without `file`), also when it fails (status "failed", the reason)."""
     start = time.perf_counter()
@@ -194,7 +228,7 @@ def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
         text = str(exc)
         if path not in text:  # read_spectrum's messages name the file; the fit's do not
             text = f"{path}: {text}"
-        return {"status": "failed", "success": False, "medium": medium, "reason": f"{type(exc).__name__}: {text}",
+        return {"status": "failed", "success": False, "medium": medium, "reason": short_reason(exc, text),
                 "seconds": time.perf_counter() - start}
     # the quality checks are in `quality`; anything else that was said goes to `notes`
     notes = list(spec.notes if error is None else ()) + [str(w.message) for w in caught
@@ -300,7 +334,7 @@ def _run_dask(tasks: list, scheduler, model: str):
             index = pending.pop(future)
             if future.status != "finished":  # fit_one returns its errors: this is the cluster's (a KilledWorker...)
                 exc = future.exception()
-                row = {"status": "failed", "success": False, "reason": f"{type(exc).__name__}: {exc}"}
+                row = {"status": "failed", "success": False, "reason": short_reason(exc)}
             yield index, row
             refill()
     finally:
@@ -560,7 +594,8 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
                 raise RuntimeError(f"{table}: a FITS table needs astropy: pip install 'fastspec[fits]'") from None
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))
     exclude = () if table is None else (table, journal_path(table), table.with_name(table.name + ".partial"))
-    stars = as_stars(spectra, exclude)
+    tables = []
+    stars = as_stars(spectra, exclude, tables)
     if table is not None:
         _check_table_target(table, stars)
     decoder = Decoder.load(model, device="cpu")  # a bad model is refused here, before any work
@@ -610,4 +645,4 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
                      rv_err="km/s", seconds="s")
         write_table(ordered, columns, table, {c: u for c, u in units.items() if u},
                     {"MODEL": Path(model_path).name, "MEDIUM": medium})
-    return BatchResult(ordered, columns, table, len(done), [f[1:] for f in sorted(failures)])  # in the order given
+    return BatchResult(ordered, columns, table, len(done), [f[1:] for f in sorted(failures)], tables)
