@@ -290,6 +290,9 @@ def test_command_line_errors(tmp_path, stars, small_model, capsys):
     assert "line 1: expected PATH or PATH,air|vacuum" in capsys.readouterr().err
     (tmp_path / "spectra.txt").write_text("4450.0 0.99\n4450.05 0.98\n")  # a spectrum given as a list
     assert main([*base, "--batch", str(tmp_path / "spectra.txt"), "--table", str(tmp_path / "u.csv")]) == 1
+    assert "is a spectrum, not a list of spectra" in capsys.readouterr().err
+    (tmp_path / "typos.txt").write_text("no-such-star.csv\nnor-this.csv\n")  # a list whose entries are not files
+    assert main([*base, "--batch", str(tmp_path / "typos.txt"), "--table", str(tmp_path / "u.csv")]) == 1
     assert "none of its 2 entries is a file" in capsys.readouterr().err
     assert not (tmp_path / "u.csv").exists() and not B.journal_path(tmp_path / "u.csv").exists()
     B.journal_path(tmp_path / "v.csv").write_text("my notes\n")  # a file of that name that is not a journal
@@ -315,3 +318,122 @@ def test_dask_cluster_gives_the_rows_of_local_processes(tmp_path, stars, first, 
     _check_rows(on_dask.rows, [str(p) for p in sorted(folder.iterdir())], truths)
     for a, b in zip(first[0].rows, on_dask.rows):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+
+def test_a_table_that_would_overwrite_a_file_is_refused_before_any_fit(tmp_path, stars, small_model):
+    folder, _ = stars
+    spectrum = folder / "star0.csv"
+    before = spectrum.read_bytes()
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{spectrum}\n{folder / 'star1.h5'}\n")
+    # one of the batch's spectra (from a list), a spectrum of the folder (left out of the folder's stars, but a
+    # file that is no batch table), a file of notes: refused, nothing written, no journal
+    for spectra, table, message in ((listing, spectrum, "one of the batch's spectra"),
+                                    (folder, spectrum, "not the table of a batch")):
+        with pytest.raises(ValueError, match=message):
+            fastspec.fit_batch(spectra, table, model=small_model, progress=False, **OPTIONS)
+        assert spectrum.read_bytes() == before and not B.journal_path(table).exists()
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,notes\n1,2\n")
+    with pytest.raises(ValueError, match="not the table of a batch"):
+        fastspec.fit_batch(listing, notes, model=small_model, progress=False, **OPTIONS)
+    assert notes.read_text() == "my,notes\n1,2\n" and not B.journal_path(notes).exists()
+    # a table path that is a folder, or in a folder that cannot be written: refused up front, no stray journal
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        fastspec.fit_batch(listing, tmp_path / "dir.csv", model=small_model, progress=False, **OPTIONS)
+    assert not B.journal_path(tmp_path / "dir.csv").exists()
+    assert main(["fit", "--model", str(small_model), "--batch", str(listing), "--table", str(tmp_path / "dir.csv"),
+                 "--no-progress"]) == 1
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="not writable"):
+            fastspec.fit_batch(listing, locked / "t.csv", model=small_model, progress=False, **OPTIONS)
+    # a table of an earlier batch is recognised by its columns
+    B.write_table([{"file": "a", "status": "failed", "success": False}], B.columns_of([], ["teff"]),
+                  tmp_path / "old.csv")
+    assert B.is_batch_table(tmp_path / "old.csv") and not B.is_batch_table(notes)
+    assert not B.is_batch_table(spectrum) and not B.is_batch_table(folder / "star3.fits")
+
+
+def test_the_journal_knows_a_star_by_its_file_and_medium(tmp_path, stars, first, small_model, monkeypatch):
+    folder, _ = stars
+    # the same file in another medium (a list's PATH,vacuum) is fitted again, not taken from the journal
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'star0.csv'},vacuum\n{folder / 'star1.h5'}\n")
+    table = tmp_path / "t.csv"
+    _journal_copy(first, table)
+    result = fastspec.fit_batch(listing, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 1 and [r["medium"] for r in result.rows] == ["vacuum", "air"]
+    # a relative list run from another folder names other files: fitted, not the first folder's rows reused
+    for name, extra in (("a", b""), ("b", b"\n")):  # b's: another file (another size), the same star
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "s.csv").write_bytes((folder / "star0.csv").read_bytes() + extra)
+    relative = tmp_path / "rel.txt"
+    relative.write_text("s.csv\n")
+    table = tmp_path / "r.csv"
+    monkeypatch.chdir(tmp_path / "a")
+    assert fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS).n_skipped == 0
+    assert fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS).n_skipped == 1
+    monkeypatch.chdir(tmp_path / "b")
+    result = fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 0 and result.rows[0]["status"] == "ok" and result.rows[0]["file"] == "s.csv"
+    # a file replaced (other size or time) is fitted again
+    with open(tmp_path / "b" / "s.csv", "ab") as f:
+        f.write(b"\n")
+    result = fastspec.fit_batch(relative, table, model=small_model, progress=False, **OPTIONS)
+    assert result.n_skipped == 0 and result.rows[0]["status"] == "ok"
+
+
+def test_a_journal_without_a_new_option_at_its_default_is_continued(tmp_path, stars, first, small_model):
+    folder, _ = stars
+    table = tmp_path / "t.csv"
+    _journal_copy(first, table)
+    path = B.journal_path(table)
+    lines = path.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    del header["settings"]["options"]["vmac"]  # a journal of a version before fit(vmac=0.0)
+    path.write_text(json.dumps(header) + "\n" + "".join(lines[1:]))
+    assert fastspec.fit_batch(folder, table, model=small_model, progress=False, **OPTIONS).n_skipped == N_GOOD
+    # an option that differs is refused, naming it (old → new), not dumping every setting
+    with pytest.raises(ValueError, match="other settings") as caught:
+        fastspec.fit_batch(folder, table, model=small_model, progress=False, **{**OPTIONS, "clip": 3.0, "vmac": 2.0})
+    message = str(caught.value)
+    assert "clip: " in message and "→ 3.0" in message and "vmac: null → 2.0" in message
+    assert "n_candidates" not in message and "model" not in message.split("(")[1]
+
+
+def test_command_line_messages(tmp_path, stars, small_model, capsys):
+    folder, _ = stars
+    base = ["fit", "--model", str(small_model)]
+    # a spectrum given as the list is named as such
+    assert main([*base, "--batch", str(folder / "star0.csv"), "--table", str(tmp_path / "u.csv")]) == 1
+    assert "is a spectrum, not a list of spectra (fit one with `fastspec fit FILE`" in capsys.readouterr().err
+    # --no-progress, as --table, goes with --batch
+    assert main([*base, str(folder / "star0.csv"), "--no-progress"]) == 1
+    assert "--no-progress goes with --batch" in capsys.readouterr().err
+    # a usage error argparse reports exits 2, as --help says
+    with pytest.raises(SystemExit) as caught:
+        main([*base, "--batch", str(folder), "--workers", "0"])
+    assert caught.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "2 on a usage error" in " ".join(capsys.readouterr().out.split())
+    # an earlier batch's table in the folder is not a star (the summary says so); a failure's reason printed once
+    spectra = tmp_path / "spectra"
+    spectra.mkdir()
+    (spectra / "s.csv").write_bytes((folder / "star0.csv").read_bytes())
+    (spectra / "corrupt.fits").write_bytes((folder / "corrupt.fits").read_bytes())
+    B.write_table([{"file": "x.csv", "status": "failed", "success": False, "reason": "Error: " + "long " * 100}],
+                  B.columns_of([], ["teff"]), spectra / "old.csv")
+    assert main([*base, "--batch", str(spectra), "--table", str(tmp_path / "t.csv"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 stars fitted" in err and "skipped 1 table(s) of earlier batches" in err and "old.csv" in err, err
+    assert err.count("No SIMPLE card") == 1, err
+    assert [r["file"] for r in _read_csv(tmp_path / "t.csv")] == [str(spectra / "corrupt.fits"), str(spectra / "s.csv")]
+    # a reason is its first line, cut short
+    reason = B.short_reason(ValueError("x.csv: line 2: " + "1.0," * 200 + "\nmore"))
+    assert reason.startswith("ValueError: x.csv: line 2: 1.0,") and len(reason) == B.REASON_CHARS
+    assert "more" not in reason

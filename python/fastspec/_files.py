@@ -18,3 +18,22 @@ def atomic_output(path: Path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output(path: Path | None, formats: tuple[str, ...] | None = None, what: str = "output") -> None:
+    """Refuse an output that cannot be written, before any work: an unknown extension, a path that is a folder, a
+    missing or unwritable folder. (The CLI's outputs and fit_batch's table: one check for both.)"""
+    import os
+
+    if path is None:
+        return
+    path = Path(path)
+    if formats is not None and path.suffix.lower() not in formats:
+        raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no extension)'}; use {', '.join(formats)}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; the {what} is a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{path}: the folder {folder} is not writable")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import atomic_output as _atomic_output
+from ._files import check_output as _check_output
 from .decoder import Decoder
 from .evaluate.cli import _positive_int  # one parser of "a positive integer" for every subcommand
 
@@ -103,13 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit the labels, RV and continuum of an observed spectrum (or of many: --batch)",
                          description="Fit an observed spectrum (fastspec.fit): prints the labels with uncertainties; "
                                      "exit status 0 when the fit passed its quality checks, 3 when it ran but did not "
-                                     "(see 'quality' in the output), 1 on an error. With --batch, every spectrum of a "
-                                     "folder or list, each on its own, with the same options, into one --table "
+                                     "(see 'quality' in the output), 1 on an error, 2 on a usage error (an unknown "
+                                     "option or a bad value, as argparse reports it). With --batch, every spectrum of "
+                                     "a folder or list, each on its own, with the same options, into one --table "
                                      "(fastspec.fit_batch): exit status 0 when every star was fitted and passed its "
                                      "quality checks, 3 when every star was fitted but some did not pass (their "
                                      "'success' column), 1 when a star could not be fitted (its row says why; the "
-                                     "others go on) or on an error, 130 when interrupted (the journal keeps the stars "
-                                     "done: the same command continues).")
+                                     "others go on) or on an error, 2 on a usage error, 130 when interrupted (the "
+                                     "journal keeps the stars done: the same command continues).")
     fit.add_argument("spectrum", type=Path, nargs="?",
                      help="CSV/text (header naming wavelength, flux[, error], or those three columns), FITS (a 1-D "
                           "table, or a 1-D image with CRVAL1/CDELT1; needs astropy), HDF5 (datasets wavelength, "
@@ -121,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--table", type=Path,
                       help="with --batch: the table to write (.csv or .fits; FITS needs astropy): per star its file, "
                            "status, labels and uncertainties, RV, reduced chi2, quality flag and reason. Beside it "
-                           "TABLE.journal records each star as it finishes; the same command again skips those done")
+                           "TABLE.journal records each star as it finishes; the same command again skips those done. "
+                           "Refused before any fit when it is one of the spectra or an existing file that is not an "
+                           "earlier batch's table")
     many.add_argument("--workers", type=_positive_int,
                       help="with --batch: local processes fitting at once, one thread each (default 1)")
     many.add_argument("--scheduler", metavar="ADDRESS|FILE|local:N",
@@ -182,19 +186,6 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
-
-
-def _check_output(path: Path | None, formats: tuple[str, ...] | None = None, what: str = "output") -> None:
-    """Refuse an output that cannot be written, before any work: an unknown extension, a missing folder."""
-    if path is None:
-        return
-    if formats is not None and path.suffix.lower() not in formats:
-        raise ValueError(f"{path}: unknown {what} format {path.suffix or '(no extension)'}; use {', '.join(formats)}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ValueError(f"{path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{path}: the folder {folder} is not writable")
 
 
 def _check_plot(path: Path | None) -> None:
@@ -511,9 +502,9 @@ def cmd_fit(args) -> int:
         return cmd_fit_batch(args)
     if args.spectrum is None:
         raise ValueError("give a spectrum file, or --batch LIST_OR_DIR --table TABLE for many")
-    for name in ("table", "workers", "scheduler"):
-        if getattr(args, name) is not None:
-            raise ValueError(f"--{name} goes with --batch")
+    for name in ("table", "workers", "scheduler", "no_progress"):
+        if getattr(args, name) not in (None, False):
+            raise ValueError(f"--{name.replace('_', '-')} goes with --batch")
     options = _fit_options(args)
     _check_output(args.output, (".json",), "result")
     _check_plot(args.plot)
@@ -580,12 +571,12 @@ def cmd_fit_batch(args) -> int:
     n = len(result.rows)
     print(f"fastspec fit: {n - result.n_failed} of {n} stars fitted ({result.n_skipped} from the journal), "
           f"{result.n_quality_failed} not passing their quality checks, {result.n_failed} could not be fitted; "
-          f"wrote {args.table}", file=sys.stderr)
+          f"wrote {args.table}" + (" (their reasons are above, and in its reason column)" if result.n_failed else ""),
+          file=sys.stderr)
+    if result.tables_skipped:
+        print(f"fastspec fit: skipped {len(result.tables_skipped)} table(s) of earlier batches in the folder, not "
+              f"spectra: {', '.join(Path(t).name for t in result.tables_skipped)}", file=sys.stderr)
     if result.n_failed:
-        for path, reason in result.failures[:5]:
-            print(f"  failed: {reason}", file=sys.stderr)
-        if result.n_failed > 5:
-            print(f"  ... and {result.n_failed - 5} more (status 'failed' in the table, with the reason)", file=sys.stderr)
         return 1
     return 3 if result.n_quality_failed else 0
 

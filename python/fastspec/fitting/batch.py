@@ -21,7 +21,11 @@ when the file has no errors), `medium`, `seconds` (wall time of the star), `reas
 
 Resumable and Ctrl-C safe: each finished star is appended to a journal beside the table (`<table>.journal`, JSON
 lines, flushed per star) by this process alone; the same call again skips the stars the journal holds as fitted
-(failed ones are tried again) and refuses to go on with other settings (model, fit options, medium, error).
+(failed ones are tried again; a star is known by its file's real absolute path, size and modification time, and
+its medium) and refuses to go on with other settings (model, fit options, medium, error), naming those that differ;
+a fit option the journal does not know (added to fastspec since) counts only when it is not at fit()'s default.
+The table path is checked before any fit: it may not be a folder, one of the spectra, or an existing file that is
+not a table of an earlier batch; such tables in a folder of spectra are skipped (``tables_skipped``).
 The table is written at the end, under a temporary name renamed into place, so it is complete or absent; an
 interrupted batch (Ctrl-C, SIGTERM) stops the workers at once, keeps the journal and writes no table. A local worker
 process that dies (killed, out of memory) stops the batch the same way, with an error; on Dask the scheduler
@@ -45,7 +49,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._files import atomic_output
+from .._files import atomic_output, check_output
 from .._scheduler import parse_scheduler
 from ..decoder import Decoder
 from ..observations import SUFFIXES, read_spectrum
@@ -62,6 +66,7 @@ TAIL = ("rv", "rv_err", "reduced_chi2", "chi2", "n_pixels", "quality", "converge
         "seconds", "reason", "notes")
 TEXT = ("file", "status", "quality", "medium", "reason", "notes")
 FLAGS = ("success", "converged")
+REASON_CHARS = 200  # a failed star's reason: its first line, cut to this
 INSTALL_DASK = 'pip install "fastspec[cluster]" (Dask\'s distributed scheduler)'
 
 
@@ -83,6 +88,7 @@ class BatchResult:
     table: Path | None = None
     n_skipped: int = 0
     failures: list = field(default_factory=list)  # (file, reason) of the stars that could not be fitted
+    tables_skipped: list = field(default_factory=list)  # earlier batch tables in the folder, not fitted
 
     @property
     def n_failed(self) -> int:
@@ -110,34 +116,54 @@ def read_star_list(path: str | Path) -> list[Star]:
                 continue
             fields = [x.strip() for x in next(csv.reader([line.strip()]))]
             if len(fields) > 2 or (len(fields) == 2 and fields[1].lower() not in MEDIA) or not fields[0]:
+                _refuse_a_spectrum(path)
                 raise ValueError(f"{path}: line {number}: expected PATH or PATH,air|vacuum, got {line.strip()!r}")
             stars.append(Star(fields[0], fields[1].lower() if len(fields) == 2 else None))
     if not stars:
         raise ValueError(f"{path}: no spectra listed")
     if not any(Path(s.path).is_file() for s in stars):
+        _refuse_a_spectrum(path)
         raise ValueError(f"{path}: none of its {len(stars)} entries is a file (e.g. {stars[0].path!r}); a list has one "
                          "spectrum path per line, relative to the current folder")
     return stars
 
 
-def stars_in_folder(folder: str | Path, exclude=()) -> list[Star]:
+def _refuse_a_spectrum(path: Path) -> None:
+    """A list file that turns out to be a spectrum: say so (instead of what is wrong with it as a list)."""
+    try:
+        read_spectrum(path)
+    except Exception:
+        return
+    raise ValueError(f"{path} is a spectrum, not a list of spectra (fit one with `fastspec fit FILE`; a list has one "
+                     "spectrum path per line)")
+
+
+def stars_in_folder(folder: str | Path, exclude=(), tables: list | None = None) -> list[Star]:
     """Every file of `folder` (not its subfolders) that read_spectrum knows by its name, sorted; `exclude`: paths
-    to leave out (the batch's own table and journal, when they are in it)."""
+    to leave out (the batch's own table and journal, when they are in it). Tables of earlier batches (by their
+    columns, `is_batch_table`) are left out too, and appended to `tables`."""
     folder = Path(folder)
     skip = {Path(p).resolve() for p in exclude}
-    stars = [Star(str(p)) for p in sorted(folder.iterdir())
-             if p.is_file() and p.name.lower().endswith(SUFFIXES) and p.resolve() not in skip]
+    stars = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.lower().endswith(SUFFIXES) and p.resolve() not in skip:
+            if is_batch_table(p):
+                if tables is not None:
+                    tables.append(str(p))
+            else:
+                stars.append(Star(str(p)))
     if not stars:
         raise ValueError(f"{folder}: no spectra in this folder (files ending in {', '.join(SUFFIXES)})")
     return stars
 
 
-def as_stars(spectra, exclude=()) -> list[Star]:
-    """A folder, a list file, or an iterable of paths / (path, medium) pairs / Stars -> [Star]; duplicates refused."""
+def as_stars(spectra, exclude=(), tables: list | None = None) -> list[Star]:
+    """A folder, a list file, or an iterable of paths / (path, medium) pairs / Stars -> [Star]; duplicates refused.
+    `tables`: filled with the earlier batch tables a folder holds (not stars)."""
     if isinstance(spectra, (str, os.PathLike)):
         path = Path(spectra)
         if path.is_dir():
-            stars = stars_in_folder(path, exclude)
+            stars = stars_in_folder(path, exclude, tables)
         elif path.is_file():
             stars = read_star_list(path)
         else:
@@ -181,6 +207,14 @@ def _decoder(model: str) -> Decoder:
     return _LOCAL.decoder
 
 
+def short_reason(exc: BaseException, text: str | None = None) -> str:
+    """Why a star failed, for its row and the log: the exception's type and its message's first line, cut to
+    REASON_CHARS (a reader's message can quote a whole line of the file)."""
+    lines = (str(exc) if text is None else text).strip().splitlines() or [""]
+    reason = f"{type(exc).__name__}: {lines[0]}"
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
+
+
 def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
     """Read and fit one spectrum; the table row (without `file`), also when it fails (status "failed", the reason)."""
     start = time.perf_counter()
@@ -194,7 +228,7 @@ def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
         text = str(exc)
         if path not in text:  # read_spectrum's messages name the file; the fit's do not
             text = f"{path}: {text}"
-        return {"status": "failed", "success": False, "medium": medium, "reason": f"{type(exc).__name__}: {text}",
+        return {"status": "failed", "success": False, "medium": medium, "reason": short_reason(exc, text),
                 "seconds": time.perf_counter() - start}
     # the quality checks are in `quality`; anything else that was said goes to `notes`
     notes = list(spec.notes if error is None else ()) + [str(w.message) for w in caught
@@ -300,7 +334,7 @@ def _run_dask(tasks: list, scheduler, model: str):
             index = pending.pop(future)
             if future.status != "finished":  # fit_one returns its errors: this is the cluster's (a KilledWorker...)
                 exc = future.exception()
-                row = {"status": "failed", "success": False, "reason": f"{type(exc).__name__}: {exc}"}
+                row = {"status": "failed", "success": False, "reason": short_reason(exc)}
             yield index, row
             refill()
     finally:
@@ -313,6 +347,37 @@ def _run_dask(tasks: list, scheduler, model: str):
 
 # -- the journal and the table -------------------------------------------------------------------------------
 
+def is_batch_table(path: str | Path) -> bool:
+    """Whether `path` is a table fit_batch wrote (by its columns: file, status, success first, then the tail)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                columns = next(csv.reader(f), [])
+        elif path.suffix.lower() == ".fits":
+            from astropy.io import fits
+
+            with fits.open(path) as hdus:
+                columns = list(hdus[1].columns.names) if len(hdus) > 1 else []
+        else:
+            return False
+    except Exception:  # unreadable, not text, not FITS, no astropy: not a table of ours
+        return False
+    return tuple(columns[:len(HEAD)]) == HEAD and set(TAIL) <= set(columns)
+
+
+def _check_table_target(table: Path, stars: list) -> None:
+    """Refuse, before any fit, a table path that would overwrite one of the batch's spectra or any existing file
+    that is not a table of an earlier batch."""
+    target = table.resolve()
+    for star in stars:
+        if Path(star.path).resolve() == target:
+            raise ValueError(f"{table} is one of the batch's spectra ({star.path}); choose another table")
+    if table.exists() and not is_batch_table(table):
+        raise ValueError(f"{table} exists and is not the table of a batch (its columns are not file, status, "
+                         "success, ...); it would be overwritten: move it away or choose another table")
+
+
 def journal_path(table: str | Path) -> Path:
     table = Path(table)
     return table.with_name(table.name + ".journal")
@@ -322,7 +387,7 @@ class Journal:
     """The rows of finished stars, one JSON line each after a header line with the batch's settings; appended and
     flushed as stars finish, by the driver alone (a lock keeps a second batch off the same file)."""
 
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path, settings: dict, defaults: dict | None = None):
         self.path, self.rows = path, {}
         self.file = open(path, "a+b")
         try:
@@ -343,8 +408,9 @@ class Journal:
             except (ValueError, TypeError, KeyError):
                 raise ValueError(f"{path} exists but is not the journal of a batch; move it away or choose another "
                                  "table") from None
-            if header.get("settings") != settings:
-                raise ValueError(f"{path} is the journal of a batch with other settings ({json.dumps(header.get('settings'))}); "
+            diff = settings_differences(header.get("settings") or {}, settings, defaults or {})
+            if diff:
+                raise ValueError(f"{path} is the journal of a batch with other settings ({'; '.join(diff)}); "
                                  "run that batch's command to continue it, or delete the journal (or choose another "
                                  "table) to start this one")
             for number, line in enumerate(lines[1:], start=2):
@@ -352,7 +418,9 @@ class Journal:
                     row = json.loads(line)
                 except ValueError:
                     raise ValueError(f"{path}: line {number} is not JSON; the journal is damaged") from None
-                self.rows[row["file"]] = row  # a star tried again: its last row
+                key = row.pop("key", None)  # (absolute path, medium, size, mtime): rows of older journals have none
+                if key is not None:
+                    self.rows[tuple(key)] = row  # a star tried again: its last row
         except BaseException:
             self.file.close()
             raise
@@ -371,12 +439,42 @@ class Journal:
         self.file.write((json.dumps(doc) + "\n").encode())
         self.file.flush()
 
-    def add(self, row: dict) -> None:
-        self._append(row)
-        self.rows[row["file"]] = row
+    def add(self, row: dict, key: tuple) -> None:
+        self._append({"key": list(key), **row})
+        self.rows[tuple(key)] = row
 
     def close(self) -> None:
         self.file.close()
+
+
+def settings_differences(old: dict, new: dict, defaults: dict) -> list[str]:
+    """What differs between a journal's settings and this batch's, as "key: old → new"; a fit option the journal
+    does not have (added to fastspec.fit after it was written) counts only when it is not at fit()'s default."""
+    neutral = json.loads(json.dumps(defaults, default=str))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key == "options" and isinstance(a, dict) and isinstance(b, dict):
+            for name in sorted(set(a) | set(b)):
+                if name not in a and name in neutral and b.get(name) == neutral[name]:
+                    continue
+                if a.get(name, "(absent)") != b.get(name, "(absent)"):
+                    out.append(f"{name}: {json.dumps(a.get(name))} → {json.dumps(b.get(name))}")
+        elif a != b:
+            out.append(f"{key}: {json.dumps(a)} → {json.dumps(b)}")
+    return out
+
+
+def _star_key(star: Star, medium: str) -> tuple:
+    """What identifies a star's journal row: its file (absolute, links resolved; its size and modification time,
+    so that a replaced file is fitted again) and the medium it is fitted in."""
+    path = os.path.realpath(star.path)
+    try:
+        stat = os.stat(path)
+        size, mtime = stat.st_size, stat.st_mtime_ns
+    except OSError:
+        size = mtime = None
+    return path, star.medium or medium, size, mtime
 
 
 def columns_of(rows: list, label_names) -> list:
@@ -488,11 +586,7 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
         raise TypeError(f"fit_batch: unknown fit option {', '.join(unknown)}; fastspec.fit takes {', '.join(defaults)}")
     if table is not None:
         table = Path(table)
-        if table.suffix.lower() not in TABLE_FORMATS:
-            raise ValueError(f"{table}: unknown table format {table.suffix or '(no extension)'}; use "
-                             f"{', '.join(TABLE_FORMATS)}")
-        if not table.parent.is_dir():
-            raise ValueError(f"{table}: the folder {table.parent} does not exist")
+        check_output(table, TABLE_FORMATS, "table")  # the CLI's check of its outputs: before any work
         if table.suffix.lower() == ".fits":
             try:
                 import astropy  # noqa: F401
@@ -500,22 +594,26 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
                 raise RuntimeError(f"{table}: a FITS table needs astropy: pip install 'fastspec[fits]'") from None
     log = log or (lambda message: tqdm.write(message, file=sys.stderr))
     exclude = () if table is None else (table, journal_path(table), table.with_name(table.name + ".partial"))
-    stars = as_stars(spectra, exclude)
+    tables = []
+    stars = as_stars(spectra, exclude, tables)
+    if table is not None:
+        _check_table_target(table, stars)
     decoder = Decoder.load(model, device="cpu")  # a bad model is refused here, before any work
     model_path = str(Path(decoder.info["path"]).resolve())
     # what decides a star's row (fit's defaults spelt out, so that the CLI's and an API call's settings compare
     # equal): a journal written with other settings is not continued
     settings = json.loads(json.dumps({"model": model_path, "medium": medium, "error": error,
                                       "options": {**defaults, **options}}, default=str))
-    journal = Journal(journal_path(table), settings) if table is not None else None
+    journal = Journal(journal_path(table), settings, defaults) if table is not None else None
+    keys = [_star_key(s, medium) for s in stars]
     rows, failures = {}, []
     try:
-        done = {s.path: journal.rows[s.path] for s in stars
-                if journal is not None and journal.rows.get(s.path, {}).get("status") == "ok"}
+        done = {i: {**journal.rows[k], "file": s.path} for i, (s, k) in enumerate(zip(stars, keys))
+                if journal is not None and journal.rows.get(k, {}).get("status") == "ok"}
         rows.update(done)
         # the workers get absolute paths (a Dask worker's folder is not ours); the table keeps them as given
         tasks = [(i, (os.path.abspath(s.path), s.medium or medium, error, model_path, options))
-                 for i, s in enumerate(stars) if s.path not in done]
+                 for i, s in enumerate(stars) if i not in done]
         runner = _run_dask(tasks, scheduler, model_path) if scheduler is not None else _run_local(tasks, workers, model_path)
         on_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if on_main else None  # `kill`: as Ctrl-C
@@ -525,11 +623,11 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
                 for index, row in runner:
                     star = stars[index]
                     row = {"file": star.path, **row}
-                    rows[star.path] = row
+                    rows[index] = row
                     if journal is not None:
-                        journal.add(row)
+                        journal.add(row, keys[index])
                     if row["status"] != "ok":
-                        failures.append((star.path, row["reason"]))
+                        failures.append((index, star.path, row["reason"]))
                         log(f"fastspec fit --batch: {row['reason']}")
                     bar.update(1)
         finally:
@@ -539,7 +637,7 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
     finally:
         if journal is not None:
             journal.close()
-    ordered = [rows[s.path] for s in stars]
+    ordered = [rows[i] for i in range(len(stars))]
     columns = columns_of(ordered, decoder.label_names)
     if table is not None:
         units = dict(zip(decoder.label_names, decoder.label_units))
@@ -547,4 +645,4 @@ def fit_batch(spectra, table: str | Path | None = None, *, model: str | Path | N
                      rv_err="km/s", seconds="s")
         write_table(ordered, columns, table, {c: u for c, u in units.items() if u},
                     {"MODEL": Path(model_path).name, "MEDIUM": medium})
-    return BatchResult(ordered, columns, table, len(done), failures)
+    return BatchResult(ordered, columns, table, len(done), [f[1:] for f in sorted(failures)], tables)
