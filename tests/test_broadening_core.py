@@ -142,7 +142,9 @@ def intrinsic_reference(layers, labels, br64, z=None, clip=False):
 def test_decoder_with_stage_forward_and_jacobian(tmp_path, rng, br64, sampling, weight_dtype):
     """forward = network then broadening (float64 reference); forward_jacobian against float64 central differences
     for all six labels, network and broadening ones (step: 1e-6 of each label's normalisation scale). Measured:
-    at most 1e-6 of each column's largest derivative (float32 rounding); the bound is 1e-5."""
+    at most 1e-6 of each column's largest derivative (float32 rounding) for most draws, but up to 4.2e-5 for the
+    pixel-mean stage's v sin i column of some (seed 2605489868, with this session's code and with 93031b6's alike: the
+    float32 derivative kernels, not a change); the bound is 1e-4, far below what a wrong derivative gives (O(1))."""
     path = _write_model(int(rng.integers(1 << 30)), tmp_path, weight_dtype=weight_dtype, sampling=sampling)
     m = _core.Model.load(str(path))
     assert m.format_version == (3 if sampling == "pixel_mean" else 2) and m.broadening["sampling"] == sampling
@@ -167,7 +169,7 @@ def test_decoder_with_stage_forward_and_jacobian(tmp_path, rng, br64, sampling, 
         fd = (intrinsic_reference(layers, up, br64, z) - intrinsic_reference(layers, down, br64, z)) / (2 * h[:, None])
         for r in range(3):
             err = np.abs(jac[r, :, j] - fd[r]).max() / np.abs(fd[r]).max()
-            assert err < 1e-5, f"label {lab.name}, row {r}: relative error {err:.2e}"
+            assert err < 1e-4, f"label {lab.name}, row {r}: relative error {err:.2e}"
     # clip: a v sin i or R outside the range is clamped and has derivative 0
     wild = labels[:1].copy()
     wild[0, 2], wild[0, 5] = 400.0, 500.0
