@@ -76,7 +76,9 @@ def test_non_rotating_star_gets_a_finite_covering_upper_limit(pixel_mean, rng, t
     """v sin i 0, R 20000, SNR 100, through `fastspec fit` (JSON): before, the fit stopped at 0 with σ 0.086 km/s
     (the label systematics alone: the Jacobian column was 0) and a 'limit' of 0.17 km/s; at 0.2 km/s it reported
     σ(v sin i) 85 km/s and σ(R) 4e5. Now: v sin i below its limit, the limit finite and under the instrumental
-    FWHM (15 km/s), R within 3σ, every number in the JSON finite."""
+    FWHM (15 km/s), R within 3σ, every number in the JSON finite. Where the noise makes χ² at 0 two σ (Δχ² 4) or
+    more above the minimum, ~1 draw in 20 (seed 4089411238: 6.0 km/s, Δχ² 5), rotation is detected instead: then
+    0 must lie within 3σ (before, σ was the curvature's alone: 5.9 ± 0.6 km/s, R +12 % and 3.4σ off)."""
     path = tmp_path / "star.csv"
     np.savetxt(path, np.column_stack([pixel_mean.wavelength, noisy(pixel_mean, rng, 0.0, 20000.0),
                                       np.full(pixel_mean.n_pixels, 0.01)]), delimiter=",",
@@ -87,10 +89,14 @@ def test_non_rotating_star_gets_a_finite_covering_upper_limit(pixel_mean, rng, t
     text = (tmp_path / "r.json").read_text()
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON output"))
     v, sigma, limit = doc["labels"]["vsini"], doc["uncertainties"]["vsini"], doc["upper_limits"].get("vsini")
-    assert limit is not None and 0 <= v <= limit < 15 and 0 < sigma < 15, doc
+    if limit is None:  # detected: consistent with 0 all the same
+        assert 2 * sigma <= v <= 3 * sigma < 15, doc
+    else:
+        assert 0 <= v <= limit < 15 and 0 < sigma < 15, doc
+        assert "upper limit" in out
     assert abs(doc["labels"]["resolution"] - 20000) <= 3 * doc["uncertainties"]["resolution"], doc
     assert all(math.isfinite(x) for row in doc["covariance"] for x in row)
-    assert doc["success"] and "upper limit" in out
+    assert doc["success"]
 
 
 @pytest.mark.parametrize("resolution, vsini", [(20000.0, 3.0), (50000.0, 1.5)])
