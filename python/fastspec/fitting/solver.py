@@ -429,6 +429,13 @@ def _profile(prob, solve, best, jv, lb, ub, n_bisect: int = 3) -> dict | None:
     # Along the valley the other parameters move with v sin i (R most): the change over its Δχ² = 1 interval,
     # halved, is added to their covariance (rank one, the valley's direction); v sin i's own entries stay apart.
     valley = 0.5 * (p_up - p_down)
+    # Where 0 itself lies beyond that interval (1 <= Δχ²(0) < 4), the step to 0 per σ of its likelihood ratio can be
+    # the longer drift (a draw at 5.6 km/s with R 3.2σ high on the interval's drift alone): the longer of the two.
+    dchi2_zero = solutions[0.0][0] - chi2_min
+    if dchi2_zero >= 1.0:
+        to_zero = (point(v_min) - point(0.0)) / np.sqrt(dchi2_zero)
+        if abs(to_zero[jv]) > abs(valley[jv]):
+            valley = to_zero
     valley[jv] = 0.0
     return {"best": solutions[v_min][1], "limit": hi if limit is None else limit,
             "sigma": max((hi if one_up is None else one_up) - v_min, v_min - (vs[0] if one_down is None else one_down)),
