@@ -18,7 +18,7 @@ import pytest
 import fastspec
 from fastspec import Decoder
 from fastspec import model_format as mf
-from fastspec.fitting import C_KMS
+from fastspec.fitting import C_KMS, Segment
 from fastspec.fitting.likelihood import Likelihood as _Problem
 from test_jacobian import hidden_signs
 
@@ -106,7 +106,8 @@ def test_residual_jacobian_matches_finite_differences(tmp_path, rng, integrate):
     wl = np.sort(rng.uniform(4470, 5380, 3000))  # an irregular observed grid
     truth = random_truth(rng)
     flux, error = observe(decoder, truth, 5.0, [1.0, 0.05, 0.01], 100.0, rng, wl)
-    prob = _Problem(decoder, wl, flux, error, None, True, 2, None, (-300, 300), integrate=integrate)
+    prob = _Problem(decoder, [Segment(wl, flux, error, None, None, 2, "air", integrate, "spectrum")], True, None,
+                    (-300, 300))
     assert (prob.half is not None) == integrate
     theta = np.concatenate([prob.u_of(np.array([truth[n] for n in prob.names])), [5.0], [1.0, 0.05, 0.01]])
     jac = prob.jacobian(theta)
@@ -175,10 +176,10 @@ def test_clear_errors(small_model):
     flux, error = np.ones(wl.size), np.full(wl.size, 0.01)
     # Pixels that some allowed RV moves off the model grid are trimmed, not refused: at ±300 km/s the usable
     # range is 4454.50-5394.50 Å (90 pixels at the blue end, 109 at the red).
-    from fastspec.fitting.likelihood import Likelihood as _Problem
-    prob = _Problem(decoder, wl, flux, error, None, True, 2, None, (-300.0, 300.0))
+    one = lambda wl: [Segment(wl, flux, error, None, None, 2, "air", "auto", "spectrum")]  # noqa: E731
+    prob = _Problem(decoder, one(wl), True, None, (-300.0, 300.0))
     assert prob.n_trimmed == 90 + 109 and prob.wl.min() == pytest.approx(4454.5) and prob.wl.max() == pytest.approx(5394.5)
-    assert _Problem(decoder, wl + 100, flux, error, None, False, 2, None, (0, 0)).n_trimmed == 2000
+    assert _Problem(decoder, one(wl + 100), False, None, (0, 0)).n_trimmed == 2000
     with pytest.raises(ValueError, match=r"only 0 usable pixels .* within 4454.4\d+-5394.5\d+ Å \(air\)"):
         fastspec.fit(wl + 1000, flux, error, decoder)
     with pytest.raises(ValueError, match=r"bounds\['teff'\] = 'hot' must be two numbers"):

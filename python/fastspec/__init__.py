@@ -13,11 +13,12 @@ from importlib.metadata import PackageNotFoundError, version
 from ._core import build_info
 from .decoder import LABEL_ORDER, Decoder, DeviceError, DeviceMemoryError, cuda_available, default_model_path
 from . import wavelength
-from .fitting import FitQualityWarning, FitResult, fit, fit_batch
+from .fitting import LSF, FitQualityWarning, FitResult, Segment, fit, fit_batch
 
 try:
     __version__ = version("fastspec")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "unknown"
-__all__ = ["Decoder", "DeviceError", "DeviceMemoryError", "FitQualityWarning", "FitResult", "LABEL_ORDER", "wavelength", "build_info", "cuda_available", "default_model_path", "fit", "fit_batch",
+__all__ = ["Decoder", "DeviceError", "DeviceMemoryError", "FitQualityWarning", "FitResult", "LABEL_ORDER", "LSF", "Segment",
+           "wavelength", "build_info", "cuda_available", "default_model_path", "fit", "fit_batch",
            "__version__"]

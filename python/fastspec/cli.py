@@ -112,10 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'success' column), 1 when a star could not be fitted (its row says why; the "
                                      "others go on) or on an error, 2 on a usage error, 130 when interrupted (the "
                                      "journal keeps the stars done: the same command continues).")
-    fit.add_argument("spectrum", type=Path, nargs="?",
+    fit.add_argument("spectrum", type=Path, nargs="*",
                      help="CSV/text (header naming wavelength, flux[, error], or those three columns), FITS (a 1-D "
                           "table, or a 1-D image with CRVAL1/CDELT1; needs astropy), HDF5 (datasets wavelength, "
-                          "flux[, error]) or .npy (N, 2 or 3); also what `fastspec generate -o` writes")
+                          "flux[, error]) or .npy (N, 2 or 3); also what `fastspec generate -o` writes. Several files, "
+                          "or a FITS file of several tables (one per extension), are segments of one star (echelle "
+                          "orders, a spectrograph's arms): fitted together, sharing the labels and the RV, each with "
+                          "its own continuum polynomial and line-spread function. A column resolution (R) or fwhm (Å) "
+                          "per pixel, or a FITS keyword SPEC_RES, is the segment's line-spread function")
     many = fit.add_argument_group("many stars (--batch)")
     many.add_argument("--batch", type=Path, metavar="LIST_OR_DIR",
                       help="fit many stars: a folder (each spectrum file in it is one star) or a text file listing one "
@@ -142,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Legendre degree of the continuum, 0-10; -1: none, the spectrum is normalised (default 2)")
     fit.add_argument("--bound", action="append", default=[], metavar="LABEL=LO:HI",
                      help="narrow a label's range, e.g. --bound vmic=1:3 (repeatable)")
+    fit.add_argument("--resolution", type=_resolution_value, metavar="R|fit",
+                     help="the instrument's resolving power for every segment (held, not fitted), over what the files "
+                          "say; 'fit': fit one R for all, whatever the files say (default: the files' where they give "
+                          "one, else fitted)")
     fit.add_argument("--vmac", type=_vmac_value, default=0.0, metavar="KM_S|fit",
                      help="radial-tangential macroturbulence: a value in km/s held fixed (0-20, default 0), or 'fit' "
                           "to fit it in 0-20 km/s (narrow with --bound vmac=LO:HI); format-3 models")
@@ -175,6 +183,19 @@ def _vmac_value(text: str):
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a number >= 0 (km/s) or 'fit', got {text!r}")
+    return value
+
+
+def _resolution_value(text: str):
+    """--resolution: 'fit' or a finite number > 0 (fit() checks it against the model's range)."""
+    if text.strip().lower() == "fit":
+        return "fit"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (R) or 'fit', got {text!r}")
     return value
 
 
@@ -495,28 +516,41 @@ def _fit_options(args) -> dict:
 def cmd_fit(args) -> int:
     import warnings
 
-    from .fitting import FitQualityWarning, fit
-    from .observations import read_spectrum
+    from .fitting import FitQualityWarning, Segment, fit
+    from .observations import read_segments
 
     if args.batch is not None:
         return cmd_fit_batch(args)
-    if args.spectrum is None:
-        raise ValueError("give a spectrum file, or --batch LIST_OR_DIR --table TABLE for many")
+    if not args.spectrum:
+        raise ValueError("give a spectrum file (several: the segments of one star), or --batch LIST_OR_DIR --table "
+                         "TABLE for many stars")
     for name in ("table", "workers", "scheduler", "no_progress"):
         if getattr(args, name) not in (None, False):
             raise ValueError(f"--{name.replace('_', '-')} goes with --batch")
     options = _fit_options(args)
     _check_output(args.output, (".json",), "result")
     _check_plot(args.plot)
-    spec = read_spectrum(args.spectrum)
-    error = args.error if args.error is not None else spec.error
-    for note in spec.notes if args.error is None else ():
-        print(f"note: {note}", file=sys.stderr)
+    specs = [spec for path in args.spectrum for spec in read_segments(path)]
+    for spec in specs:
+        for note in spec.notes if args.error is None else spec.notes[:0]:
+            print(f"note: {spec.source}: {note}" if len(specs) > 1 else f"note: {note}", file=sys.stderr)
+    lsfs = [None if args.resolution == "fit" else args.resolution if args.resolution is not None else spec.lsf()
+            for spec in specs]
     decoder = Decoder.load(args.model, threads=args.threads or 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitQualityWarning)  # reported below, with the result
-        result = fit(spec.wavelength, spec.flux, error, decoder, medium=args.medium, **options)
-    print(f"{spec.source}: {result.n_pixels_used} pixels fitted ({result.n_pixels_invalid} invalid (NaN flux, or an "
+        if len(specs) == 1:
+            spec = specs[0]
+            result = fit(spec.wavelength, spec.flux, args.error if args.error is not None else spec.error, decoder,
+                         medium=args.medium, lsf=lsfs[0], **options)
+        else:
+            names = [spec.name or Path(spec.source).stem for spec in specs]
+            names = names if len(set(names)) == len(names) else [spec.source for spec in specs]
+            result = fit([Segment(spec.wavelength, spec.flux, args.error if args.error is not None else spec.error,
+                                  lsf=lsf, name=name) for spec, lsf, name in zip(specs, lsfs, names)],
+                         decoder=decoder, medium=args.medium, **options)
+    sources = ", ".join(spec.source for spec in specs)
+    print(f"{sources}: {result.n_pixels_used} pixels fitted ({result.n_pixels_invalid} invalid (NaN flux, or an "
           f"error NaN or <= 0), {result.n_pixels_masked} masked, {result.n_pixels_trimmed} outside the model's reach "
           f"trimmed, {result.n_pixels_clipped} clipped); medium {args.medium}; "
           + (f"pixels integrated over {result.integrate_pixels:.3g} model pixels; " if result.integrate_pixels > 1 else "")
@@ -531,7 +565,8 @@ def cmd_fit(args) -> int:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     with ExitStack() as outputs:
         if args.output:
-            doc = {"spectrum": spec.source, "model": decoder.info["path"], "medium": args.medium,
+            doc = {"spectrum": specs[0].source if len(specs) == 1 else [spec.source for spec in specs],
+                   "model": decoder.info["path"], "medium": args.medium,
                    "labels": result.labels, "uncertainties": result.uncertainties, "rv": result.rv,
                    "rv_uncertainty": result.rv_uncertainty, "continuum": result.continuum.tolist(),
                    "parameter_names": result.parameter_names, "covariance": result.covariance.tolist(),
@@ -541,24 +576,30 @@ def cmd_fit(args) -> int:
                    "error_estimate": result.error_estimate, "model_error": result.model_error,
                    "upper_limits": result.upper_limits, "integrate_pixels": result.integrate_pixels,
                    "n_pixels_invalid": result.n_pixels_invalid, "n_pixels_masked": result.n_pixels_masked,
-                   "vmac": result.vmac, "vmac_fitted": result.vmac_fitted}
+                   "vmac": result.vmac, "vmac_fitted": result.vmac_fitted,
+                   "segments": [{"source": spec.source, **{k: v.tolist() if isinstance(v, np.ndarray) else v
+                                                           for k, v in seg.items() if k not in ("model_flux", "mask")}}
+                                for spec, seg in zip(specs, result.segments)]}
             with open(outputs.enter_context(_atomic_output(args.output)), "w") as f:
                 json.dump(doc, f, indent=1)
         if args.plot:
-            plot_fit(spec, result, outputs.enter_context(_atomic_output(args.plot)), fmt=args.plot.suffix[1:].lower())
+            plot_fit(specs, result, outputs.enter_context(_atomic_output(args.plot)), fmt=args.plot.suffix[1:].lower())
     return 0 if result.success else 3
 
 
 def cmd_fit_batch(args) -> int:
     from .fitting.batch import fit_batch
 
-    if args.spectrum is not None:
-        raise ValueError(f"give a spectrum ({args.spectrum}) or --batch, not both; several files for one star are "
+    if args.spectrum:
+        raise ValueError(f"give a spectrum ({', '.join(map(str, args.spectrum))}) or --batch, not both; several files for one star are "
                          "not a batch")
     for option, given in (("--table", args.table is None), ("-o/--output", args.output is not None),
-                          ("--plot", args.plot is not None), ("--threads", args.threads is not None)):
+                          ("--plot", args.plot is not None), ("--threads", args.threads is not None),
+                          ("--resolution", args.resolution is not None)):
         if given:
             raise ValueError("--batch needs --table" if option == "--table" else
+                             "--resolution is not taken with --batch (yet): each star's R is fitted"
+                             if option == "--resolution" else
                              f"{option} is for one spectrum; with --batch the results go to --table"
                              + (" and each worker uses one thread" if option == "--threads" else ""))
     try:
@@ -581,28 +622,38 @@ def cmd_fit_batch(args) -> int:
     return 3 if result.n_quality_failed else 0
 
 
-def plot_fit(spec, result, path, fmt: str = "png") -> None:
+def plot_fit(specs, result, path, fmt: str = "png") -> None:
+    """Data, model and residuals of a fit: one pair of panels per segment (specs: the Spectra, in the fit's order)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, axr) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, height_ratios=[3, 1], constrained_layout=True)
-    used = result.mask
-    ax.plot(spec.wavelength, spec.flux, lw=0.5, color="0.6", label="data")
-    ax.plot(spec.wavelength[used], result.model_flux[used], lw=0.7, color="C3", label="model")
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_ylabel("flux")
+    specs = specs if isinstance(specs, (list, tuple)) else [specs]
+    fig, axes = plt.subplots(2 * len(specs), 1, figsize=(11, 2 + 3 * len(specs)), squeeze=False,
+                             height_ratios=[3, 1] * len(specs), constrained_layout=True)
     lab = result.labels
-    ax.set_title(f"Teff {lab['teff']:.0f} ± {result.uncertainties['teff']:.0f} K, log g {lab['logg']:.2f}, "
-                 f"[M/H] {lab['mh']:+.2f}, v sin i {lab['vsini']:.1f}, v_mic {lab['vmic']:.2f}, R {lab['resolution']:.0f}"
+    r_text = (f", R {lab['resolution']:.0f}" if "resolution" in lab else "")
+    fig.suptitle(f"Teff {lab['teff']:.0f} ± {result.uncertainties['teff']:.0f} K, log g {lab['logg']:.2f}, "
+                 f"[M/H] {lab['mh']:+.2f}, v sin i {lab['vsini']:.1f}, v_mic {lab['vmic']:.2f}{r_text}"
                  + (f", v_mac {result.vmac:.1f}" + ("" if result.vmac_fitted else " (fixed)") if result.vmac else "")
                  + (f", RV {result.rv:.2f} km/s" if result.rv is not None else "")
                  + f"; reduced χ² {result.reduced_chi2:.2f}", fontsize=9)
-    axr.plot(spec.wavelength[used], (spec.flux - result.model_flux)[used], lw=0.5, color="k")
-    axr.axhline(0, color="C3", lw=0.7)
-    axr.set_ylabel("data − model")
-    axr.set_xlabel(f"wavelength [Å, {result.medium}]")
+    for k, (spec, seg) in enumerate(zip(specs, result.segments)):
+        ax, axr = axes[2 * k, 0], axes[2 * k + 1, 0]
+        used = seg["mask"]
+        ax.plot(spec.wavelength, spec.flux, lw=0.5, color="0.6", label="data")
+        ax.plot(spec.wavelength[used], seg["model_flux"][used], lw=0.7, color="C3", label="model")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.set_ylabel("flux")
+        if len(specs) > 1:
+            ax.set_title(f"{seg['name']}: R {seg['resolution']:.0f}" + (" (its LSF)" if seg["lsf"] else "")
+                         + f", χ² {seg['chi2']:.0f} on {seg['n_pixels_used']} pixels", fontsize=8)
+        axr.plot(spec.wavelength[used], (spec.flux - seg["model_flux"])[used], lw=0.5, color="k")
+        axr.axhline(0, color="C3", lw=0.7)
+        axr.set_ylabel("data − model")
+        axr.sharex(ax)
+    axes[-1, 0].set_xlabel(f"wavelength [Å, {result.medium}]")
     fig.savefig(path, dpi=110, format=fmt)
     plt.close(fig)
 

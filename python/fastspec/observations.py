@@ -6,6 +6,11 @@ Columns are found by name (case-insensitive): wavelength (`wavelength`, `wave`, 
 log10 Å), flux (`flux`, `f`), error (`error`, `err`, `sigma`, `uncertainty`, `ivar` as 1/σ²). A CSV without a
 header row is read as wavelength, flux[, error]. The error is optional everywhere (None: fit estimates it); an
 error column with no finite value (an empty column of a spreadsheet export) counts as absent, with a note.
+
+The instrument's line-spread function, where the file has it: a column of the resolving power (`resolution`,
+`resolving_power`, `spec_res`) or of the FWHM in Å (`fwhm`, `lsf_fwhm`) per pixel, or a FITS keyword SPEC_RES (the
+ESO Phase 3 standard's resolving power) in the spectrum's header or the primary one. `read_segments` reads every
+table of a multi-extension FITS file (one segment each: echelle orders, a spectrograph's arms).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import numpy as np
 WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "loglam")
 FLUX_NAMES = ("flux", "f")
 ERROR_NAMES = ("error", "err", "sigma", "uncertainty", "ivar")
+RESOLUTION_NAMES = ("resolution", "resolving_power", "spec_res")
+FWHM_NAMES = ("fwhm", "lsf_fwhm")
 
 
 @dataclass
@@ -28,6 +35,18 @@ class Spectrum:
     error: np.ndarray | None
     source: str
     notes: list = field(default_factory=list)  # what the reader decided that the user should hear about
+    resolution: np.ndarray | float | None = None  # R per pixel (or one R), where the file gives it
+    name: str | None = None  # the segment's name in a file of several (its FITS extension)
+
+    def lsf(self):
+        """The file's line-spread function as a fastspec.LSF, or None."""
+        from .fitting.lsf import LSF
+
+        if self.resolution is None or np.ndim(self.resolution) == 0:
+            return LSF.of(self.resolution)
+        order = np.argsort(self.wavelength)
+        good = np.isfinite(self.wavelength[order])
+        return LSF(self.resolution[order][good], wavelength=self.wavelength[order][good])
 
 
 def sigma_from_ivar(ivar) -> np.ndarray:
@@ -64,7 +83,18 @@ def _from_columns(columns: dict, path) -> Spectrum:
             notes.append(f"the error column {ename!r} is empty: the errors are estimated from the fit")
         elif ename.lower() == "ivar":
             error = sigma_from_ivar(error)
-    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path), notes)
+    resolution = None
+    rname = _pick(names, RESOLUTION_NAMES, "resolution", path, required=False)
+    wname_fwhm = _pick(names, FWHM_NAMES, "fwhm", path, required=False)
+    if rname is not None:
+        resolution = np.asarray(columns[rname], dtype=np.float64)
+    elif wname_fwhm is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            resolution = wave / np.asarray(columns[wname_fwhm], dtype=np.float64)
+    if resolution is not None and not np.isfinite(resolution).any():
+        notes.append(f"the column {rname or wname_fwhm!r} is empty: no line-spread function from the file")
+        resolution = None
+    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path), notes, resolution)
 
 
 def _read_csv(path: Path) -> Spectrum:
@@ -96,17 +126,37 @@ def _read_csv(path: Path) -> Spectrum:
     return _from_columns({h: values[:, j] for j, h in enumerate(header)}, path)
 
 
+def _fits_tables(path: Path) -> list:
+    """Every table HDU with wavelength and flux columns, as Spectra named by their extension (SPEC_RES of the HDU or
+    the primary header as their R where no column gives one)."""
+    from astropy.io import fits
+
+    out = []
+    with fits.open(path) as hdul:
+        for k, hdu in enumerate(hdul):
+            if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)) and hdu.data is not None:
+                names = list(hdu.columns.names)
+                if _pick(names, WAVE_NAMES, "", path, False) and _pick(names, FLUX_NAMES, "", path, False):
+                    spec = _from_columns({n: np.ravel(hdu.data[n]) for n in names}, path)
+                    spec.name = hdu.name if hdu.name and hdu.name != "PRIMARY" else f"HDU {k}"
+                    spec.source = f"{path}[{spec.name}]"
+                    keyword = hdu.header.get("SPEC_RES", hdul[0].header.get("SPEC_RES"))
+                    if spec.resolution is None and keyword is not None:
+                        spec.resolution = float(keyword)
+                    out.append(spec)
+    return out
+
+
 def _read_fits(path: Path) -> Spectrum:
     try:
         from astropy.io import fits
     except ImportError:
         raise RuntimeError(f"{path}: reading FITS needs astropy: pip install 'fastspec[fits]'") from None
+    tables = _fits_tables(path)
+    if tables:  # the first table with wavelength and flux columns
+        tables[0].source = str(path)
+        return tables[0]
     with fits.open(path) as hdul:
-        for hdu in hdul:  # the first table with wavelength and flux columns
-            if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)) and hdu.data is not None:
-                names = list(hdu.columns.names)
-                if _pick(names, WAVE_NAMES, "", path, False) and _pick(names, FLUX_NAMES, "", path, False):
-                    return _from_columns({n: np.ravel(hdu.data[n]) for n in names}, path)
         for k, hdu in enumerate(hdul):  # else the first 1-D image, its wavelengths from the header
             if hdu.is_image and hdu.data is not None and np.squeeze(hdu.data).ndim == 1:
                 flux = np.squeeze(hdu.data).astype(np.float64)
@@ -127,7 +177,8 @@ def _read_fits(path: Path) -> Spectrum:
                         if other.name.lower() == "ivar":
                             error = sigma_from_ivar(error)
                         break
-                return Spectrum(wave, flux, error, str(path))
+                keyword = h.get("SPEC_RES", hdul[0].header.get("SPEC_RES"))
+                return Spectrum(wave, flux, error, str(path), resolution=None if keyword is None else float(keyword))
     raise ValueError(f"{path}: no table with wavelength and flux columns and no 1-D image")
 
 
@@ -166,8 +217,27 @@ def read_spectrum(path: str | Path) -> Spectrum:
     reader = next((read for suffixes, read in READERS if name.endswith(suffixes)), None)
     if reader is None:
         raise ValueError(f"{path}: unknown spectrum format; use .csv/.txt/.dat, .fits, .h5 or .npy")
-    spec = reader(path)
+    return _checked(reader(path), path)
+
+
+def _checked(spec: Spectrum, path) -> Spectrum:
     if spec.wavelength.ndim != 1 or spec.flux.shape != spec.wavelength.shape or (
             spec.error is not None and spec.error.shape != spec.wavelength.shape):
-        raise ValueError(f"{path}: wavelength, flux and error must be 1-D and of one length")
+        raise ValueError(f"{spec.source}: wavelength, flux and error must be 1-D and of one length")
+    if isinstance(spec.resolution, np.ndarray) and spec.resolution.shape != spec.wavelength.shape:
+        raise ValueError(f"{spec.source}: the resolution column must be as long as the wavelengths")
     return spec
+
+
+def read_segments(path: str | Path) -> list:
+    """The segments of a file: every table with wavelength and flux columns of a (multi-extension) FITS file, each
+    named by its extension; any other file is one segment (read_spectrum)."""
+    path = Path(path)
+    if path.name.lower().endswith((".fits", ".fit", ".fits.gz", ".fts")) and path.is_file():
+        try:
+            tables = _fits_tables(path)
+        except ImportError:
+            tables = []  # read_spectrum says what is missing
+        if len(tables) > 1:
+            return [_checked(spec, path) for spec in tables]
+    return [read_spectrum(path)]

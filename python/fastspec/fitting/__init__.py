@@ -32,7 +32,8 @@ spectra, each fitted on its own, in parallel processes or on Dask, into one tabl
 """
 
 from .batch import BatchResult, Star, fit_batch
-from .observation import C_KMS
+from .lsf import LSF
+from .observation import C_KMS, Segment
 from .results import FitQualityWarning, FitResult, model_spectrum
 from .solver import fit
 
@@ -40,4 +41,5 @@ from .solver import fit
 # `fastspec.fit.model_spectrum` must be reachable from it.
 fit.model_spectrum = model_spectrum
 
-__all__ = ["BatchResult", "C_KMS", "FitQualityWarning", "FitResult", "Star", "fit", "fit_batch", "model_spectrum"]
+__all__ = ["BatchResult", "C_KMS", "FitQualityWarning", "FitResult", "LSF", "Segment", "Star", "fit", "fit_batch",
+           "model_spectrum"]

@@ -1,9 +1,15 @@
 """The likelihood: the model of the observation, its residuals in units of the error and their Jacobian, and the
 error model.
 
-Model of the observation at wavelength λ (Å, in the model's medium, air for the shipped models):
+Model of the observation at wavelength λ (Å, in the model's medium, air for the shipped models) of segment k:
 
-    m(λ) = C(x) · F(λ / (1 + v/c); labels, vmac),   C(x) = Σ_k c_k P_k(x),  x ∈ [−1, 1] across the fitted pixels
+    m(λ) = C_k(x) · F_k(λ / (1 + v/c); labels, vmac),   C_k(x) = Σ_j c_kj P_j(x),  x ∈ [−1, 1] across k's pixels
+
+One segment is one spectrum as fit() takes it; several (`Segment`: echelle orders, a spectrograph's arms) share the
+labels, vmac and v and each has its own continuum polynomial and its own line-spread function: F_k is the decoder's
+spectrum with the segment's R(λ) (`lsf`) or, without one, with the fitted label R. Segments with one and the same
+spectrum F are one "group": a model evaluation is one decoder call per group, the groups' spectra laid end to end
+(each pixel reads its own group's, `offset`).
 
 F is the decoder's spectrum (z = 0; with the macroturbulence vmac, fixed or fitted, in its broadening stage) interpolated linearly from the model grid at the rest wavelength (or, with
 pixel integration, averaged over each observed pixel), P_k are Legendre polynomials. The Jacobian is exact: the
@@ -19,100 +25,224 @@ from __future__ import annotations
 
 import numpy as np
 
+from .lsf import LSF
 from .observation import C_KMS, Observation
 from .parameters import Parameters
 
 
-class Likelihood(Parameters, Observation):
-    """The observed spectrum (Observation) seen through the fit's coordinates (Parameters): residuals, Jacobian
-    and χ² of a parameter vector, and the χ² of whole model spectra for ranking starts."""
+class Likelihood(Parameters):
+    """The observed segments (`Observation`s, their fitted pixels laid end to end) seen through the fit's
+    coordinates (Parameters): residuals, Jacobian and χ² of a parameter vector, and the χ² of whole model spectra
+    for ranking starts.
 
-    def __init__(self, decoder, wavelength, flux, error, mask, fit_rv, continuum_degree, bounds, rv_bounds,
-                 medium="air", model_error=False, integrate="auto", vmac=0.0):
+    segments: a list of fastspec.fitting.Segment whose options are resolved (continuum_degree an int or None,
+    medium, integrate; lsf an LSF, a number, a callable or None)."""
+
+    def __init__(self, decoder, segments, fit_rv, bounds, rv_bounds, model_error=False, vmac=0.0):
         self.decoder = decoder
-        Parameters.__init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds, vmac)
-        Observation.__init__(self, decoder, wavelength, flux, error, mask, medium, self.rv_bounds,
-                             min_pixels=max(10, 2 * self.n_params), divide_unit=self.degree >= 0, integrate=integrate)
+        self.segment_names = [s.name for s in segments]
+        lsfs = [LSF.of(s.lsf) for s in segments]
+        r_name = (decoder.info.get("broadening") or {}).get("resolution_label")
+        if any(lsfs) and r_name is None:
+            raise ValueError(f"a line-spread function needs a model with a broadening stage; {decoder.info['path']} "
+                             "has none")
+        # R is fitted unless every segment gives its line-spread function; then it is held (the value is replaced by
+        # each segment's own reference R below)
+        held = {r_name: decoder.label_ranges[r_name][1]} if all(lsfs) and r_name else None
+        Parameters.__init__(self, decoder, bounds, fit_rv, [s.continuum_degree for s in segments], rv_bounds, vmac,
+                            held=held)
+        # the R and v sin i columns of the decoder's labels (the emulator error is tabulated in them)
+        names = list(decoder.label_names)
+        self.r_column = names.index(r_name or "resolution") if (r_name or "resolution") in names else None
+        v_name = (decoder.info.get("broadening") or {}).get("vsini_label") or "vsini"
+        self.v_column = names.index(v_name) if v_name in names else None
+        obs = []
+        for s, degree in zip(segments, self.degrees):
+            try:
+                obs.append(Observation(decoder, s.wavelength, s.flux, s.error, s.mask, s.medium, self.rv_bounds,
+                                       min_pixels=max(10, 2 * (degree + 1)), divide_unit=degree >= 0,
+                                       integrate=s.integrate))
+            except ValueError as e:
+                raise ValueError(f"{s.name}: {e}" if len(segments) > 1 else str(e)) from None
+        if len(obs) > 1:
+            _check_order(obs, self.segment_names)
+        total = sum(o.wl.size for o in obs)
+        if total < max(10, 2 * self.n_params):
+            raise ValueError(f"only {total} usable pixels in all segments; at least {max(10, 2 * self.n_params)} are "
+                             f"needed for {self.n_params} parameters")
+        self.w0, self.dw, self.n_model = obs[0].w0, obs[0].dw, obs[0].n_model
+        self.medium_of_model = decoder.info["medium"]
+
+        # the groups: segments without an lsf share the label R's spectrum; each lsf its own
+        self.groups, group_of = [], []
+        for s, lsf, o in zip(segments, lsfs, obs):
+            if lsf is None:
+                if not any(g["r_ref"] is None for g in self.groups):
+                    self.groups.append({"r_ref": None, "factors": None})
+                group_of.append(next(i for i, g in enumerate(self.groups) if g["r_ref"] is None))
+            else:
+                self.groups.append(self._lsf_group(lsf, o, s.name))
+                group_of.append(len(self.groups) - 1)
+
+        # every fitted pixel, segment after segment
+        cat = lambda name: np.concatenate([getattr(o, name) for o in obs])  # noqa: E731
+        self.wl, self.flux, self.sigma_obs = cat("wl"), cat("flux"), cat("sigma_obs")
+        self.segment = np.concatenate([np.full(o.wl.size, k) for k, o in enumerate(obs)])
+        self.offset = np.array([group_of[k] * self.n_model for k in range(len(obs))])[self.segment]
+        self.group_of = group_of
+        self.scales = np.array([o.scale for o in obs])
+        self.pixel_scale = self.scales[self.segment]
+        self.integrated = [o.half is not None for o in obs]
+        self.half = None if not any(self.integrated) else np.concatenate(
+            [o.half if o.half is not None else np.zeros(o.wl.size) for o in obs])
+        self.masks = [o.mask for o in obs]  # each segment's given pixels: fitted (True) or not
+        self.widths = [o.width for o in obs]
+        self.width = float(np.median(self.widths))
+        self.n_invalid = sum(o.n_invalid for o in obs)
+        self.n_masked = sum(o.n_masked for o in obs)
+        self.n_trimmed = sum(o.n_trimmed for o in obs)
+
         self.ivar_sqrt = 1.0 / self.sigma_obs
         self.model_error = bool(model_error)
-
-        # continuum basis on the fitted pixels
-        span = self.wl.max() - self.wl.min()
-        x = 2.0 * (self.wl - self.wl.min()) / span - 1.0 if span > 0 else np.zeros_like(self.wl)
-        self.basis = np.polynomial.legendre.legvander(x, self.degree) if self.degree >= 0 else np.ones((x.size, 0))
-        self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(x.size, -1)
+        # each segment's continuum basis on its own pixels (x in [-1, 1] across them), block-diagonal; a segment
+        # without a polynomial has the continuum 1 (`unit`)
+        self.basis = np.zeros((self.wl.size, self.n_continuum))
+        self.unit = np.zeros(self.wl.size)
+        col = 0
+        for k, degree in enumerate(self.degrees):
+            rows = self.segment == k
+            if degree < 0:
+                self.unit[rows] = 1.0
+                continue
+            w = self.wl[rows]
+            span = w.max() - w.min()
+            x = 2.0 * (w - w.min()) / span - 1.0 if span > 0 else np.zeros_like(w)
+            self.basis[rows, col:col + degree + 1] = np.polynomial.legendre.legvander(x, degree)
+            col += degree + 1
+        self._update_products()
         self.n_model_calls = 0
         self.n_jac_calls = 0
 
+    @property
+    def mask(self):
+        """The given pixels that are fitted, segment after segment."""
+        return np.concatenate(self.masks)
+
+    def _lsf_group(self, lsf, obs, name):
+        """A segment's line-spread function as the decoder takes it: the label R at a reference value (the median R
+        over the segment's pixels) and, where R varies, the factors of the stage's nodes."""
+        lo, hi = self.decoder.label_ranges[self.decoder.label_names[self.r_column]]
+        span = (obs.wl.min(), obs.wl.max())
+        r_pixels = lsf.resolution_at(obs.wl, span)
+        for what, bad in (("above the model's highest", r_pixels > hi * (1 + 1e-9)),
+                          ("below the model's lowest", r_pixels < lo * (1 - 1e-9))):
+            if bad.any():
+                raise ValueError(f"{name}: its line-spread function has R = {r_pixels[bad][0]:.6g} at "
+                                 f"{obs.wl[bad][0]:.3f} Å, {what} R ({hi if 'highest' in what else lo:g}): "
+                                 f"{'narrower' if 'highest' in what else 'broader'} than the model can represent")
+        r_ref = float(np.median(r_pixels))
+        if lsf.is_constant or r_pixels.min() == r_pixels.max():  # one R across the segment (nodes take its ends')
+            return {"r_ref": r_ref, "factors": None}
+        nodes = self.decoder.stage_nodes
+        factors = np.clip(lsf.resolution_at(nodes, span), r_pixels.min(), r_pixels.max()) / r_ref
+        return {"r_ref": r_ref, "factors": None if np.all(factors == 1.0) else factors}
+
+    def _group_call(self, g, lab, vmac, jacobian=False):
+        if g["r_ref"] is not None:
+            lab = lab.copy()
+            lab[..., self.r_column] = g["r_ref"]
+        extra = {} if g["factors"] is None else {"resolution_factors": g["factors"]}
+        if not jacobian:
+            return self.decoder(lab, vmac=vmac, **extra)
+        return self.decoder.jacobian(lab, vmac=vmac, return_vmac=self.fit_vmac, **extra)
+
     def model_flux(self, labels):
-        """The decoder's spectra at fit-coordinate labels (len(names),) or (N, len(names)), with the macroturbulence
-        (fitted or fixed)."""
+        """The decoder's spectra at labels (len(names),) or (N, len(names)), with the macroturbulence (fitted or
+        fixed): (..., n_model · groups), the groups' spectra end to end."""
         lab, vmac = self.model_call(labels)
-        return self.decoder(lab, vmac=vmac)
+        parts = [self._group_call(g, lab, vmac) for g in self.groups]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
     def model_jacobian(self, labels):
-        """Flux and dF/d(names) at fit-coordinate labels (len(names),): the core's label columns, then dF/dvmac
-        when it is fitted."""
+        """Flux and dF/d(names) at labels (len(names),), groups end to end: the core's columns of the fitted model
+        labels, then dF/dvmac when it is fitted."""
         lab, vmac = self.model_call(labels)
-        if not self.fit_vmac:
-            return self.decoder.jacobian(lab, vmac=vmac)
-        spec, jac, jac_vmac = self.decoder.jacobian(lab, vmac=vmac, return_vmac=True)
-        return spec, np.concatenate([jac, jac_vmac[:, None]], axis=1)
+        specs, jacs = [], []
+        for g in self.groups:
+            out = self._group_call(g, lab, vmac, jacobian=True)
+            jac = out[1][:, self.model_index]
+            if g["r_ref"] is not None:  # its own R: the fitted one does not reach this group
+                jac[:, self.model_index == self.r_column] = 0.0
+            specs.append(out[0])
+            jacs.append(np.concatenate([jac, out[2][:, None]], axis=1) if self.fit_vmac else jac)
+        return np.concatenate(specs), np.concatenate(jacs)
 
     def _interp(self, rv):
-        """Indices and weights of the linear interpolation at the rest wavelengths (rv scalar or (R, 1))."""
+        """Indices (into the groups' spectra end to end) and weights of the linear interpolation at the rest
+        wavelengths (rv scalar or (R, 1))."""
         rest = self.wl / (1.0 + rv / C_KMS)
         pos = (rest - self.w0) / self.dw
         k = np.clip(np.floor(pos).astype(np.int64), 0, self.n_model - 2)
-        return k, pos - k
+        return k + self.offset, pos - k
 
     def sample(self, spec, rv):
-        """The model spec (n_model, ...) at the observed pixels, (P, ...); rv a scalar, or (R, 1) for a 1-D spec,
-        giving (R, P). Point samples: linear interpolation at the rest wavelength. Pixel integration: the mean
+        """The model spec (n_model · groups, ...) at the observed pixels, (P, ...); rv a scalar, or (R, 1) for a 1-D
+        spec, giving (R, P). Point samples: linear interpolation at the rest wavelength. Pixel integration: the mean
         over the pixel of the model samples read as bins one model pixel wide (exact for bin-averaged data)."""
         expand = (1,) * (spec.ndim - 1)
+        k, w = self._interp(rv)
+        w = w.reshape(w.shape + expand)
+        points = (1 - w) * spec[k] + w * spec[k + 1]
         if self.half is None:
-            k, w = self._interp(rv)
-            w = w.reshape(w.shape + expand)
-            return (1 - w) * spec[k] + w * spec[k + 1]
+            return points
         a, b = self._edges(rv)
         cum = np.concatenate([np.zeros((1,) + spec.shape[1:]), np.cumsum(spec, axis=0)])
 
-        def integral(x):  # of the bins from the grid's start (x = -0.5) to x
-            k = np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1)
-            return cum[k] + spec[k] * (x - k + 0.5).reshape(x.shape + expand)
+        def integral(x):  # of the group's bins from its start (x = -0.5) to x, plus everything before the group
+            kl = np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1)
+            return cum[kl + self.offset] + spec[kl + self.offset] * (x - kl + 0.5).reshape(x.shape + expand)
 
-        return (integral(b) - integral(a)) / (b - a).reshape(a.shape + expand)
+        width = np.where(self.half > 0, b - a, 1.0)
+        means = (integral(b) - integral(a)) / width.reshape(width.shape + expand)
+        return means if all(self.integrated) else np.where((self.half > 0).reshape(self.half.shape + expand),
+                                                            means, points)
 
     def rv_derivative(self, spec, rv):
         """d(sample(spec, rv))/d rv for a 1-D spec, (P,)."""
+        k, _ = self._interp(rv)
+        slope = (spec[k + 1] - spec[k]) / self.dw  # the segment each pixel falls in (the interpolant's exact slope)
+        points = slope * (-self.wl / C_KMS / (1.0 + rv / C_KMS) ** 2)
         if self.half is None:
-            k, _ = self._interp(rv)
-            slope = (spec[k + 1] - spec[k]) / self.dw  # the segment each pixel falls in (the interpolant's exact slope)
-            return slope * (-self.wl / C_KMS / (1.0 + rv / C_KMS) ** 2)
+            return points
         a, b = self._edges(rv)
-        bins = lambda x: spec[np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1)]  # noqa: E731
+        bins = lambda x: spec[np.clip(np.floor(x + 0.5).astype(np.int64), 0, self.n_model - 1) + self.offset]  # noqa: E731
         mean = self.sample(spec, rv)
         # each edge x = (λ_edge / (1 + v/c) − w0) / dw moves by −(x + w0/dw) / (c + v); so does b − a, by −(b − a) / (c + v)
         da, db = -(a + self.w0 / self.dw) / (C_KMS + rv), -(b + self.w0 / self.dw) / (C_KMS + rv)
-        return (bins(b) * db - bins(a) * da) / (b - a) + mean / (C_KMS + rv)
+        width = np.where(self.half > 0, b - a, 1.0)
+        means = (bins(b) * db - bins(a) * da) / width + mean / (C_KMS + rv)
+        return np.where(self.half > 0, means, points)
 
     def _edges(self, rv):
         """The observed pixels' edges in model pixels (the rest frame at rv)."""
         shift = 1.0 + np.asarray(rv) / C_KMS
         return (((self.wl - self.half) / shift - self.w0) / self.dw, ((self.wl + self.half) / shift - self.w0) / self.dw)
 
+    def continuum(self, c):
+        """The continuum C at the fitted pixels for coefficients c (n_continuum,)."""
+        return self.unit + self.basis @ c
+
     def reweight(self, theta):
         """Variance σ_obs² + (C·σ_model)² with the emulator error at these labels (no-op without model_error)."""
         if not self.model_error:
             return
         u, rv, c = self.split(theta)
-        lab = self.labels_of(u)
-        err = self.decoder._model.emulator_error(float(lab[self.names.index("vsini")]),
-                                                 float(lab[self.names.index("resolution")])).astype(np.float64)
+        lab, _ = self.model_call(self.labels_of(u))
+        err = np.concatenate([self.decoder._model.emulator_error(
+            float(lab[self.v_column]), float(lab[self.r_column]) if g["r_ref"] is None else g["r_ref"])
+            for g in self.groups]).astype(np.float64)
         k, w = self._interp(rv)
-        cont = self.basis @ c if self.degree >= 0 else 1.0
-        sig_model = cont * ((1 - w) * err[k] + w * err[k + 1])
+        sig_model = self.continuum(c) * ((1 - w) * err[k] + w * err[k + 1])
         self.ivar_sqrt = 1.0 / np.sqrt(self.sigma_obs**2 + sig_model**2)
 
     def chi2_at(self, theta):
@@ -123,16 +253,25 @@ class Likelihood(Parameters, Observation):
 
     def drop(self, reject):
         """Leave out fitted pixels (indices into the fitted set), e.g. outliers."""
-        keep = Observation.drop(self, reject)
-        self.ivar_sqrt, self.basis = self.ivar_sqrt[keep], self.basis[keep]
-        self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(self.wl.size, -1)
+        keep = np.ones(self.wl.size, bool)
+        keep[reject] = False
+        for k, mask in enumerate(self.masks):
+            where = np.flatnonzero(mask)
+            mask[where[~keep[self.segment == k]]] = False
+        for name in ("wl", "flux", "sigma_obs", "segment", "offset", "pixel_scale", "ivar_sqrt", "basis", "unit"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.half = None if self.half is None else self.half[keep]
+        self._update_products()
+
+    def _update_products(self):
+        nb = self.n_continuum
+        self.basis_products = (self.basis[:, :, None] * self.basis[:, None, :]).reshape(self.wl.size, nb * nb)
 
     def residuals(self, theta):
         u, rv, c = self.split(theta)
         self.n_model_calls += 1
         f = self.sample(self.model_flux(self.labels_of(u)).astype(np.float64), rv)
-        cont = self.basis @ c if self.degree >= 0 else 1.0
-        return (cont * f - self.flux) * self.ivar_sqrt
+        return (self.continuum(c) * f - self.flux) * self.ivar_sqrt
 
     def jacobian(self, theta):
         u, rv, c = self.split(theta)
@@ -140,39 +279,56 @@ class Likelihood(Parameters, Observation):
         spec, jac = self.model_jacobian(self.labels_for_jacobian(u))
         spec = spec.astype(np.float64)
         f = self.sample(spec, rv)
-        cont = self.basis @ c if self.degree >= 0 else np.ones_like(f)
-        scale = cont * self.ivar_sqrt
+        scale = self.continuum(c) * self.ivar_sqrt
         cols = [self.sample(jac.astype(np.float64), rv) * self.dlabel_du(u)[None, :] * scale[:, None]]
         if self.fit_rv:
             cols.append((self.rv_derivative(spec, rv) * scale)[:, None])
-        if self.degree >= 0:
-            cols.append(self.basis * (f * self.ivar_sqrt)[:, None])
+        cols.append(self.basis * (f * self.ivar_sqrt)[:, None])
         return np.concatenate(cols, axis=1)
 
     def continuum_for(self, model_flux):
-        """Best continuum coefficients for model spectra on the fitted pixels, (N, M) -> (N, d+1), and the χ²."""
-        # Normal equations by GEMMs: A = basis * (f / σ), AᵀA = (f/σ)² @ (basis_i basis_j), Aᵀb = (f/σ) @ (basis b)
+        """Best continuum coefficients for model spectra on the fitted pixels, (N, M) -> (N, n_continuum), and the
+        χ²."""
+        # Normal equations by GEMMs: A = basis * (f / σ), AᵀA = (f/σ)² @ (basis_i basis_j), Aᵀr = (f/σ) @ (basis r),
+        # r = (flux − f · unit) / σ what the fixed continuum (segments without a polynomial) leaves
         fw = model_flux * self.ivar_sqrt[None, :]
-        b = self.flux * self.ivar_sqrt
-        nb = self.degree + 1
+        r = self.flux * self.ivar_sqrt - fw * self.unit[None, :]
+        nb = self.n_continuum
         ata = ((fw * fw) @ self.basis_products).reshape(-1, nb, nb) + 1e-12 * np.eye(nb)
-        atb = fw @ (self.basis * b[:, None])
+        atb = (fw * r) @ self.basis
         c = np.linalg.solve(ata, atb[:, :, None])[:, :, 0]
-        return c, np.maximum(b @ b - np.einsum("ni,ni->n", atb, c), 0.0)
+        return c, np.maximum(np.einsum("np,np->n", r, r) - np.einsum("ni,ni->n", atb, c), 0.0)
 
     def chi2_of_spectra(self, spectra, rv):
-        """χ² of model spectra (N, n_model) at one RV, each with its best continuum."""
+        """χ² of model spectra (N, n_model · groups) at one RV, each with its best continuum."""
         return self._chi2_interpolated(self.sample(spectra.T, rv).T)
 
     def chi2_of_rvs(self, spectrum, rvs):
-        """χ² of one model spectrum (n_model,) at each RV of rvs (R,), with its best continuum."""
+        """χ² of one model spectrum (n_model · groups,) at each RV of rvs (R,), with its best continuum."""
         return self._chi2_interpolated(self.sample(spectrum, np.asarray(rvs, dtype=np.float64)[:, None]))[0]
 
     def _chi2_interpolated(self, f):
-        if self.degree >= 0:
+        if self.n_continuum > 0:
             c, chi2 = self.continuum_for(f)
             return chi2, c
         return (((f - self.flux) * self.ivar_sqrt) ** 2).sum(axis=1), np.zeros((len(f), 0))
+
+
+def _check_order(obs, names):
+    """Segments must each be increasing in wavelength and must not overlap (a pixel fitted twice, or orders merged
+    by concatenation into one segment)."""
+    spans = []
+    for o, name in zip(obs, names):
+        given = o.wl
+        if given.size > 1 and np.any(np.diff(given) <= 0):
+            raise ValueError(f"{name}: its wavelengths are not increasing (segments are fitted as given: sort them, or "
+                             "split a spectrum of several orders into one segment per order)")
+        spans.append((given.min(), given.max(), name))
+    spans.sort()
+    for (lo1, hi1, n1), (lo2, hi2, n2) in zip(spans, spans[1:]):
+        if lo2 <= hi1:
+            raise ValueError(f"{n1} ({lo1:.3f}-{hi1:.3f} Å) and {n2} ({lo2:.3f}-{hi2:.3f} Å) overlap: a wavelength "
+                             "would be fitted twice; trim or mask the overlap, or merge them into one segment")
 
 
 def add_systematics(cov, names, labels, decoder) -> None:

@@ -7,6 +7,9 @@ Reading files (CSV, FITS, HDF5, .npy) is `fastspec.observations`; this module ta
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 
 from ..observations import sigma_from_ivar
@@ -113,12 +116,27 @@ class Observation:
         if self.half is None:
             self.width = 1.0
 
-    def drop(self, reject):
-        """Leave out fitted pixels (indices into the fitted set), e.g. outliers; returns the kept ones (bool)."""
-        keep = np.ones(self.wl.size, bool)
-        keep[reject] = False
-        where = np.flatnonzero(self.mask)
-        self.mask[where[~keep]] = False
-        self.wl, self.flux, self.sigma_obs = self.wl[keep], self.flux[keep], self.sigma_obs[keep]
-        self.half = None if self.half is None else self.half[keep]
-        return keep
+
+DEFAULT = "default"  # a Segment option left to fit()'s argument of the same name
+
+
+@dataclass
+class Segment:
+    """One piece of an observed spectrum (an echelle order, a spectrograph's arm) with what is its own: wavelengths
+    (Å, increasing), flux, 1σ errors (an array or a scalar), a mask (True = fit), the line-spread function and the
+    continuum polynomial. `fastspec.fit` takes a list of them and shares the stellar labels (and one RV) among them.
+
+    lsf: an `LSF`, a number (R) or a callable R(λ); None: the resolving power is the fitted label R, shared by every
+    segment without an lsf. continuum_degree: its own Legendre polynomial's degree (None: none), medium ("air" or
+    "vacuum") and integrate (see fit): "default" takes fit()'s argument. name: how messages and outputs call it
+    (default: "segment 1", "segment 2", ... in the order given)."""
+
+    wavelength: Any
+    flux: Any
+    error: Any
+    mask: Any = None
+    lsf: Any = None
+    continuum_degree: Any = DEFAULT
+    medium: Any = DEFAULT
+    integrate: Any = DEFAULT
+    name: str | None = None

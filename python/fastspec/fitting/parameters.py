@@ -42,16 +42,21 @@ def parse_vmac(vmac, decoder) -> float | None:
 
 
 class Parameters:
-    """names, lo/hi (allowed label ranges), is_log / is_squared (how each maps to u), fit_rv, degree (-1: no
-    continuum polynomial), n_params, rv_bounds ((0, 0) without an RV). With ``vmac="fit"`` the macroturbulence is
-    one more entry of names (after the model's labels, range VMAC_RANGE, fitted as its square like v sin i);
-    otherwise vmac_fixed holds its value."""
+    """names, lo/hi (allowed label ranges), is_log / is_squared (how each maps to u), fit_rv, degrees (one per
+    segment, -1: no continuum polynomial), n_continuum (their coefficients, segment after segment), n_params,
+    rv_bounds ((0, 0) without an RV). With ``vmac="fit"`` the macroturbulence is one more entry of names (after the
+    model's labels, range VMAC_RANGE, fitted as its square like v sin i); otherwise vmac_fixed holds its value.
+    held: model labels that are not fitted ({name: value}; R when every segment brings its line-spread function)."""
 
-    def __init__(self, decoder, bounds, fit_rv, continuum_degree, rv_bounds, vmac=0.0):
+    def __init__(self, decoder, bounds, fit_rv, continuum_degrees, rv_bounds, vmac=0.0, held=None):
         self.vmac_fixed = parse_vmac(vmac, decoder)
         self.fit_vmac = self.vmac_fixed is None
-        self.n_model_labels = len(decoder.label_names)
-        self.names = list(decoder.label_names) + ([VMAC] if self.fit_vmac else [])
+        self.held = dict(held or {})
+        self.model_names = list(decoder.label_names)
+        fitted = [n for n in self.model_names if n not in self.held]
+        self.model_index = np.array([self.model_names.index(n) for n in fitted], dtype=np.int64)
+        self.held_index = np.array([self.model_names.index(n) for n in self.held], dtype=np.int64)
+        self.names = fitted + ([VMAC] if self.fit_vmac else [])
         scalings = {lab["name"]: lab["scaling"] for lab in decoder.info["labels"]}
         self.is_log = np.array([scalings.get(n) == "log10" for n in self.names])
 
@@ -61,6 +66,8 @@ class Parameters:
         hi = np.array([ranges[n][1] for n in self.names], dtype=np.float64)
         self.model_lo, self.model_hi = lo.copy(), hi.copy()
         for name, pair in (bounds or {}).items():
+            if name in self.held:
+                raise ValueError(f"bounds: {name} is not fitted here (every segment gives its line-spread function)")
             if name not in self.names:
                 raise ValueError(f"bounds: unknown label {name!r}; labels are {', '.join(self.names)}")
             try:
@@ -86,11 +93,13 @@ class Parameters:
         self.s_lo, self.s_hi = self.scaled(lo), self.scaled(hi)
         self.lo, self.hi = lo, hi
         self.fit_rv = bool(fit_rv)
-        self.degree = -1 if continuum_degree is None else int(continuum_degree)
-        if not -1 <= self.degree <= MAX_CONTINUUM_DEGREE:
-            raise ValueError(f"continuum_degree must be 0-{MAX_CONTINUUM_DEGREE}, or None for no continuum polynomial; "
-                             f"got {continuum_degree}")
-        self.n_params = len(self.names) + int(self.fit_rv) + self.degree + 1
+        self.degrees = [-1 if d is None else int(d) for d in continuum_degrees]
+        for d, given in zip(self.degrees, continuum_degrees):
+            if not -1 <= d <= MAX_CONTINUUM_DEGREE:
+                raise ValueError(f"continuum_degree must be 0-{MAX_CONTINUUM_DEGREE}, or None for no continuum "
+                                 f"polynomial; got {given}")
+        self.n_continuum = sum(d + 1 for d in self.degrees)
+        self.n_params = len(self.names) + int(self.fit_rv) + self.n_continuum
         self.rv_bounds = (float(rv_bounds[0]), float(rv_bounds[1])) if self.fit_rv else (0.0, 0.0)
         if self.fit_rv and not (-C_KMS / 10 < self.rv_bounds[0] < self.rv_bounds[1] < C_KMS / 10):
             raise ValueError(f"rv_bounds = {rv_bounds} must be increasing and within ±{C_KMS / 10:.0f} km/s")
@@ -143,12 +152,17 @@ class Parameters:
         return 2.0 * (s - self.s_lo) / (self.s_hi - self.s_lo) - 1.0
 
     def model_call(self, labels) -> tuple[np.ndarray, np.ndarray | float | None]:
-        """The decoder's labels and the vmac of fit-coordinate labels (..., len(names)): the model's columns, and
-        the fitted vmac column or the fixed value (None for 0: the core's path without it)."""
+        """The decoder's labels and the vmac of labels (..., len(names)): every model label (the held ones at their
+        value), and the fitted vmac column or the fixed value (None for 0: the core's path without it)."""
         labels = np.asarray(labels, dtype=np.float64)
-        if self.fit_vmac:
-            return labels[..., :self.n_model_labels], labels[..., self.n_model_labels]
-        return labels, (self.vmac_fixed or None)
+        n_fitted = self.model_index.size
+        if not self.held:
+            model = labels[..., :n_fitted]
+        else:
+            model = np.empty(labels.shape[:-1] + (len(self.model_names),))
+            model[..., self.model_index] = labels[..., :n_fitted]
+            model[..., self.held_index] = list(self.held.values())
+        return model, (labels[..., n_fitted] if self.fit_vmac else (self.vmac_fixed or None))
 
     def split(self, theta):
         nl = len(self.names)

@@ -41,6 +41,8 @@ class FitResult:
     With a pixel-mean stage (format 3) and v sin i below the instrumental width, both come from χ² along v sin i
     with the rest refitted: a limit where χ² at 0 is less than 4 above the minimum, at Δχ² = 2.71; σ(v sin i) is
     then the longer side of its Δχ² = 1 interval, and the other labels' covariance includes their drift along it.
+    Where χ² at 0 is 4 or more above the minimum (rotation detected), the curvature's covariance is widened by the
+    step from 0 to the fit per σ of that rise, (θ − θ(0))/√Δχ²(0): 0 then lies at most √Δχ²(0) σ away.
     """
 
     labels: dict
@@ -73,6 +75,10 @@ class FitResult:
     n_pixels_masked: int = 0  # left out by a mask (the `mask` argument, a masked array's or a Spectrum's)
     vmac: float = 0.0  # km/s: macroturbulence, fixed (vmac_fitted False) or fitted (then also in labels)
     vmac_fitted: bool = False
+    # per segment (one for a single spectrum): name, n_pixels_used, chi2, continuum (its coefficients, data unit),
+    # resolution (the R its model used: the fitted label, or its line-spread function's median R, then lsf True),
+    # integrate_pixels, model_flux and mask (on its given pixels); model_flux and mask above are these end to end
+    segments: list = field(repr=False, default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"chi2 = {self.chi2:.6g} on {self.n_pixels_used} pixels (reduced {self.reduced_chi2:.4g}), "

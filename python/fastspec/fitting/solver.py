@@ -14,7 +14,7 @@ import numpy as np
 from ..decoder import Decoder
 from ..wavelength import air_to_vacuum
 from .likelihood import Likelihood, add_systematics
-from .observation import C_KMS, from_specutils
+from .observation import C_KMS, DEFAULT, Segment, from_specutils
 from .parameters import AT_REST, VMAC
 from .results import FitQualityWarning, FitResult, quality_checks
 
@@ -44,8 +44,10 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         rv_bounds=(-300.0, 300.0), mask=None, initial: dict | None = None, seed: int | None = 0,
         jac: str = "analytic", diff_step: float | None = None, max_nfev: int | None = 200, medium: str = "air",
         model_error="auto", loss: str = "linear", f_scale: float = 1.0, clip: float | None = 5.0,
-        clip_iterations: int = 5, integrate="auto", vmac=0.0) -> FitResult:
-    """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum.
+        clip_iterations: int = 5, integrate="auto", vmac=0.0, lsf=None) -> FitResult:
+    """Fit the six labels (and an RV shift and a continuum polynomial) to an observed spectrum, or to several
+    segments of one (a list of `fastspec.Segment`, each with its own pixels, errors, mask, continuum polynomial and
+    line-spread function; they share the labels and the RV).
 
     wavelength: Å, any order, in ``medium`` ("air" or "vacuum"; converted to the model's medium, air for the
     shipped models); or a specutils ``Spectrum`` (its spectral axis in any unit, its uncertainty and mask are
@@ -78,6 +80,10 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     from 0, with a 95 % upper limit. Only format-3 models (the shipped one) apply it. Without it, v sin i and R
     take up a star's macroturbulence (benchmarks/results/ for the HARPS Sun).
 
+    ``lsf``: the instrument's line-spread function (a `fastspec.LSF`: R or the FWHM in Å, constant, tabulated or a
+    callable of λ; or a number, R): the model takes it in its broadening stage, and R is then not fitted (nor
+    reported). With segments, each Segment's own ``lsf`` instead; segments without one share the fitted R.
+
     Starts: ``n_candidates`` seeded random label vectors are ranked by χ² (each with its best continuum,
     and its best RV on a scan when ``rv``); least squares runs from the best ``n_starts`` to a loose
     tolerance, and the lowest χ² of those is then converged fully. ``jac``: "analytic"
@@ -91,7 +97,8 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         raise ImportError("fastspec.fit needs SciPy (scipy.optimize.least_squares): pip install scipy") from None
 
     decoder = _as_decoder(decoder)
-    if hasattr(wavelength, "spectral_axis") and hasattr(wavelength, "flux"):  # a specutils Spectrum
+    segments = _segments(wavelength, flux, error, mask, continuum_degree, medium, integrate)
+    if segments is None and hasattr(wavelength, "spectral_axis") and hasattr(wavelength, "flux"):  # a specutils Spectrum
         if flux is not None:
             raise TypeError("fit(spectrum): with a specutils Spectrum, give no separate flux")
         wavelength, flux, spec_error, bad = from_specutils(wavelength)
@@ -113,10 +120,14 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     if model_error is True and not has_error_model:
         raise ValueError(f"model_error=True but {decoder.info['path']} carries no emulator error (format version 2 "
                          "files exported with it do); pass model_error=False")
-    if error is None:
+    if segments is None and error is None:
         return _fit_estimating_the_noise(wavelength, flux, decoder, locals())
-    prob = Likelihood(decoder, wavelength, flux, error, mask, rv, continuum_degree, bounds, rv_bounds,
-                    medium=medium, model_error=bool(model_error) and has_error_model, integrate=integrate, vmac=vmac)
+    if segments is None:
+        segments = [Segment(wavelength, flux, error, mask, lsf, continuum_degree, medium, integrate, "the spectrum")]
+    elif lsf is not None:
+        raise TypeError("fit(segments, lsf=...): give each Segment its own lsf")
+    prob = Likelihood(decoder, segments, rv, bounds, rv_bounds, model_error=bool(model_error) and has_error_model,
+                      vmac=vmac)
     nl = len(prob.names)
     rng = np.random.default_rng(seed)
 
@@ -145,10 +156,11 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
                 scan = prob.chi2_of_rvs(spectra[i], grid)
                 rv_cand[i], chi2[i] = grid[np.argmin(scan)], scan.min()
 
-    lb = np.concatenate([-np.ones(nl), [prob.rv_bounds[0]] if prob.fit_rv else [], np.full(prob.degree + 1, -np.inf)])
-    ub = np.concatenate([np.ones(nl), [prob.rv_bounds[1]] if prob.fit_rv else [], np.full(prob.degree + 1, np.inf)])
+    nc = prob.n_continuum
+    lb = np.concatenate([-np.ones(nl), [prob.rv_bounds[0]] if prob.fit_rv else [], np.full(nc, -np.inf)])
+    ub = np.concatenate([np.ones(nl), [prob.rv_bounds[1]] if prob.fit_rv else [], np.full(nc, np.inf)])
     # typical scales: labels 0.1 of their box, RV 1 km/s, continuum 1e-2
-    x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(prob.degree + 1)])
+    x_scale = np.concatenate([0.1 * np.ones(nl), [1.0] if prob.fit_rv else [], 1e-2 * np.ones(nc)])
 
     def solve(theta0, tol, upper=ub, lower=lb, reweight=True, hold=None):
         """least_squares from theta0; hold: {parameter index: fit coordinate} held there exactly, out of the problem
@@ -271,13 +283,16 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     if prob.model_error:
         add_systematics(cov, prob.names, labels, decoder)
     # back to the flux unit of the data: the continuum coefficients (and their covariance) carry it
-    c_unit = np.concatenate([np.ones(nl + int(prob.fit_rv)), np.full(prob.degree + 1, prob.scale)])
+    c_scale = np.concatenate([np.full(d + 1, prob.scales[k]) for k, d in enumerate(prob.degrees)] + [np.zeros(0)])
+    c_unit = np.concatenate([np.ones(nl + int(prob.fit_rv)), c_scale])
     cov *= np.outer(c_unit, c_unit)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     resid = prob.residuals(best.x)
     chi2_best = float(resid @ resid)
     dof = max(prob.flux.size - prob.n_params, 1)
-    names = prob.names + (["rv"] if prob.fit_rv else []) + [f"c{k}" for k in range(prob.degree + 1)]
+    several = len(prob.degrees) > 1  # the coefficients of segment k: "s1.c0", "s1.c1", ...; of one: "c0", ...
+    names = prob.names + (["rv"] if prob.fit_rv else []) + [
+        f"s{k + 1}.c{j}" if several else f"c{j}" for k, d in enumerate(prob.degrees) for j in range(d + 1)]
 
     red = chi2_best / dof
     quality = quality_checks(prob, best, u, labels, rv_best, red, sig, jtj)
@@ -305,14 +320,14 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
             upper_limits[VMAC] = _upper_limit(labels[jm], sig[jm])
 
     model_flux = np.full(prob.mask.shape, np.nan)
-    model_flux[prob.mask] = (resid / prob.ivar_sqrt + prob.flux) * prob.scale
+    model_flux[prob.mask] = (resid / prob.ivar_sqrt + prob.flux) * prob.pixel_scale
     prob.n_model_calls -= 1  # that call was bookkeeping, not part of the fit
     return FitResult(
         labels={n: float(v) for n, v in zip(prob.names, labels)},
         uncertainties={n: float(s) for n, s in zip(prob.names, sig[:nl])},
         rv=float(rv_best) if prob.fit_rv else None,
         rv_uncertainty=float(sig[nl]) if prob.fit_rv else None,
-        continuum=np.asarray(c, dtype=np.float64) * prob.scale,
+        continuum=np.asarray(c, dtype=np.float64) * c_scale,
         covariance=cov,
         parameter_names=names,
         chi2=chi2_best,
@@ -338,7 +353,53 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
         n_pixels_masked=prob.n_masked,
         vmac=float(labels[prob.names.index(VMAC)]) if prob.fit_vmac else float(prob.vmac_fixed),
         vmac_fitted=prob.fit_vmac,
+        segments=_segment_results(prob, resid, model_flux, np.asarray(c, dtype=np.float64) * c_scale, labels),
     )
+
+
+def _segments(wavelength, flux, error, mask, continuum_degree, medium, integrate) -> list | None:
+    """fit()'s first argument as a list of Segments with fit()'s options where they say "default", or None when it
+    is one spectrum."""
+    if not isinstance(wavelength, (list, tuple)) or not wavelength or not all(isinstance(s, Segment) for s in wavelength):
+        if isinstance(wavelength, (list, tuple)) and any(isinstance(s, Segment) for s in wavelength):
+            raise TypeError("fit(segments): every item must be a fastspec.Segment")
+        return None
+    for given, what in ((flux, "flux"), (error, "error"), (mask, "mask")):
+        if given is not None:
+            raise TypeError(f"fit(segments): give the {what} in each Segment, not as an argument")
+    segments = []
+    for k, seg in enumerate(wavelength):
+        name = seg.name or f"segment {k + 1}"
+        if seg.error is None:
+            raise ValueError(f"{name}: a segment needs its errors (fit() estimates the noise of one spectrum only)")
+        pick = lambda value, default: default if isinstance(value, str) and value == DEFAULT else value  # noqa: E731
+        segments.append(Segment(seg.wavelength, seg.flux, seg.error, seg.mask, seg.lsf,
+                                pick(seg.continuum_degree, continuum_degree), pick(seg.medium, medium),
+                                pick(seg.integrate, integrate), name))
+    if len({s.name for s in segments}) < len(segments):
+        raise ValueError("fit(segments): two segments have the same name")
+    return segments
+
+
+def _segment_results(prob, resid, model_flux, continuum, labels) -> list:
+    """Per segment: its name, pixels used, χ², continuum coefficients (data unit), the resolving power its model
+    used (the fitted R, or its line-spread function's reference R), its pixel integration, and its model flux and
+    fitted-pixel mask on its given pixels."""
+    out, col, given = [], 0, 0
+    r_name = prob.model_names[prob.r_column] if prob.r_column is not None else None
+    for k, name in enumerate(prob.segment_names):
+        rows = prob.segment == k
+        mask = prob.masks[k]
+        group = prob.groups[prob.group_of[k]]
+        fitted_r = labels[prob.names.index(r_name)] if r_name in prob.names else None
+        out.append({"name": name, "n_pixels_used": int(rows.sum()), "chi2": float(resid[rows] @ resid[rows]),
+                    "continuum": continuum[col:col + prob.degrees[k] + 1].copy(),
+                    "resolution": float(fitted_r if group["r_ref"] is None else group["r_ref"]),
+                    "lsf": group["r_ref"] is not None, "integrate_pixels": prob.widths[k],
+                    "model_flux": model_flux[given:given + mask.size], "mask": mask.copy()})
+        col += prob.degrees[k] + 1
+        given += mask.size
+    return out
 
 
 def _upper_limit(value: float, sigma: float, level: float = 0.95) -> float:
