@@ -1,7 +1,7 @@
 """Spectrum fitting: time per fit with the core's analytic Jacobian vs finite differences, and label recovery
 on held-out SYNSPEC spectra.
 
-    python -m pytest benchmarks/bench_fit.py                  # pytest-benchmark timings (about a minute)
+    python -m pytest benchmarks/bench_fit.py                  # pytest-benchmark timings (about two minutes)
     python benchmarks/bench_fit.py --out benchmarks/results/fit-2026-11-25.md [--n-synspec 72] [--model M.fsm]
     python benchmarks/bench_fit.py --vsini-scale --out benchmarks/results/fit-vsini-scale-2026-12-03.md [--n-draws 6]
     python benchmarks/bench_fit.py --vsini-format3 --n-draws 10 --out benchmarks/results/fit-vsini-format3-2026-12-03.md
@@ -114,6 +114,36 @@ def test_bench_fit(benchmark, decoder, mode):
     result = benchmark.pedantic(fastspec.fit, args=(wl, flux, error, decoder), kwargs=FIT_MODES[mode],
                                 rounds=3, iterations=1)
     benchmark.extra_info.update(n_evaluations=result.n_evaluations, chi2=result.chi2, success=result.success)
+
+
+SEGMENT_LAYOUTS = ("one spectrum, R fitted", "two arms, R fitted", "two arms, each its LSF (constant)",
+                   "two arms, each its LSF (R(λ) table)")
+
+
+@pytest.mark.parametrize("layout", SEGMENT_LAYOUTS)
+def test_bench_fit_segments(benchmark, layout):
+    """Issue 25's cost target, one star with two segments <= 2 s on one CPU thread: the synthetic problem's pixels
+    as one spectrum, or as two arms (4454-4900 and 5000-5394 Å; the 100 Å between left out in all four) each with
+    its own continuum, sharing R or each with its LSF (R held), side by side."""
+    decoder = fastspec.Decoder.load(os.environ.get("FASTSPEC_MODEL"), threads=1)
+    wl, flux, error, truth, rv = synthetic_problem(decoder, seed=1)
+    arms = [(wl < 4900), (wl > 5000)]
+    r = truth["resolution"]
+    lsfs = {"two arms, each its LSF (constant)": (r, r),
+            "two arms, each its LSF (R(λ) table)": (fastspec.LSF([0.9 * r, r], wavelength=[4454, 4900]),
+                                                     fastspec.LSF([r, 1.1 * r], wavelength=[5000, 5394]))}.get(layout)
+    if layout.startswith("one"):
+        keep = arms[0] | arms[1]
+        args, kwargs = (wl[keep], flux[keep], error[keep], decoder), {}
+    else:
+        segs = [fastspec.Segment(wl[m], flux[m], error[m], lsf=None if lsfs is None else lsfs[k], name=f"arm {k}")
+                for k, m in enumerate(arms)]
+        args, kwargs = (segs,), {"decoder": decoder}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitQualityWarning)
+        result = benchmark.pedantic(fastspec.fit, args=args, kwargs=kwargs, rounds=3, iterations=1)
+    benchmark.extra_info.update(n_evaluations=result.n_evaluations, n_jacobian_evaluations=result.n_jacobian_evaluations,
+                                chi2=result.chi2, success=result.success)
 
 
 def test_bench_jacobian_vs_forward(benchmark, decoder):
