@@ -129,3 +129,64 @@ def test_c_api_macroturbulence(installed_core, model, tmp_path):
     assert bad.returncode == 1 and "3 vmac = -1 km/s (row 0) is outside [0, 50]" in bad.stderr
     old = subprocess.run([str(exe), str(model), "3", *map(str, LABELS)], capture_output=True, text=True, env=env)
     assert old.returncode == 1 and "is format 2 (its stage takes point samples), so only vmac = 0 works" in old.stderr
+
+
+LSF_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <fastspec/fastspec.h>
+/* usage: prog model slope labels(6): resolution factors 1 + slope * (node - mid) / mid over the stage's nodes; prints
+ * flux (forward), flux and dF/dR (forward_jacobian) per pixel, the nodes to stderr; or the error and exits 1 */
+int main(int argc, char** argv) {
+    fastspec_model* m; fastspec_decoder* d;
+    double labels[6], slope = atof(argv[2]);
+    for (int i = 0; i < 6; ++i) labels[i] = atof(argv[3 + i]);
+    if (fastspec_model_load(argv[1], &m) || fastspec_decoder_new(m, 1, &d)) { fprintf(stderr, "%s\n", fastspec_last_error()); return 1; }
+    size_t np = fastspec_model_n_pixels(m), nl = fastspec_model_n_labels(m), nodes = fastspec_decoder_stage_node_count(d);
+    double* wl = malloc(nodes * sizeof(double)); double* g = malloc(nodes * sizeof(double));
+    if (fastspec_decoder_stage_node_wavelengths(d, wl)) { fprintf(stderr, "%s\n", fastspec_last_error()); return 1; }
+    for (size_t s = 0; s < nodes; ++s) g[s] = 1 + slope * (wl[s] - wl[nodes / 2]) / wl[nodes / 2];
+    float* flux = malloc(np * sizeof(float)); float* f2 = malloc(np * sizeof(float));
+    float* jac = malloc(np * nl * sizeof(float)); float* jv = malloc(np * sizeof(float));
+    int rc = fastspec_forward_lsf(d, labels, NULL, g, 1, flux, NULL, NULL, 0);
+    if (rc) { fprintf(stderr, "%d %s\n", rc, fastspec_last_error()); return 1; }
+    if (fastspec_forward_lsf(d, labels, NULL, g, 1, f2, NULL, jv, 0) != 3) return 2;  /* jacobian_vmac needs jacobian */
+    fprintf(stderr, "%s\n", fastspec_last_error());
+    rc = fastspec_forward_lsf(d, labels, NULL, g, 1, f2, jac, jv, 0);
+    if (rc) { fprintf(stderr, "%d %s\n", rc, fastspec_last_error()); return 1; }
+    for (size_t p = 0; p < np; ++p) printf("%.9g %.9g %.9g\n", flux[p], f2[p], jac[p * nl + 5]);
+    for (size_t s = 0; s < nodes; ++s) fprintf(stderr, "node %.9g\n", wl[s]);
+    fastspec_decoder_free(d); fastspec_model_free(m);
+    return 0;
+}
+"""
+
+
+def test_c_api_line_spread_function(installed_core, tmp_path):
+    """fastspec_forward_lsf (forward and forward_jacobian) and the node getters against Python on the installed
+    default model with resolution factors; a factor <= 0 and jacobian_vmac without jacobian give FASTSPEC_ERR_INPUT."""
+    from conftest import clean_env
+
+    from fastspec.decoder import default_model_path
+
+    env = clean_env(PKG_CONFIG_PATH=str(installed_core / "lib" / "pkgconfig"))
+    pc = lambda *a: run_checked(["pkg-config", *a, "fastspec"], env=env).stdout.split()  # noqa: E731
+    src, exe = tmp_path / "lsf.c", tmp_path / "lsf"
+    src.write_text(LSF_C)
+    run_checked(["cc", "-O2", "-std=c99", "-o", exe, src, *pc("--cflags", "--libs"), "-lstdc++", "-lm"], env=env)
+    labels = [5777.0, 4.44, 1.6, 0.0, 1.0, 40000.0]
+    out = run_checked([exe, default_model_path(), "3", *map(str, labels)], env=env)
+    data = np.array([[float(x) for x in line.split()] for line in out.stdout.splitlines()])
+    d = Decoder.load(device="cpu")
+    nodes = [float(line.split()[1]) for line in out.stderr.splitlines() if line.startswith("node ")]
+    np.testing.assert_array_equal(nodes, d.stage_nodes)
+    assert "jacobian_vmac needs jacobian" in out.stderr
+    g = 1 + 3 * (d.stage_nodes - d.stage_nodes[4]) / d.stage_nodes[4]
+    flux, jac = d.jacobian(labels, resolution_factors=g)
+    np.testing.assert_allclose(data[:, 0], d(labels, resolution_factors=g), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(data[:, 1], flux, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(data[:, 2], jac[:, 5], rtol=1e-6, atol=1e-6 * np.abs(jac[:, 5]).max())
+    assert np.abs(flux - d(labels)).max() > 1e-3  # the factors do something
+    bad = subprocess.run([str(exe), str(default_model_path()), "50", *map(str, labels)], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 1 and "3 resolution factor -" in bad.stderr and "must be finite and > 0 (row 0)" in bad.stderr

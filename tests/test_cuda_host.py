@@ -270,13 +270,17 @@ class RecordingCore:
     def __init__(self):
         self.calls = []
 
-    def forward_device(self, labels, out, stream, z, clip, vmac=None):
+    def forward_device(self, labels, out, stream, z, clip, vmac=None, resolution_factors=None):
         self.calls.append(("forward", labels.copy(), out, stream, z, clip))
-        self.vmac = vmac
+        self.vmac, self.resolution_factors = vmac, resolution_factors
 
-    def forward_jacobian_device(self, labels, out, jac, stream, z, clip, vmac=None, jac_vmac=0):
+    def forward_jacobian_device(self, labels, out, jac, stream, z, clip, vmac=None, jac_vmac=0,
+                                resolution_factors=None):
         self.calls.append(("jacobian", labels.copy(), out, jac, stream, z, clip))
-        self.vmac, self.jac_vmac = vmac, jac_vmac
+        self.vmac, self.jac_vmac, self.resolution_factors = vmac, jac_vmac, resolution_factors
+
+    def stage_node_wavelengths(self):
+        return np.array([4450.0, 4925.0, 5399.95])
 
 
 def test_cuda_decoder_python_layer_with_fakes(small_model, monkeypatch):
@@ -294,6 +298,11 @@ def test_cuda_decoder_python_layer_with_fakes(small_model, monkeypatch):
     assert d._core.vmac is None
     d(labels, out=out, vmac=[4.0, 0.0])  # macroturbulence: host float64 (N,) to the core
     assert d._core.vmac.dtype == np.float64 and d._core.vmac.tolist() == [4.0, 0.0]
+    assert d._core.resolution_factors is None
+    d(labels, out=out, resolution_factors=[0.9, 1, 1.1])  # resolution factors: host float64 (nodes,) to the core
+    assert d._core.resolution_factors.dtype == np.float64 and d._core.resolution_factors.tolist() == [0.9, 1, 1.1]
+    with pytest.raises(ValueError, match=r"resolution_factors must have shape \(3,\)"):
+        d(labels, out=out, resolution_factors=[0.9, 1])
     z_dev = FakeCAI(shape=(2, 4), typestr="<f4", data=(0x9000, False))
     d(labels, z=z_dev, out=out)
     assert d._core.calls[-1][4] == 0x9000

@@ -55,8 +55,28 @@ std::optional<carray<double>> vmac_array(const py::object& vmac_obj, py::ssize_t
     return checked<double>(vmac_obj, "vmac", {n});
 }
 
+// resolution_factors: None, or float64 (nodes,), one per node of the broadening stage and shared by all rows
+// (values checked by the core). Without a stage (nodes = 0) any 1-D array passes, for the core's error naming that.
+std::optional<carray<double>> factors_array(const py::object& obj, std::size_t nodes) {
+    if (obj.is_none()) return std::nullopt;
+    py::ssize_t len = py::ssize_t(nodes);
+    if (nodes == 0 && py::isinstance<py::array>(obj) && py::reinterpret_borrow<py::array>(obj).ndim() == 1)
+        len = py::reinterpret_borrow<py::array>(obj).shape(0);
+    return checked<double>(obj, "resolution_factors", {len});
+}
+
+std::optional<carray<double>> factors_array(const Decoder& d, const py::object& obj) {
+    return factors_array(obj, d.stage_node_wavelengths().size());
+}
+
+py::array_t<double> as_array(const std::vector<double>& v) {
+    py::array_t<double> a(py::ssize_t(v.size()));
+    std::copy(v.begin(), v.end(), a.mutable_data());
+    return a;
+}
+
 py::array_t<float> forward(const Decoder& d, const py::object& labels_obj, const py::object& z_obj, bool clip,
-                           const py::object& out_obj, const py::object& vmac_obj) {
+                           const py::object& out_obj, const py::object& vmac_obj, const py::object& factors_obj) {
     const Model& m = d.model();
     if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
     const auto la = py::reinterpret_borrow<py::array>(labels_obj);
@@ -69,13 +89,15 @@ py::array_t<float> forward(const Decoder& d, const py::object& labels_obj, const
                                           : checked<float>(out_obj, "out", {n, py::ssize_t(m.n_pixels())});
     if (!out.writeable()) throw py::value_error("out must be writeable");
     const auto vmac = vmac_array(vmac_obj, n);
+    const auto factors = factors_array(d, factors_obj);
     const double* lp = labels.data();
     const float* zp = z ? z->data() : nullptr;
     const double* vp = vmac ? vmac->data() : nullptr;
+    const double* gp = factors ? factors->data() : nullptr;
     float* op = out.mutable_data();
     {
         py::gil_scoped_release release;  // arrays stay alive: we hold references
-        d.forward(lp, std::size_t(n), op, zp, clip, vp);
+        d.forward(lp, std::size_t(n), op, zp, clip, vp, gp);
     }
     return out;
 }
@@ -84,7 +106,7 @@ py::array_t<float> forward(const Decoder& d, const py::object& labels_obj, const
 // dF/dvmac (N, P).
 py::tuple forward_jacobian(const Decoder& d, const py::object& labels_obj, const py::object& z_obj, bool clip,
                            const py::object& out_obj, const py::object& jac_obj, const py::object& vmac_obj,
-                           bool vmac_column) {
+                           bool vmac_column, const py::object& factors_obj) {
     const Model& m = d.model();
     if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
     const auto la = py::reinterpret_borrow<py::array>(labels_obj);
@@ -97,17 +119,19 @@ py::tuple forward_jacobian(const Decoder& d, const py::object& labels_obj, const
     carray<float> jac = jac_obj.is_none() ? carray<float>({n, np, nl}) : checked<float>(jac_obj, "jac", {n, np, nl});
     if (!out.writeable() || !jac.writeable()) throw py::value_error("out and jac must be writeable");
     const auto vmac = vmac_array(vmac_obj, n);
+    const auto factors = factors_array(d, factors_obj);
     std::optional<carray<float>> jv;
     if (vmac_column) jv.emplace(std::vector<py::ssize_t>{n, np});
     const double* lp = labels.data();
     const float* zp = z ? z->data() : nullptr;
     const double* vp = vmac ? vmac->data() : nullptr;
+    const double* gp = factors ? factors->data() : nullptr;
     float* op = out.mutable_data();
     float* jp = jac.mutable_data();
     float* jvp = jv ? jv->mutable_data() : nullptr;
     {
         py::gil_scoped_release release;
-        d.forward_jacobian(lp, std::size_t(n), op, jp, zp, clip, vp, jvp);
+        d.forward_jacobian(lp, std::size_t(n), op, jp, zp, clip, vp, jvp, gp);
     }
     if (jv) return py::make_tuple(out, jac, *jv);
     return py::make_tuple(out, jac);
@@ -120,36 +144,41 @@ carray<double> device_labels(const Decoder& d, const py::object& labels_obj, py:
 
 // Decoder::forward_device: out, z are device addresses (ints) the Python layer checked (fastspec/_device_arrays.py).
 void forward_device(const Decoder& d, const py::object& labels_obj, std::uintptr_t out, std::uintptr_t stream,
-                    std::uintptr_t z, bool clip, const py::object& vmac_obj) {
+                    std::uintptr_t z, bool clip, const py::object& vmac_obj, const py::object& factors_obj) {
     if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
     const py::ssize_t n = py::reinterpret_borrow<py::array>(labels_obj).shape(0);
     auto labels = device_labels(d, labels_obj, n);
     const auto vmac = vmac_array(vmac_obj, n);
+    const auto factors = factors_array(d, factors_obj);
     const double* lp = labels.data();
     const double* vp = vmac ? vmac->data() : nullptr;
+    const double* gp = factors ? factors->data() : nullptr;
     py::gil_scoped_release release;
     d.forward_device(lp, std::size_t(n), reinterpret_cast<float*>(out), stream, reinterpret_cast<const float*>(z), clip,
-                     vp);
+                     vp, gp);
 }
 
 void forward_jacobian_device(const Decoder& d, const py::object& labels_obj, std::uintptr_t out, std::uintptr_t jac,
                              std::uintptr_t stream, std::uintptr_t z, bool clip, const py::object& vmac_obj,
-                             std::uintptr_t jac_vmac) {
+                             std::uintptr_t jac_vmac, const py::object& factors_obj) {
     if (!py::isinstance<py::array>(labels_obj)) checked<double>(labels_obj, "labels", {});
     const py::ssize_t n = py::reinterpret_borrow<py::array>(labels_obj).shape(0);
     auto labels = device_labels(d, labels_obj, n);
     const auto vmac = vmac_array(vmac_obj, n);
+    const auto factors = factors_array(d, factors_obj);
     const double* lp = labels.data();
     const double* vp = vmac ? vmac->data() : nullptr;
+    const double* gp = factors ? factors->data() : nullptr;
     py::gil_scoped_release release;
     d.forward_jacobian_device(lp, std::size_t(n), reinterpret_cast<float*>(out), reinterpret_cast<float*>(jac), stream,
-                              reinterpret_cast<const float*>(z), clip, vp, reinterpret_cast<float*>(jac_vmac));
+                              reinterpret_cast<const float*>(z), clip, vp, reinterpret_cast<float*>(jac_vmac), gp);
 }
 
 // Broadening::apply over the rows of flux (N, P) with per-row vsini, resolution (and vmac); returns out, or
 // (out, d_vsini, d_resolution) with derivatives, (out, d_vsini, d_resolution, d_vmac) when vmac is given too.
 py::object broaden(const Broadening& b, const py::object& flux_obj, const py::object& vsini_obj,
-                   const py::object& resolution_obj, bool derivatives, const py::object& vmac_obj) {
+                   const py::object& resolution_obj, bool derivatives, const py::object& vmac_obj,
+                   const py::object& factors_obj) {
     if (!py::isinstance<py::array>(flux_obj)) checked<float>(flux_obj, "flux", {});
     const auto fa = py::reinterpret_borrow<py::array>(flux_obj);
     if (fa.ndim() != 2) throw py::value_error("flux must be 2-D (N, " + std::to_string(b.n_pixels()) + ")");
@@ -158,12 +187,14 @@ py::object broaden(const Broadening& b, const py::object& flux_obj, const py::ob
     auto vsini = checked<double>(vsini_obj, "vsini", {n});
     auto resolution = checked<double>(resolution_obj, "resolution", {n});
     const auto vmac = vmac_array(vmac_obj, n);
+    const auto factors = factors_array(factors_obj, b.node_wavelengths().size());
     carray<float> out({n, np});
     std::optional<carray<float>> dv, dr, dz;
     if (derivatives) dv.emplace(std::vector<py::ssize_t>{n, np}), dr.emplace(std::vector<py::ssize_t>{n, np});
     if (derivatives && vmac) dz.emplace(std::vector<py::ssize_t>{n, np});
     const float* fp = flux.data();
     const double *vp = vsini.data(), *rp = resolution.data(), *zp = vmac ? vmac->data() : nullptr;
+    const double* gp = factors ? factors->data() : nullptr;
     float* op = out.mutable_data();
     float* dvp = dv ? dv->mutable_data() : nullptr;
     float* drp = dr ? dr->mutable_data() : nullptr;
@@ -172,7 +203,7 @@ py::object broaden(const Broadening& b, const py::object& flux_obj, const py::ob
         py::gil_scoped_release release;
         for (py::ssize_t i = 0; i < n; ++i)
             b.apply(fp + i * np, vp[i], rp[i], zp ? zp[i] : 0.0, op + i * np, dvp ? dvp + i * np : nullptr,
-                    drp ? drp + i * np : nullptr, dzp ? dzp + i * np : nullptr);
+                    drp ? drp + i * np : nullptr, dzp ? dzp + i * np : nullptr, gp);
     }
     if (!derivatives) return out;
     if (dz) return py::make_tuple(out, *dv, *dr, *dz);
@@ -317,13 +348,14 @@ PYBIND11_MODULE(_core, mod) {
         .def_property_readonly("device_description", &Decoder::device_description)
         .def_property_readonly("cuda_device", [](const Decoder& d) { return d.options().cuda_device; })
         .def("forward_device", &forward_device, py::arg("labels"), py::arg("out"), py::arg("stream"), py::arg("z") = 0,
-             py::arg("clip") = false, py::arg("vmac") = py::none(),
+             py::arg("clip") = false, py::arg("vmac") = py::none(), py::arg("resolution_factors") = py::none(),
              "cuda decoders: labels host float64 (N, n_labels); out, z (0: none): device addresses of C-contiguous\n"
              "float32 (N, n_pixels) and (N, latent_dim) on the decoder's GPU; stream: a cudaStream_t. Queued on\n"
-             "stream; returns without waiting. vmac: None or host float64 (N,), macroturbulence in km/s.")
+             "stream; returns without waiting. vmac: None or host float64 (N,), macroturbulence in km/s;\n"
+             "resolution_factors: None or host float64 (n_nodes,), as forward's.")
         .def("forward_jacobian_device", &forward_jacobian_device, py::arg("labels"), py::arg("out"), py::arg("jac"),
              py::arg("stream"), py::arg("z") = 0, py::arg("clip") = false, py::arg("vmac") = py::none(),
-             py::arg("jac_vmac") = 0,
+             py::arg("jac_vmac") = 0, py::arg("resolution_factors") = py::none(),
              "forward_device plus the Jacobian: jac the device address of float32 (N, n_pixels, n_labels); jac_vmac\n"
              "(0: none) that of float32 (N, n_pixels) for dF/dvmac.")
         .def_property_readonly("uses_direct_16bit", &Decoder::uses_direct_16bit)
@@ -331,17 +363,21 @@ PYBIND11_MODULE(_core, mod) {
         .def_property_readonly("threads", [](const Decoder& d) { return d.options().threads; })
         .def_property_readonly("max_chunk", [](const Decoder& d) { return d.options().max_chunk; })
         .def("forward", &forward, py::arg("labels"), py::arg("z") = py::none(), py::arg("clip") = false,
-             py::arg("out") = py::none(), py::arg("vmac") = py::none(),
+             py::arg("out") = py::none(), py::arg("vmac") = py::none(), py::arg("resolution_factors") = py::none(),
              "labels: C-contiguous float64 (N, n_labels) in physical units; z: None (z = 0) or C-contiguous\n"
              "float32 (N, latent_dim); out: None or C-contiguous float32 (N, n_pixels); vmac: None (0) or float64\n"
-             "(N,), radial-tangential macroturbulence in km/s (format-3 models). Returns out.")
+             "(N,), radial-tangential macroturbulence in km/s (format-3 models); resolution_factors: None (ones) or\n"
+             "float64 (n_nodes,), node s of the stage takes R * g_s (all rows). Returns out.")
         .def("forward_jacobian", &forward_jacobian, py::arg("labels"), py::arg("z") = py::none(), py::arg("clip") = false,
              py::arg("out") = py::none(), py::arg("jac") = py::none(), py::arg("vmac") = py::none(),
-             py::arg("vmac_column") = false,
+             py::arg("vmac_column") = false, py::arg("resolution_factors") = py::none(),
              "Like forward, plus dF/d(labels) in physical units: returns (flux float32 (N, n_pixels),\n"
              "jac float32 (N, n_pixels, n_labels)), into out/jac when given (C-contiguous float32), and with\n"
              "vmac_column=True a third array, dF/dvmac float32 (N, n_pixels) per km/s.\n"
-             "Clamped labels (clip=True) have derivative 0.");
+             "Clamped labels (clip=True) have derivative 0.")
+        .def("stage_node_wavelengths", [](const Decoder& d) { return as_array(d.stage_node_wavelengths()); },
+             "float64 (n_nodes,): where the broadening stage takes its kernel widths (Å, the model's medium); empty\n"
+             "without a stage.");
 
     py::class_<Broadening>(mod, "Broadening",
                            "Rotation (linear limb darkening epsilon) then a Gaussian of FWHM = lambda/R on a uniform grid:\n"
@@ -361,10 +397,13 @@ PYBIND11_MODULE(_core, mod) {
         .def(py::init<const Model&>(), py::arg("model"), "The broadening stage of a version-2 model.")
         .def_property_readonly("n_pixels", &Broadening::n_pixels)
         .def("apply", &broaden, py::arg("flux"), py::arg("vsini"), py::arg("resolution"), py::arg("derivatives") = false,
-             py::arg("vmac") = py::none(),
+             py::arg("vmac") = py::none(), py::arg("resolution_factors") = py::none(),
              "flux: C-contiguous float32 (N, n_pixels); vsini, resolution (and vmac, radial-tangential macroturbulence\n"
-             "in km/s, pixel means only): float64 (N,). Returns the broadened flux, or (flux, d flux/d vsini,\n"
-             "d flux/d resolution) with derivatives=True, plus d flux/d vmac when vmac is given.")
+             "in km/s, pixel means only): float64 (N,); resolution_factors: None or float64 (n_nodes,), node s takes\n"
+             "resolution * g_s (all rows). Returns the broadened flux, or (flux, d flux/d vsini, d flux/d resolution)\n"
+             "with derivatives=True, plus d flux/d vmac when vmac is given.")
+        .def_property_readonly("node_wavelengths", [](const Broadening& b) { return as_array(b.node_wavelengths()); },
+                               "float64 (n_nodes,): where the stage takes its kernel widths (Å).")
         .def_property_readonly_static("max_vmac", [](py::object) { return Broadening::max_vmac(); },
                                       "The largest macroturbulence the stage takes, km/s.");
     mod.def("_macroturbulence_transform", [](double a) {

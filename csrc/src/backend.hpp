@@ -64,8 +64,8 @@ public:
     // d(normalised network input t)/d(label network_labels[t]) for rows [r0, r0 + rows): (rows, n_network) floats,
     // 0 for a label clamped by clip.
     virtual void tangent_scales(std::size_t r0, std::size_t rows, float* dst) const = 0;
-    // Row r's broadening kernels (BroadeningStage::make_kernels of its v sin i and R, clamped with clip, and its
-    // macroturbulence; with derivatives, d_vmac too).
+    // Row r's broadening kernels (BroadeningStage::make_kernels of its v sin i and R, clamped with clip, its
+    // macroturbulence and the call's resolution factors; with derivatives, d_vmac too).
     virtual void kernels(std::size_t r, bool derivatives, BroadeningStage::Kernels& k) const = 0;
     // Whether row r's label j is outside its range (clamped by clip): its Jacobian column is 0.
     virtual bool clamped(std::size_t r, std::size_t j) const = 0;

@@ -309,9 +309,30 @@ BroadeningStage::BroadeningStage(double wavelength_start, double wavelength_step
 BroadeningStage::BroadeningStage(const Model& m)
     : BroadeningStage(m.wavelength_start(), m.wavelength_step(), m.n_pixels(), m.broadening().epsilon,
                       m.broadening().segments, m.labels()[m.broadening().vsini_label].max,
-                      m.labels()[m.broadening().resolution_label].min, m.broadening().sampling) {}
+                      m.labels()[m.broadening().resolution_label].min, m.broadening().sampling) {
+    max_resolution_ = m.labels()[m.broadening().resolution_label].max;
+}
 
-void BroadeningStage::check(double vsini, double resolution, double vmac) const {
+void BroadeningStage::check_resolution_factors(double resolution, const double* g) const {
+    if (!g) return;
+    if (!std::isfinite(resolution))
+        throw InputError("resolution = " + num(resolution) + ": resolution factors scale a finite R");
+    for (std::size_t s = 0; s < nodes_.size(); ++s) {
+        const double r = resolution * g[s];
+        const std::string where = " at node " + std::to_string(s) + " (" + num(nodes_[s].wavelength) + " Å)";
+        if (!(g[s] > 0 && std::isfinite(g[s])))
+            throw InputError("resolution factor " + num(g[s]) + where + " must be finite and > 0");
+        if (!(r >= min_resolution_ * (1 - 1e-12)))
+            throw InputError("R = " + num(resolution) + " x " + num(g[s]) + " = " + num(r) + where +
+                             " is below the lowest R the stage takes, " + num(min_resolution_));
+        if (!(r <= max_resolution_ * (1 + 1e-12)))
+            throw InputError("R = " + num(resolution) + " x " + num(g[s]) + " = " + num(r) + where +
+                             " is above the model's highest R, " + num(max_resolution_) +
+                             ": an LSF narrower than the model represents");
+    }
+}
+
+void BroadeningStage::check(double vsini, double resolution, double vmac, const double* resolution_factors) const {
     if (!(vsini >= 0 && vsini <= max_vsini_ * (1 + 1e-12)))
         throw InputError("vsini = " + num(vsini) + " km/s is outside [0, " + num(max_vsini_) + "]");
     if (!(resolution >= min_resolution_ * (1 - 1e-12)))  // also NaN; +inf is allowed
@@ -321,10 +342,12 @@ void BroadeningStage::check(double vsini, double resolution, double vmac) const 
     if (vmac > 0 && sampling_ != Sampling::pixel_mean)
         throw InputError("vmac = " + num(vmac) + " km/s: macroturbulence needs a pixel-mean broadening stage (model "
                          "format 3); this stage takes point samples (format 2), which has none");
+    check_resolution_factors(resolution, resolution_factors);
 }
 
-void BroadeningStage::make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k) const {
-    check(vsini, resolution, vmac);
+void BroadeningStage::make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k,
+                                   const double* resolution_factors) const {
+    check(vsini, resolution, vmac, resolution_factors);
     struct Parts {
         std::vector<double> flux, dv, dr, dz;
     };
@@ -334,10 +357,13 @@ void BroadeningStage::make_kernels(double vsini, double resolution, double vmac,
     for (std::size_t s = 0; s < nodes_.size(); ++s) {
         const double lam = nodes_[s].wavelength;
         const double dw_dv = lam / kC / step_, w = vsini * dw_dv;
-        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * step_);
+        // The node's own R: the label times its resolution factor (x * 1 == x: no factors, the same bits).
+        const double node_resolution = resolution_factors ? resolution * resolution_factors[s] : resolution;
+        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * node_resolution * step_);
         // Only the taps that can be non-zero: the rotation kernel vanishes beyond w + 1 pixels; the Gaussian is
         // cut at 6 sigma + 2 pixels like training's (its tail there is < 1e-8 and renormalised away).
-        const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;  // sigma = lam / (f R step)
+        // sigma = lam / (f R g_s step): dsigma/dR = -sigma / R, the derivative by the label with the shape g held.
+        const double ds_dr = std::isinf(resolution) ? 0.0 : -sigma / resolution;
         if (sampling_ == Sampling::pixel_mean) {
             // One composite kernel: rotation, Gaussian, macroturbulence and the input's box together
             // (band_limited_kernel). zeta is in km/s like v sin i: z = vmac * dw_dv pixels.
@@ -456,17 +482,23 @@ Broadening& Broadening::operator=(Broadening&&) noexcept = default;
 
 std::size_t Broadening::n_pixels() const { return impl_->stage.n_pixels(); }
 
+std::vector<double> Broadening::node_wavelengths() const {
+    std::vector<double> w(impl_->stage.node_count());
+    for (std::size_t s = 0; s < w.size(); ++s) w[s] = impl_->stage.node_wavelength(s);
+    return w;
+}
+
 void Broadening::apply(const float* in, double vsini, double resolution, float* out, float* d_vsini,
                        float* d_resolution) const {
     apply(in, vsini, resolution, 0.0, out, d_vsini, d_resolution, nullptr);
 }
 
 void Broadening::apply(const float* in, double vsini, double resolution, double vmac, float* out, float* d_vsini,
-                       float* d_resolution, float* d_vmac) const {
+                       float* d_resolution, float* d_vmac, const double* resolution_factors) const {
     if (!in || !out) throw InputError("Broadening::apply: in and out must not be null");
     using W = detail::BroadeningStage::Which;
     detail::BroadeningStage::Kernels k;
-    impl_->stage.make_kernels(vsini, resolution, vmac, d_vsini || d_resolution || d_vmac, k);
+    impl_->stage.make_kernels(vsini, resolution, vmac, d_vsini || d_resolution || d_vmac, k, resolution_factors);
     std::vector<float> scratch;
     // The flux last: `out` may be `in` (the stage reads its input in full before it writes).
     if (d_vsini) impl_->stage.apply(k, W::d_vsini, in, d_vsini, scratch);

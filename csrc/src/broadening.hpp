@@ -17,10 +17,14 @@
 //   * macroturbulence (pixel means only): Gray's radial-tangential profile (equal radial and tangential areas, no
 //     limb darkening) of zeta = vmac km/s is one more factor of the composite kernel's transform,
 //     M(omega) = (1 - exp(-a)) / a with a = (omega z / 2)^2, z = zeta in pixels at the node (macroturbulence_transform);
-//     a point-sample stage refuses vmac > 0 (InputError naming the sampling and the model format).
+//     a point-sample stage refuses vmac > 0 (InputError naming the sampling and the model format);
+//   * a line-spread function that varies along the range (optional, per call): resolution factors g_s, one per
+//     node, make node s's Gaussian that of R_s = R * g_s (R the label: the LSF's scale, g its shape). Then
+//     dsigma_s/dR = -sigma_s / R, so the d_resolution taps are the derivative by R with the shape held.
 #pragma once
 
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -54,11 +58,17 @@ public:
     enum class Which { flux, d_vsini, d_resolution, d_vmac };
 
     // Throws InputError for vsini outside [0, max_vsini], resolution below min_resolution (inf is allowed), or vmac
-    // outside [0, kMaxVmac] (NaN included) or > 0 on a point-sample stage.
-    void check(double vsini, double resolution, double vmac = 0.0) const;
+    // outside [0, kMaxVmac] (NaN included) or > 0 on a point-sample stage; and check_resolution_factors' errors.
+    void check(double vsini, double resolution, double vmac = 0.0, const double* resolution_factors = nullptr) const;
+    // resolution_factors: nullptr, or node_count() values g_s. Throws InputError unless every g_s is finite and > 0,
+    // resolution is finite, and every R_s = resolution * g_s lies in [min_resolution, max_resolution] (the message
+    // names the node, its wavelength and the values).
+    void check_resolution_factors(double resolution, const double* resolution_factors) const;
     // vmac: radial-tangential macroturbulence zeta, km/s (0: none; then the kernels are the ones without it, bit for
-    // bit). d_vmac is 0 at vmac = 0 (the transform is even in zeta).
-    void make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k) const;
+    // bit). d_vmac is 0 at vmac = 0 (the transform is even in zeta). resolution_factors: as check_resolution_factors
+    // (nullptr: all ones, the same kernels bit for bit).
+    void make_kernels(double vsini, double resolution, double vmac, bool derivatives, Kernels& k,
+                      const double* resolution_factors = nullptr) const;
     // y = sum over nodes of hat_s * (K_s applied to x), x extended by its edge values; x and y may alias.
     // scratch is grown as needed (one per thread).
     void apply(const Kernels& k, Which which, const float* x, float* y, std::vector<float>& scratch) const;
@@ -71,6 +81,8 @@ public:
     int node_lo(std::size_t s) const { return nodes_[s].lo; }
     int node_hi(std::size_t s) const { return nodes_[s].hi; }
     const std::vector<float>& node_hat(std::size_t s) const { return nodes_[s].hat; }
+    // where node s's kernel widths are taken (Å, the grid's medium)
+    double node_wavelength(std::size_t s) const { return nodes_[s].wavelength; }
     // the widest kernel make_kernels returns (pixel means: the band-limited kernel's reach, w + 7 sigma + 16, plus
     // 5 zeta for macroturbulence up to kMaxVmac)
     int max_half() const { return base_half_max() + (sampling_ == Sampling::pixel_mean ? vmac_half_max_ : 0); }
@@ -84,6 +96,9 @@ private:
         std::vector<float> hat;   // hi - lo + 1 weights
     };
     double step_, epsilon_, max_vsini_, min_resolution_;
+    // the largest R_s resolution factors may give: a model's R label max (an LSF narrower than the network was
+    // trained with), +inf for a stage made from a grid alone
+    double max_resolution_ = std::numeric_limits<double>::infinity();
     Sampling sampling_;
 
 public:

@@ -2,6 +2,7 @@
 // per-thread message.
 #include "fastspec/fastspec.h"
 
+#include <algorithm>
 #include <new>
 #include <string>
 
@@ -131,5 +132,34 @@ int fastspec_forward_jacobian_vmac(const fastspec_decoder* decoder, const double
 }
 
 double fastspec_max_vmac(void) { return fastspec::Broadening::max_vmac(); }
+
+size_t fastspec_decoder_stage_node_count(const fastspec_decoder* decoder) {
+    return decoder ? decoder->decoder.stage_node_wavelengths().size() : 0;
+}
+
+int fastspec_decoder_stage_node_wavelengths(const fastspec_decoder* decoder, double* wavelength) {
+    if (!decoder || !wavelength) return null_argument("decoder and wavelength");
+    return guarded([&] {
+        const auto wl = decoder->decoder.stage_node_wavelengths();
+        std::copy(wl.begin(), wl.end(), wavelength);
+    });
+}
+
+int fastspec_forward_lsf(const fastspec_decoder* decoder, const double* labels, const double* vmac,
+                         const double* resolution_factors, size_t n, float* flux, float* jacobian,
+                         float* jacobian_vmac, int clip) {
+    if (!decoder) return null_argument("decoder");
+    if (jacobian_vmac && !jacobian) {
+        g_last_error = "jacobian_vmac needs jacobian (NULL: forward only)";
+        return FASTSPEC_ERR_INPUT;
+    }
+    return guarded([&] {
+        if (jacobian)
+            decoder->decoder.forward_jacobian(labels, n, flux, jacobian, nullptr, clip != 0, vmac, jacobian_vmac,
+                                              resolution_factors);
+        else
+            decoder->decoder.forward(labels, n, flux, nullptr, clip != 0, vmac, resolution_factors);
+    });
+}
 
 }  // extern "C"

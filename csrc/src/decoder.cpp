@@ -69,6 +69,29 @@ void Decoder::Impl::validate_vmac(const double* vmac, std::size_t n) const {
     }
 }
 
+void Decoder::Impl::validate_resolution_factors(const double* labels, std::size_t n, bool clip,
+                                                const double* resolution_factors) const {
+    if (!resolution_factors) return;
+    if (!stage)
+        throw InputError("resolution factors shape the broadening stage's line-spread function; " + model.path() +
+                         " has no broadening stage (format " + std::to_string(model.format_version()) + ")");
+    for (std::size_t r = 0; r < n; ++r) {
+        double vsini, resolution;
+        broadening_labels(labels, r, clip, vsini, resolution);
+        try {
+            stage->check_resolution_factors(resolution, resolution_factors);
+        } catch (const InputError& e) {
+            throw InputError(std::string(e.what()) + " (row " + std::to_string(r) + ")");
+        }
+    }
+}
+
+std::vector<double> Decoder::stage_node_wavelengths() const {
+    std::vector<double> w(impl_->stage ? impl_->stage->node_count() : 0);
+    for (std::size_t s = 0; s < w.size(); ++s) w[s] = impl_->stage->node_wavelength(s);
+    return w;
+}
+
 Decoder::Decoder(Model model, DecoderOptions options) {
     if (options.threads < 1) throw Error("DecoderOptions.threads = " + std::to_string(options.threads) + " must be >= 1");
     if (options.max_chunk < 1) throw Error("DecoderOptions.max_chunk must be >= 1");
@@ -128,13 +151,16 @@ void Decoder::Impl::run_network(const double* labels, std::size_t n, float* out,
 }
 
 void Decoder::forward(const double* labels, std::size_t n, float* out, const float* z, bool clip,
-                      const double* vmac) const {
+                      const double* vmac, const double* resolution_factors) const {
     if (n == 0) return;
     if (!labels || !out) throw InputError("forward: labels and out must not be null");
-    if (impl_->device) return impl_->run_on_device(labels, n, out, nullptr, false, 0, z, false, clip, vmac, nullptr);
+    if (impl_->device)
+        return impl_->run_on_device(labels, n, out, nullptr, false, 0, z, false, clip, vmac, nullptr,
+                                    resolution_factors);
     const Model& m = impl_->model;
     detail::validate_inputs(m, labels, n, z, clip);  // everything, before any output is written
     impl_->validate_vmac(vmac, n);
+    impl_->validate_resolution_factors(labels, n, clip, resolution_factors);
     detail::cpu::ensure_blas_threads(impl_->options.threads);
     auto ws = impl_->acquire();
     try {
@@ -144,7 +170,8 @@ void Decoder::forward(const double* labels, std::size_t n, float* out, const flo
             for (std::size_t r = 0; r < n; ++r) {
                 double vsini, resolution;
                 impl_->broadening_labels(labels, r, clip, vsini, resolution);
-                impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, false, ws->kernels);
+                impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, false, ws->kernels,
+                                           resolution_factors);
                 impl_->stage->apply(ws->kernels, detail::BroadeningStage::Which::flux, out + r * np, out + r * np,
                                     ws->broadening_scratch);
             }

@@ -51,11 +51,16 @@ struct Decoder::Impl {
     // Throws InputError for a vmac row that the model cannot apply (NaN, out of [0, kMaxVmac], > 0 without a
     // pixel-mean stage), naming the row and the model's format; vmac may be nullptr (0 for every row).
     void validate_vmac(const double* vmac, std::size_t n) const;
+    // Throws InputError unless every row's R (clamped with clip) times every factor is one the stage takes
+    // (BroadeningStage::check_resolution_factors), naming the row; or for factors on a model without a stage.
+    // resolution_factors may be nullptr (none). Labels already validated.
+    void validate_resolution_factors(const double* labels, std::size_t n, bool clip,
+                                     const double* resolution_factors) const;
     // A Device::cuda call (device_decoder.cpp): validates on the host, then the backend runs it. out and jacobian
     // (nullptr: forward only) are device pointers when on_device, z a device pointer when z_on_device.
     void run_on_device(const double* labels, std::size_t n, float* out, float* jacobian, bool on_device,
                        std::uintptr_t stream, const float* z, bool z_on_device, bool clip, const double* vmac,
-                       float* jacobian_vmac) const;
+                       float* jacobian_vmac, const double* resolution_factors) const;
     ~Impl();
 };
 

@@ -87,8 +87,9 @@ namespace {
 // The core's host-side work for one device call over validated inputs.
 class CoreRows final : public detail::HostRows {
 public:
-    CoreRows(const Decoder::Impl& impl, const double* labels, const float* z, bool clip, const double* vmac)
-        : impl_(impl), labels_(labels), z_(z), clip_(clip), vmac_(vmac) {}
+    CoreRows(const Decoder::Impl& impl, const double* labels, const float* z, bool clip, const double* vmac,
+             const double* resolution_factors)
+        : impl_(impl), labels_(labels), z_(z), clip_(clip), vmac_(vmac), resolution_factors_(resolution_factors) {}
     void input_rows(std::size_t r0, std::size_t rows, float* dst) const override {
         const Model& m = impl_.model;
         detail::make_input_rows(m, labels_ + r0 * m.n_labels(), z_ ? z_ + r0 * m.latent_dim() : nullptr, rows, clip_,
@@ -100,7 +101,7 @@ public:
     void kernels(std::size_t r, bool derivatives, detail::BroadeningStage::Kernels& k) const override {
         double vsini, resolution;
         impl_.broadening_labels(labels_, r, clip_, vsini, resolution);
-        impl_.stage->make_kernels(vsini, resolution, vmac_ ? vmac_[r] : 0.0, derivatives, k);
+        impl_.stage->make_kernels(vsini, resolution, vmac_ ? vmac_[r] : 0.0, derivatives, k, resolution_factors_);
     }
     bool clamped(std::size_t r, std::size_t j) const override {
         const LabelInfo& l = impl_.model.labels()[j];
@@ -114,13 +115,14 @@ private:
     const float* z_;
     bool clip_;
     const double* vmac_;
+    const double* resolution_factors_;
 };
 
 }  // namespace
 
 void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* out, float* jacobian, bool on_device,
                                   std::uintptr_t stream, const float* z, bool z_on_device, bool clip,
-                                  const double* vmac, float* jacobian_vmac) const {
+                                  const double* vmac, float* jacobian_vmac, const double* resolution_factors) const {
     if (n == 0) return;
     std::vector<float> z_host;
     if (z && z_on_device) {  // z is small: read it back, so that it is checked and used by the one host path
@@ -130,7 +132,9 @@ void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* ou
     }
     detail::validate_inputs(model, labels, n, z, clip);  // everything, before any output is written
     validate_vmac(vmac, n);
-    CoreRows rows(*this, labels, z, clip, vmac);
+    validate_resolution_factors(labels, n, clip, resolution_factors);
+    // The factors only change the kernels the backend takes from the host (same sizes: R_s >= the R label's min).
+    CoreRows rows(*this, labels, z, clip, vmac, resolution_factors);
     detail::DeviceCall call;
     call.host = &rows;
     call.n = n;
@@ -145,17 +149,20 @@ void Decoder::Impl::run_on_device(const double* labels, std::size_t n, float* ou
 }
 
 void Decoder::forward_device(const double* labels_host, std::size_t n, float* out_device, std::uintptr_t stream,
-                             const float* z_device, bool clip, const double* vmac_host) const {
+                             const float* z_device, bool clip, const double* vmac_host,
+                             const double* resolution_factors_host) const {
     if (!impl_->device)
         throw DeviceError("forward_device: this Decoder runs on the CPU (DecoderOptions.device = cpu); use forward()");
     if (n == 0) return;
     if (!labels_host || !out_device) throw InputError("forward_device: labels and out must not be null");
-    impl_->run_on_device(labels_host, n, out_device, nullptr, true, stream, z_device, true, clip, vmac_host, nullptr);
+    impl_->run_on_device(labels_host, n, out_device, nullptr, true, stream, z_device, true, clip, vmac_host, nullptr,
+                         resolution_factors_host);
 }
 
 void Decoder::forward_jacobian_device(const double* labels_host, std::size_t n, float* out_device,
                                       float* jacobian_device, std::uintptr_t stream, const float* z_device,
-                                      bool clip, const double* vmac_host, float* jacobian_vmac_device) const {
+                                      bool clip, const double* vmac_host, float* jacobian_vmac_device,
+                                      const double* resolution_factors_host) const {
     if (!impl_->device)
         throw DeviceError("forward_jacobian_device: this Decoder runs on the CPU (DecoderOptions.device = cpu); "
                           "use forward_jacobian()");
@@ -163,7 +170,7 @@ void Decoder::forward_jacobian_device(const double* labels_host, std::size_t n, 
     if (!labels_host || !out_device || !jacobian_device)
         throw InputError("forward_jacobian_device: labels, out and jacobian must not be null");
     impl_->run_on_device(labels_host, n, out_device, jacobian_device, true, stream, z_device, true, clip, vmac_host,
-                         jacobian_vmac_device);
+                         jacobian_vmac_device, resolution_factors_host);
 }
 
 Device Decoder::device() const { return impl_->device ? Device::cuda : Device::cpu; }

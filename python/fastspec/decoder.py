@@ -102,6 +102,12 @@ class Decoder:
     touch it): it must lie in [0, 50] km/s, and only models whose stage takes pixel means (format 3, the shipped
     one) apply it; vmac > 0 on another model raises ValueError naming its format. vmac = 0 gives the spectra
     without it, bit for bit.
+
+    Line-spread function varying along the range: ``resolution_factors=`` (a 1-D array of one factor g_s per node of
+    ``decoder.stage_nodes``, shared by all spectra of the call; default None, all ones) makes the broadening stage's
+    node s use R_s = R·g_s: the label R is the LSF's scale, g its shape across the range (FWHM = λ_s/R_s at the node,
+    blended linearly between nodes). Every g_s must be finite and > 0 and every R·g_s within the R label's range
+    (ValueError naming the node's wavelength otherwise); ones give the spectra without it, bit for bit.
     """
 
     def __init__(self, model: _core.Model, path: Path, *, threads: int = 1, device: str = "cpu", cuda_device: int = 0,
@@ -194,28 +200,36 @@ class Decoder:
         return (f"Decoder({self._path.name!r}: {self.latent_dim}+{self._model.n_network_labels} -> {widths}{stage}, "
                 f"{self._model.weight_dtype}, device={self.device!r})")
 
+    @cached_property
+    def stage_nodes(self) -> np.ndarray:
+        """The broadening stage's nodes: the wavelengths (Å, the model's medium, float64) where it takes its kernel
+        widths; ``resolution_factors=`` has one value per node. Empty for a model without a stage."""
+        return self._core.stage_node_wavelengths()
+
     # ------------------------------------------------------------------------------------ compute
     @_python_words
     def __call__(self, params=None, *, z=None, sample: bool = False, seed=None, clip: bool = False,
-                 out=None, vmac=None, **labels):
+                 out=None, vmac=None, resolution_factors=None, **labels):
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z, out)):
-            return self._call_device(params, labels, z, sample, seed, clip, out, jacobian=False, vmac=vmac)
+            return self._call_device(params, labels, z, sample, seed, clip, out, jacobian=False, vmac=vmac,
+                                     resolution_factors=resolution_factors)
         labels_2d, single = self._labels_array(params, labels)
         n = labels_2d.shape[0]
         z_2d = self._latent_array(z, sample, seed, n)
         vmac_1d = _vmac_array(vmac, n)
+        factors = self._factors_array(resolution_factors)
         if out is not None:
             out_2d = out.reshape(1, -1) if (single and out.ndim == 1) else out
             if out_2d.shape != (n, self.n_pixels) or out_2d.dtype != np.float32 or not out_2d.flags.c_contiguous:
                 raise ValueError(f"out must be a C-contiguous float32 array of shape {(n, self.n_pixels)}")
         else:
             out_2d = None
-        flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d, vmac=vmac_1d)
+        flux = self._core.forward(labels_2d, z=z_2d, clip=clip, out=out_2d, vmac=vmac_1d, resolution_factors=factors)
         return flux[0] if single else flux
 
     @_python_words
     def jacobian(self, params=None, *, z=None, clip: bool = False, vmac=None, return_vmac: bool = False,
-                 **labels) -> tuple[np.ndarray, ...]:
+                 resolution_factors=None, **labels) -> tuple[np.ndarray, ...]:
         """The flux and its derivatives with respect to the labels, in one call: ``flux, jac = decoder.jacobian(p)``.
 
         Labels as for ``__call__`` (array of shape (6,) or (N, 6), or keywords). Returns float32 ``flux``
@@ -227,6 +241,9 @@ class Decoder:
         ``vmac``: macroturbulence in km/s, as for ``__call__``. ``return_vmac=True`` returns a third array, dF/dvmac
         per km/s, (n_pixels,) or (N, n_pixels), from the derivative of the stage's kernel (0 at vmac = 0, where the
         flux is even in vmac).
+
+        ``resolution_factors``: the LSF's shape, as for ``__call__``; the R column is then dF/dR of the label R (the
+        LSF's scale) with the shape held.
         """
         for name in ("sample", "seed", "out"):
             if name in labels:
@@ -234,15 +251,17 @@ class Decoder:
                                 "for a sampled z, draw it yourself and pass z=")
         if self.device == "cuda" and any(_is_gpu_array(a) for a in (params, z)):
             return self._call_device(params, labels, z, False, None, clip, None, jacobian=True, vmac=vmac,
-                                     return_vmac=return_vmac)
+                                     return_vmac=return_vmac, resolution_factors=resolution_factors)
         labels_2d, single = self._labels_array(params, labels)
         z_2d = self._latent_array(z, False, None, labels_2d.shape[0])
         vmac_1d = _vmac_array(vmac, labels_2d.shape[0])
-        result = self._core.forward_jacobian(labels_2d, z=z_2d, clip=clip, vmac=vmac_1d, vmac_column=bool(return_vmac))
+        factors = self._factors_array(resolution_factors)
+        result = self._core.forward_jacobian(labels_2d, z=z_2d, clip=clip, vmac=vmac_1d, vmac_column=bool(return_vmac),
+                                             resolution_factors=factors)
         return tuple(a[0] for a in result) if single else tuple(result)
 
     def _call_device(self, params, keywords, z, sample, seed, clip, out, *, jacobian: bool, vmac=None,
-                     return_vmac: bool = False):
+                     return_vmac: bool = False, resolution_factors=None):
         """A CUDA decoder with GPU arrays: labels are read to the host (validated and normalised there, then copied
         once), z and the outputs stay on the GPU; the work is queued on CuPy's current stream (or the producer's)."""
         dev = self.cuda_device
@@ -255,6 +274,8 @@ class Decoder:
         labels_2d, single = self._labels_array(params, keywords)
         n = labels_2d.shape[0]
         vmac_1d = _vmac_array(devarr.to_host(vmac, "vmac") if _is_gpu_array(vmac) else vmac, n)
+        factors = self._factors_array(devarr.to_host(resolution_factors, "resolution_factors")
+                                      if _is_gpu_array(resolution_factors) else resolution_factors)
         z_ptr, z_keep = 0, None
         if _is_gpu_array(z):
             if sample:
@@ -281,7 +302,7 @@ class Decoder:
         out_arr = devarr.check(devarr.as_device_array(out, devarr.dlpack_stream(stream)), "out", "<f4", out_shape, dev,
                                writable=True)
         if not jacobian:
-            self._core.forward_device(labels_2d, out_arr.ptr, stream, z_ptr, clip, vmac_1d)
+            self._core.forward_device(labels_2d, out_arr.ptr, stream, z_ptr, clip, vmac_1d, factors)
             del z_keep
             return out
         jac_shape = (self.n_pixels, len(self.label_names)) if single else (n, self.n_pixels, len(self.label_names))
@@ -293,7 +314,8 @@ class Decoder:
         if return_vmac:
             jac_vmac = devarr.empty(out_shape, dev)
             jv_ptr = devarr.as_device_array(jac_vmac).ptr
-        self._core.forward_jacobian_device(labels_2d, out_arr.ptr, jac_arr.ptr, stream, z_ptr, clip, vmac_1d, jv_ptr)
+        self._core.forward_jacobian_device(labels_2d, out_arr.ptr, jac_arr.ptr, stream, z_ptr, clip, vmac_1d, jv_ptr,
+                                           factors)
         del z_keep
         return (out, jac, jac_vmac) if return_vmac else (out, jac)
 
@@ -322,6 +344,18 @@ class Decoder:
                              f"with columns {', '.join(self.label_names)}; got shape {params.shape}")
         single = params.ndim == 1
         return np.ascontiguousarray(params.reshape(-1, len(self.label_names)), dtype=np.float64), single
+
+    def _factors_array(self, factors) -> np.ndarray | None:
+        """resolution_factors (None, or one per stage node) as the core's float64 (n_nodes,); the core checks the
+        values (finite, > 0, R·g_s in the R label's range) and refuses them on a model without a stage."""
+        if factors is None:
+            return None
+        arr = _as_float(factors, "resolution_factors")
+        nodes = self.stage_nodes.size
+        if nodes and arr.shape != (nodes,):
+            raise ValueError(f"resolution_factors must have shape ({nodes},), one per node of decoder.stage_nodes "
+                             f"(shared by all spectra); got {arr.shape}")
+        return np.ascontiguousarray(arr.reshape(-1) if not nodes else arr, dtype=np.float64)
 
     def _latent_array(self, z, sample: bool, seed, n: int) -> np.ndarray | None:
         if z is not None and sample:

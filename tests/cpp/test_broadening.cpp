@@ -72,8 +72,10 @@ std::vector<double> gaussian_kernel(double sigma, int half) {
 
 // The broadened spectrum in double precision, from the format's description: each node's kernel (kernel_at(w, sigma,
 // half) returns 2 half + 1 taps for the widths in pixels at the node), applied to the edge-extended spectrum, blended.
+// factors: nullptr, or a resolution factor per node (node s takes R * factors[s]).
 template <class KernelAt>
-std::vector<double> blended(const std::vector<float>& x, double vsini, double resolution, KernelAt kernel_at) {
+std::vector<double> blended(const std::vector<float>& x, double vsini, double resolution, KernelAt kernel_at,
+                            const double* factors = nullptr) {
     const int S = kSegments;
     std::vector<int> node(S + 1);
     for (int s = 0; s <= S; ++s) node[s] = int(std::nearbyint(s * (double(kN - 1) / S)));
@@ -81,7 +83,8 @@ std::vector<double> blended(const std::vector<float>& x, double vsini, double re
     for (int s = 0; s <= S; ++s) {
         const double lam = kStart + kStep * node[s];
         const double w = vsini * lam / kC / kStep;
-        const double sigma = std::isinf(resolution) ? 0.0 : lam / (kFwhmPerSigma * resolution * kStep);
+        const double r = factors ? resolution * factors[s] : resolution;
+        const double sigma = std::isinf(r) ? 0.0 : lam / (kFwhmPerSigma * r * kStep);
         int h = 0;
         const std::vector<double> k = kernel_at(w, sigma, h);
         const int lo = s > 0 ? node[s - 1] : node[s], hi = s < S ? node[s + 1] : node[s];
@@ -98,7 +101,8 @@ std::vector<double> blended(const std::vector<float>& x, double vsini, double re
 }
 
 // Point samples (broadening = 1): rotation's and the Gaussian's hat weights, convolved.
-std::vector<double> reference(const std::vector<float>& x, double vsini, double resolution) {
+std::vector<double> reference(const std::vector<float>& x, double vsini, double resolution,
+                              const double* factors = nullptr) {
     return blended(x, vsini, resolution, [](double w, double sigma, int& h) {
         const int hr = int(std::ceil(w)) + 1, hg = int(std::ceil(6 * sigma)) + 2;
         const auto kr = rotation_kernel(w, hr), kg = gaussian_kernel(sigma, hg);
@@ -107,7 +111,7 @@ std::vector<double> reference(const std::vector<float>& x, double vsini, double 
             for (std::size_t j = 0; j < kg.size(); ++j) k[i + j] += kr[i] * kg[j];
         h = hr + hg;
         return k;
-    });
+    }, factors);
 }
 
 // Pixel-mean input (docs/model-format.md, broadening = 2): the taps are the inverse real DFT of
@@ -136,11 +140,12 @@ std::vector<double> band_limited_kernel(double w, double sigma, int& reach) {
     return k;
 }
 
-std::vector<double> pixel_mean_reference(const std::vector<float>& x, double vsini, double resolution) {
+std::vector<double> pixel_mean_reference(const std::vector<float>& x, double vsini, double resolution,
+                                         const double* factors = nullptr) {
     return blended(x, vsini, resolution, [](double w, double sigma, int& h) {
         h = 0;
         return w > 0 || sigma > 0 ? band_limited_kernel(w, sigma, h) : std::vector<double>{1.0};
-    });
+    }, factors);
 }
 
 std::vector<float> random_spectrum(std::mt19937_64& rng) {
@@ -250,6 +255,42 @@ int main() {
         CHECK_MSG(er <= 2e-4 * max_abs(fd_r) + 1e-9, "pixel means, vsini %g R %g: d/dR off by %.3g (scale %.3g)", vsini,
                   resolution, er, max_abs(fd_r));
     }
+    // A line-spread function varying along the range: per-node resolution factors (node s takes R * g_s), against
+    // the reference with the same per-node R; d/dR is the derivative by the label R with the factors held.
+    const std::array<double, kSegments + 1> g = {0.7, 1.0, 1.6, 1.25}, ones = {1, 1, 1, 1};
+    for (const auto* stage : {&b, &bm}) {
+        const bool pm = stage == &bm;
+        auto ref_at = [&](const std::vector<float>& x, double vsini, double resolution, const double* f) {
+            return pm ? pixel_mean_reference(x, vsini, resolution, f) : reference(x, vsini, resolution, f);
+        };
+        for (const auto& c : {std::array<double, 2>{3.7, 20000}, std::array<double, 2>{0, 3000}}) {
+            const double vsini = c[0], resolution = c[1];
+            const auto x = random_spectrum(rng);
+            std::vector<float> out(kN, NAN), dv(kN, NAN), dr(kN, NAN), dz(kN, NAN);
+            stage->apply(x.data(), vsini, resolution, 0.0, out.data(), dv.data(), dr.data(), dz.data(), g.data());
+            const auto ref = ref_at(x, vsini, resolution, g.data());
+            const double hr = 1e-5 * resolution;
+            const auto rp = ref_at(x, vsini, resolution + hr, g.data()), rm = ref_at(x, vsini, resolution - hr, g.data());
+            std::vector<double> fd_r(kN);
+            double worst = 0, er = 0;
+            for (int i = 0; i < kN; ++i) {
+                fd_r[i] = (rp[i] - rm[i]) / (2 * hr);
+                worst = std::max(worst, std::abs(double(out[i]) - ref[i]));
+                er = std::max(er, std::abs(dr[i] - fd_r[i]));
+            }
+            CHECK_MSG(worst < 2e-6 && std::all_of(out.begin(), out.end(), [](float v) { return std::isfinite(v); }),
+                      "%s, factors, vsini %g R %g: max |core - reference| = %.3g", pm ? "pixel means" : "points", vsini,
+                      resolution, worst);
+            CHECK_MSG(er <= 2e-4 * max_abs(fd_r) + 1e-9, "%s, factors, vsini %g R %g: d/dR off by %.3g (scale %.3g)",
+                      pm ? "pixel means" : "points", vsini, resolution, er, max_abs(fd_r));
+            // all ones: the call without factors, bit for bit
+            std::vector<float> o1(kN), d1(kN), o0(kN), d0(kN);
+            stage->apply(x.data(), vsini, resolution, 0.0, o1.data(), nullptr, d1.data(), nullptr, ones.data());
+            stage->apply(x.data(), vsini, resolution, o0.data(), nullptr, d0.data());
+            CHECK(o1 == o0 && d1 == d0);
+        }
+    }
+
     // Bad input: a clear InputError, nothing written.
     std::vector<float> x(kN, 1.0f), y(kN, -7.0f);
     using fastspec::InputError;
@@ -259,6 +300,15 @@ int main() {
     check_throws<InputError>([&] { b.apply(x.data(), 10, 999, y.data()); }, "resolution = 999 is below 1000", "small R");
     check_throws<InputError>([&] { b.apply(x.data(), 10, nan, y.data()); }, "resolution = nan", "nan R");
     check_throws<InputError>([&] { b.apply(nullptr, 10, 5000, y.data()); }, "must not be null", "null");
+    auto apply_g = [&](double resolution, std::array<double, kSegments + 1> f) {
+        b.apply(x.data(), 10, resolution, 0.0, y.data(), nullptr, nullptr, nullptr, f.data());
+    };
+    check_throws<InputError>([&] { apply_g(5000, {1, nan, 1, 1}); }, "resolution factor nan at node 1 (", "nan g");
+    check_throws<InputError>([&] { apply_g(5000, {1, 1, 0, 1}); }, "must be finite and > 0", "zero g");
+    check_throws<InputError>([&] { apply_g(5000, {1, 1, 1, inf}); }, "resolution factor inf at node 3", "inf g");
+    check_throws<InputError>([&] { apply_g(5000, {1, 1, 1, 0.1}); }, "= 500 at node 3 (4484.95 Å) is below the lowest R",
+                             "R g below min");
+    check_throws<InputError>([&] { apply_g(inf, {1, 1, 1, 1}); }, "resolution factors scale a finite R", "inf R");
     CHECK(std::all_of(y.begin(), y.end(), [](float v) { return v == -7.0f; }));
     using fastspec::Error;
     check_throws<Error>([] { fastspec::Broadening(kStart, kStep, kN, 1.5); }, "epsilon = 1.5", "epsilon");

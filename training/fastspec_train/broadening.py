@@ -36,6 +36,11 @@ transform is ∫₀¹ 2μ exp(−a μ²) dμ = (1 − e^{−a})/a, a = (π ζ s)
 one more factor M(ω) = (1 − e^{−a})/a, a = (ω z/2)², z = ζ in pixels at the node, of the composite kernel; it
 widens the taps' reach by 5z (the profile's mass beyond 5ζ is < 1.5e-12). A point-sample stage refuses ζ > 0.
 
+Line-spread function varying along the range (`resolution_factors=`, one g_s per node, shared by the batch): node s
+takes the Gaussian of R_s = R·g_s, R the label (the LSF's scale), g its shape; between nodes the blend interpolates
+like every width. g = None is all ones, the same numbers. Check it against SYNSPEC's fine mesh broadened with a
+Gaussian of FWHM λ/R(λ) per output pixel (tests/test_lsf.py, benchmarks/results/lsf-*.md).
+
 Edges. Each window is extended by its edge value (continuum-normalised flux, so constant extension is the
 least-surprising guess) over the widest kernel, so the circular FFT convolution never wraps around.
 Within one kernel half-width of either end the true broadened flux depends on the spectrum outside the
@@ -239,7 +244,9 @@ class Broadener:
     >>> out = br(flux, vsini, resolution)    # flux (B, 19000); vsini, resolution (B,) or scalars
 
     R = inf switches the Gaussian off, vsini = 0 the rotation; both off is the identity. ``br(flux, vsini, resolution,
-    vmac=ζ)`` adds radial–tangential macroturbulence (km/s, in [0, MAX_VMAC]; pixel means only, as the C++ stage). `sampling` says what the
+    vmac=ζ)`` adds radial–tangential macroturbulence (km/s, in [0, MAX_VMAC]; pixel means only, as the C++ stage).
+    ``resolution_factors=g`` (len(br.node_wavelength) values, shared by the batch): node s takes R·g_s, as the C++
+    stage (finite R, every g_s finite and > 0, R·g_s >= min_resolution). `sampling` says what the
     input pixels hold ("point" samples or "pixel_mean"s); the output is the broadened spectrum at the pixel centres. `max_vsini` and
     `min_resolution` size the kernels: wider kernels are refused rather than silently truncated.
     """
@@ -296,7 +303,23 @@ class Broadener:
             return [band_limited_kernel(halfwidth, sigma, self.max_half, self.epsilon, vmac_px, self.base_half)]
         return [rotation_kernel(halfwidth, self.rot_half, self.epsilon), gaussian_kernel(sigma, self.gauss_half)]
 
-    def __call__(self, flux, vsini, resolution, vmac=None) -> torch.Tensor:
+    def _check_factors(self, factors, resolution: torch.Tensor) -> torch.Tensor | None:
+        """resolution_factors as float64 (nodes,), validated as the C++ stage does (check_resolution_factors)."""
+        if factors is None:
+            return None
+        g = torch.as_tensor(factors, dtype=torch.float64, device=self.device)
+        if g.shape != (len(self.nodes),):
+            raise ValueError(f"resolution_factors must have shape ({len(self.nodes)},), one per node, got {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all() & (g > 0).all()):
+            raise ValueError(f"resolution factors must be finite and > 0, got {g.tolist()}")
+        if not bool(torch.isfinite(resolution).all()):
+            raise ValueError("resolution factors scale a finite R; got R = inf")
+        lowest = float((resolution.min() * g).min())
+        if lowest < self.min_resolution * (1 - 1e-9):
+            raise ValueError(f"R·g = {lowest:g} is below min_resolution {self.min_resolution:g}")
+        return g
+
+    def __call__(self, flux, vsini, resolution, vmac=None, resolution_factors=None) -> torch.Tensor:
         flux = torch.as_tensor(flux)
         if flux.ndim != 2 or flux.shape[1] != self.n_pixels:
             raise ValueError(f"flux must have shape (B, {self.n_pixels}), got {tuple(flux.shape)}")
@@ -315,10 +338,12 @@ class Broadener:
             if self.sampling != "pixel_mean" and bool((vmac > 0).any()):
                 raise ValueError("vmac > 0: macroturbulence needs sampling='pixel_mean' (the format-3 stage); "
                                  "the point-sample stage has none")
+        factors = self._check_factors(resolution_factors, resolution)
         conv = fft_convolve if self.method == "fft" else direct_convolve
         out = torch.zeros_like(flux)
-        for (lo, hi, hat), lam in zip(self._hats, self.node_wavelength):
-            ks = self.kernels(vsini, resolution, float(lam), vmac)
+        for s, ((lo, hi, hat), lam) in enumerate(zip(self._hats, self.node_wavelength)):
+            node_resolution = resolution if factors is None else resolution * factors[s]
+            ks = self.kernels(vsini, node_resolution, float(lam), vmac)
             # The window plus the kernel reach on both sides, so interior pixels see the real neighbours.
             reach = self.max_half
             a, z = max(lo - reach, 0), min(hi + reach + 1, self.n_pixels)

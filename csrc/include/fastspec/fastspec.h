@@ -73,6 +73,20 @@ int fastspec_forward_jacobian_vmac(const fastspec_decoder* decoder, const double
                                    size_t n, float* flux, float* jacobian, float* jacobian_vmac, int clip);
 double fastspec_max_vmac(void); /* 50 km/s */
 
+/* A line-spread function that varies along the range. The broadening stage takes its kernel widths at a few nodes
+ * (docs/model-format.md, "Line-spread function"): their count (0 without a stage) and wavelengths in Å, model medium. */
+size_t fastspec_decoder_stage_node_count(const fastspec_decoder* decoder);
+int fastspec_decoder_stage_node_wavelengths(const fastspec_decoder* decoder, double* wavelength);
+/* forward, or with jacobian forward_jacobian, in one call with every option: vmac as above (NULL: 0);
+ * resolution_factors NULL, or node_count values g_s shared by all n rows: node s takes R_s = R * g_s (R the row's
+ * resolution label: the LSF's scale, g its shape); each g_s finite and > 0, each R_s within the R label's range, else
+ * FASTSPEC_ERR_INPUT naming the row, node and wavelength. NULL and all ones give the calls above bit for bit.
+ * jacobian: NULL (forward only) or (n, n_pixels, n_labels), its R column dF/dR with g held; jacobian_vmac: NULL or
+ * (n, n_pixels), only with jacobian. */
+int fastspec_forward_lsf(const fastspec_decoder* decoder, const double* labels, const double* vmac,
+                         const double* resolution_factors, size_t n, float* flux, float* jacobian,
+                         float* jacobian_vmac, int clip);
+
 #ifdef __cplusplus
 }
 #endif

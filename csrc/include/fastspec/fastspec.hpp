@@ -208,8 +208,15 @@ public:
     // not a label: it is not clipped, and must be finite and in [0, Broadening::max_vmac()] (else InputError). Only a
     // pixel-mean stage (format-3 models) has it: vmac > 0 on another model throws InputError naming its format.
     // nullptr and zeros give the results without it, bit for bit.
+    //
+    // resolution_factors: nullptr, or stage_node_wavelengths().size() values g_s shared by all n rows: a line-spread
+    // function that varies along the range. Node s of the broadening stage then takes R_s = R * g_s (R the row's
+    // resolution label, clamped first with clip: the LSF's scale; g its shape), blended between nodes like every
+    // kernel width (docs/model-format.md, "Line-spread function"). Every g_s must be finite and > 0 and every R_s
+    // within the R label's range (an LSF narrower than the model represents is refused), else InputError naming the
+    // row, the node and its wavelength. nullptr and all ones give the results without it, bit for bit.
     void forward(const double* labels, std::size_t n, float* out, const float* z = nullptr,
-                 bool clip = false, const double* vmac = nullptr) const;
+                 bool clip = false, const double* vmac = nullptr, const double* resolution_factors = nullptr) const;
 
     // forward() plus the Jacobian of the flux with respect to the physical labels, in one call (forward-
     // mode differentiation through the network, about 1 + n_network_labels forward passes; the broadening
@@ -219,10 +226,11 @@ public:
     // its range is clamped, so its derivative is 0 there (at the bounds themselves: the inside one-sided
     // derivative). At a ReLU kink (pre-activation exactly 0) the derivative of ReLU is taken as 0, as
     // torch does. Const and thread-safe like forward(). vmac as forward(); jacobian_vmac, when not null, receives
-    // dF/dvmac (n, n_pixels) per km/s (0 at vmac = 0, where the flux is even in zeta).
+    // dF/dvmac (n, n_pixels) per km/s (0 at vmac = 0, where the flux is even in zeta). resolution_factors as
+    // forward(); the R column is then dF/dR of the label R with the shape g held.
     void forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian,
                           const float* z = nullptr, bool clip = false, const double* vmac = nullptr,
-                          float* jacobian_vmac = nullptr) const;
+                          float* jacobian_vmac = nullptr, const double* resolution_factors = nullptr) const;
 
     // Device memory entry points of a cuda Decoder (DeviceError on a cpu one). labels_host: host memory, as for
     // forward() (validated and normalised on the host, then copied to the GPU once); out (n, n_pixels) and
@@ -231,14 +239,20 @@ public:
     // stream is a cudaStream_t (0: the legacy default stream). The work is queued on stream and the call returns
     // without waiting for it (z, when given, is first read to the host, which waits for stream). forward() and forward_jacobian() with host pointers work on a cuda Decoder too (they copy
     // in and out and wait). On the GPU, forward_jacobian's flux equals forward's within rounding (float
-    // summation order may differ with the batch size), not bit for bit. vmac_host: host memory, as for forward();
-    // jacobian_vmac_device: a device pointer (n, n_pixels) or nullptr.
+    // summation order may differ with the batch size), not bit for bit. vmac_host and resolution_factors_host: host
+    // memory, as for forward(); jacobian_vmac_device: a device pointer (n, n_pixels) or nullptr.
     void forward_device(const double* labels_host, std::size_t n, float* out_device, std::uintptr_t stream,
-                        const float* z_device = nullptr, bool clip = false, const double* vmac_host = nullptr) const;
+                        const float* z_device = nullptr, bool clip = false, const double* vmac_host = nullptr,
+                        const double* resolution_factors_host = nullptr) const;
     void forward_jacobian_device(const double* labels_host, std::size_t n, float* out_device,
                                  float* jacobian_device, std::uintptr_t stream, const float* z_device = nullptr,
                                  bool clip = false, const double* vmac_host = nullptr,
-                                 float* jacobian_vmac_device = nullptr) const;
+                                 float* jacobian_vmac_device = nullptr,
+                                 const double* resolution_factors_host = nullptr) const;
+
+    // The broadening stage's nodes: the wavelength (Å, the model's medium) where each node's kernel widths are
+    // taken, in order; resolution_factors has one value per node. Empty for a model without a stage.
+    std::vector<double> stage_node_wavelengths() const;
 
     const Model& model() const;
     const DecoderOptions& options() const;
@@ -283,9 +297,17 @@ public:
     // zeta = vmac km/s in [0, max_vmac()], one more factor of the pixel-mean stage's composite kernel; d_vmac, when
     // not null, receives d(out)/d(vmac) per km/s. vmac > 0 on a point-sample stage throws InputError. vmac = 0 is
     // the 6-argument apply bit for bit.
+    // resolution_factors: nullptr (all ones: the same result bit for bit), or node_wavelengths().size() factors g_s
+    // of a line-spread function that varies along the range: node s's Gaussian has FWHM = lambda_s / (resolution *
+    // g_s), blended between nodes like every width. Each g_s must be finite and > 0, resolution finite, and
+    // resolution * g_s >= min_resolution (and, for a model's stage, <= its R label's max); else InputError naming
+    // the node and its wavelength. d_resolution is then the derivative by `resolution` with the g_s held.
     void apply(const float* in, double vsini, double resolution, double vmac, float* out, float* d_vsini,
-               float* d_resolution, float* d_vmac) const;
+               float* d_resolution, float* d_vmac, const double* resolution_factors = nullptr) const;
     static double max_vmac();  // 50 km/s
+    // Where the stage takes its kernel widths: the wavelength (Å, the grid's medium) of each of its segments + 1
+    // nodes (fewer on a grid of fewer pixels), in order; resolution_factors has one value per node.
+    std::vector<double> node_wavelengths() const;
 
     struct Impl;
 

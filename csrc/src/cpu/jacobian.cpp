@@ -138,16 +138,18 @@ void network_jacobian(const Model& m, const DecoderOptions& options, bool direct
 }  // namespace
 
 void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, float* jacobian, const float* z,
-                               bool clip, const double* vmac, float* jacobian_vmac) const {
+                               bool clip, const double* vmac, float* jacobian_vmac,
+                               const double* resolution_factors) const {
     if (n == 0) return;
     if (!labels || !out || !jacobian) throw InputError("forward_jacobian: labels, out and jacobian must not be null");
     if (impl_->device)  // cuda
-        return impl_->run_on_device(labels, n, out, jacobian, false, 0, z, false, clip, vmac, jacobian_vmac);
+        return impl_->run_on_device(labels, n, out, jacobian, false, 0, z, false, clip, vmac, jacobian_vmac,
+                                    resolution_factors);
     const Model& m = model();
     const std::size_t np = m.n_pixels(), nl = m.n_labels();
     if (!impl_->stage) {
         // The flux is forward()'s, bit for bit (it validates every input before writing anything).
-        forward(labels, n, out, z, clip, vmac);  // vmac: only 0 here (validated)
+        forward(labels, n, out, z, clip, vmac, resolution_factors);  // vmac 0, no factors here (validated)
         if (jacobian_vmac) std::fill(jacobian_vmac, jacobian_vmac + n * np, 0.0f);
         auto ws = impl_->acquire();
         try {
@@ -164,6 +166,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
     // and R columns are the intrinsic flux under the kernels' derivatives.
     detail::validate_inputs(m, labels, n, z, clip);
     impl_->validate_vmac(vmac, n);
+    impl_->validate_resolution_factors(labels, n, clip, resolution_factors);
     detail::cpu::ensure_blas_threads(options().threads);
     auto ws = impl_->acquire();
     try {
@@ -182,7 +185,7 @@ void Decoder::forward_jacobian(const double* labels, std::size_t n, float* out, 
         for (std::size_t r = 0; r < n; ++r) {
             double vsini, resolution;
             impl_->broadening_labels(labels, r, clip, vsini, resolution);
-            impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, true, k);
+            impl_->stage->make_kernels(vsini, resolution, vmac ? vmac[r] : 0.0, true, k, resolution_factors);
             const float* f = intrinsic.data() + r * np;
             float* jr = jacobian + r * np * nl;
             impl_->stage->apply(k, W::flux, f, out + r * np, scratch);  // as forward() computes it

@@ -35,6 +35,15 @@ average of the radial and tangential Gaussians by Gauss–Legendre quadrature), 
 (6-point Lagrange) to a step ≤ ζ/400 and applied as trapezoid weights (normalised to 1) out to 6ζ. The profile has a
 kink at 0, which the trapezoid rule resolves to (h/ζ)²/3 of the local depth, < 1e-6.
 
+`gaussian_lsf(fine_wave, fine_flux, out_wave, resolution)`: a line-spread function that varies along the range, in
+real space: each output wavelength λ_i gets its own Gaussian of FWHM λ_i/R_i, integrated exactly against the PL
+function (for the broadening stage's per-node resolution factors; with a constant R it is the stage's constant-R
+truth in the same frame: a Gaussian symmetric in λ, as the stage's kernels are).
+
+`band_limited_lsf(means, sigma_px)`: pixel means read as band-limited, as the pixel-mean broadening stage reads them,
+under each output pixel's own Gaussian (σ_i pixels): the stage's operator without its node blend, so that the stage
+minus this is the blend's own error, apart from the representation's.
+
 `pixel_means(fine_wave, fine_flux, centres, step)`: the exact mean of the PL function over [c − step/2, c + step/2].
 
 numpy only, except scipy.special.j1 (the rotation's transform), imported when needed.
@@ -235,6 +244,70 @@ def broaden(fine_wave, fine_flux, out_wave, vsini: float = 0.0, resolution: floa
     # then ROTIN's Gaussian on a uniform λ mesh
     h = _convolve(_lagrange(np.log(lam), u[0], du, g), 0.0, fwhm / FWHM_PER_SIGMA / dl, epsilon)
     return _lagrange(out, lam[0], dl, h)
+
+
+def gaussian_lsf(fine_wave, fine_flux, out_wave, resolution, *, chunk: int = 1024) -> np.ndarray:
+    """The PL spectrum through (fine_wave (n,) uniform, fine_flux (n,)) seen through a Gaussian line-spread function
+    that varies along the range: out_wave[i] (Å) gets its own Gaussian of FWHM out_wave[i]/resolution[i] (resolution
+    a scalar or one R per output wavelength). Exact for the PL function: on each fine interval it is c0 + b·t
+    (t = x − λ), and ∫(c0 + b t) φ_σ(t) dt = c0·ΔΦ(t/σ) − b·σ·Δφ(t/σ) in closed form, summed over the intervals within
+    8σ (the tail beyond is < 2e-15). The Gaussians must lie inside the mesh. Returns (m,) float64."""
+    from scipy.special import ndtr
+
+    x = np.asarray(fine_wave, dtype=np.float64)
+    f = np.asarray(fine_flux, dtype=np.float64)
+    lam = np.asarray(out_wave, dtype=np.float64)
+    res = np.broadcast_to(np.asarray(resolution, dtype=np.float64), lam.shape)
+    if not (np.all(np.isfinite(res)) and np.all(res > 0)):
+        raise ValueError("resolution must be finite and > 0")
+    dx = (x[-1] - x[0]) / (x.size - 1)
+    sigma = lam / (res * FWHM_PER_SIGMA)
+    if np.any(lam - 8 * sigma < x[0]) or np.any(lam + 8 * sigma > x[-1]):
+        raise ValueError("the Gaussians reach beyond the fine mesh")
+    slope = np.diff(f) / dx  # b of each fine interval
+    out = np.empty_like(lam)
+    for a in range(0, lam.size, chunk):
+        lm, sg = lam[a:a + chunk, None], sigma[a:a + chunk, None]
+        first = np.floor((lm - 8 * sg - x[0]) / dx).astype(np.int64)
+        width = int((np.ceil((lm + 8 * sg - x[0]) / dx).astype(np.int64) - first).max())
+        j = np.minimum(first + np.arange(width)[None, :], x.size - 2)  # intervals [x_j, x_j+1]
+        t0, t1 = x[j] - lm, x[j + 1] - lm
+        u0, u1 = t0 / sg, t1 / sg
+        c0 = f[j] - slope[j] * t0  # the PL function at t = 0 of the interval's line
+        pdf = lambda u: np.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)  # noqa: E731
+        mass = c0 * (ndtr(u1) - ndtr(u0)) + slope[j] * sg * (pdf(u0) - pdf(u1))
+        last = j == x.size - 2  # clamped repeats of the last interval (only past a window's end): counted once
+        mass[:, 1:][last[:, 1:] & last[:, :-1]] = 0.0
+        out[a:a + chunk] = mass.sum(axis=1)
+    return out
+
+
+def band_limited_lsf(means, sigma_px, *, chunk: int = 2048) -> np.ndarray:
+    """Pixel means (n,) → the spectrum at the pixel centres under a Gaussian of σ_i pixels at pixel i (sigma_px (n,)),
+    the means read as band-limited: pixel i's taps are those of the pixel-mean stage's kernel for σ_i alone
+    (docs/model-format.md: the inverse real DFT, nfft = 1024, of exp(−σ²ω²/2)/sinc(ω/2), kept to |m| ≤ ⌈7σ⌉ + 16 and
+    divided by their sum), in float64; edge values extend both ends. Returns (n,) float64."""
+    x = np.asarray(means, dtype=np.float64)
+    sigma = np.asarray(sigma_px, dtype=np.float64)
+    nfft = 1024
+    reach = np.ceil(7.0 * sigma).astype(np.int64) + 16
+    top = int(reach.max())
+    if 4 * top > nfft:
+        raise ValueError("kernels this wide need a longer transform than band_limited_lsf's 1024")
+    om = 2.0 * math.pi * np.arange(nfft // 2 + 1) / nfft
+    inv_box = np.ones_like(om)
+    inv_box[1:] = 0.5 * om[1:] / np.sin(0.5 * om[1:])
+    m = np.arange(-top, top + 1)
+    padded = np.concatenate([np.full(top, x[0]), x, np.full(top, x[-1])])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * top + 1)  # row i: x[i + top .. i - top]
+    out = np.empty_like(x)
+    for a in range(0, x.size, chunk):
+        sg, rc = sigma[a:a + chunk, None], reach[a:a + chunk, None]
+        taps = np.fft.irfft(np.exp(-0.5 * (sg * om) ** 2) * inv_box, n=nfft, axis=1)[:, np.abs(m)]
+        taps = np.where(np.abs(m) <= rc, taps, 0.0)
+        taps /= taps.sum(axis=1, keepdims=True)
+        out[a:a + chunk] = np.sum(taps[:, ::-1] * windows[a:a + chunk], axis=1)  # y_i = sum_m k(m) x[i - m]
+    return out
 
 
 def pixel_means(fine_wave, fine_flux, centres, step: float) -> np.ndarray:
