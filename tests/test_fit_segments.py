@@ -225,3 +225,26 @@ def test_cli_resolution_is_refused_with_batch(tmp_path, capsys):
 
     assert main(["fit", "--batch", str(tmp_path), "--table", str(tmp_path / "t.csv"), "--resolution", "20000"]) == 1
     assert "--resolution is not taken with --batch" in capsys.readouterr().err
+
+
+def test_a_resolution_that_varies_along_the_segment(shipped, rng):
+    """An arm whose R rises 15000 -> 30000 across it (the model through its stage's per-node factors): fitted with
+    that LSF as a table it comes back (χ²/dof ~1, labels within 4σ); with one R, the median, χ² is worse."""
+    lo, hi = 4700.0, 5300.0
+    table = LSF([15000.0, 30000.0], wavelength=[lo, hi])
+    nodes = shipped.stage_nodes
+    r_nodes = table.resolution_at(nodes)
+    model = shipped(**STAR, resolution=22500.0, resolution_factors=r_nodes / 22500.0).astype(np.float64)
+    wl = np.arange(lo, hi, 0.08)
+    flux = np.interp(wl, shipped.wavelength, model)
+    error = np.full(wl.size, 0.005)
+    flux = flux + rng.normal(size=wl.size) * error
+    prob = Likelihood(shipped, [Segment(wl, flux, error, None, table, 2, "air", "auto", "arm")], True, None, (-300, 300))
+    (group,) = prob.groups
+    np.testing.assert_allclose(group["r_ref"] * group["factors"], np.clip(r_nodes, 15000.0, table.resolution_at(wl).max()))
+    r = quiet_fit(wl, flux, error, shipped, lsf=table)
+    assert "resolution" not in r.labels and r.reduced_chi2 < 1.2, r
+    for name, value in STAR.items():
+        assert abs(r.labels[name] - value) <= 4 * r.uncertainties[name], (name, r)
+    flat = quiet_fit(wl, flux, error, shipped, lsf=float(np.median(table.resolution_at(wl))))
+    assert flat.chi2 > r.chi2 + 100, (flat.chi2, r.chi2)
