@@ -149,6 +149,9 @@ def test_bad_segments_are_named(shipped, rng):
     with pytest.raises(ValueError, match=r"red: its line-spread function has R = 200000 .* above the model's highest "
                                          r"R \(115000\): narrower than the model can represent"):
         fastspec.fit([blue, sharp], decoder=shipped)
+    nan_lsf = Segment(red.wavelength, red.flux, red.error, lsf=lambda w: np.where(w > 5200, np.nan, 2e4), name="red")
+    with pytest.raises(ValueError, match=r"red: LSF: resolution must be finite and > 0; got nan at 520\d.\d+ Å"):
+        fastspec.fit([blue, nan_lsf], decoder=shipped)
     outside = Segment(red.wavelength + 2000.0, red.flux, red.error, name="red")
     with pytest.raises(ValueError, match=r"red: only 0 usable pixels"):
         fastspec.fit([blue, outside], decoder=shipped)

@@ -81,7 +81,10 @@ class Likelihood(Parameters):
                     self.groups.append({"r_ref": None, "factors": None})
                 group_of.append(next(i for i, g in enumerate(self.groups) if g["r_ref"] is None))
             else:
-                self.groups.append(self._lsf_group(lsf, o, s.name))
+                try:
+                    self.groups.append(self._lsf_group(lsf, o))
+                except ValueError as e:
+                    raise ValueError(f"{s.name}: {e}") from None
                 group_of.append(len(self.groups) - 1)
 
         # every fitted pixel, segment after segment
@@ -128,7 +131,7 @@ class Likelihood(Parameters):
         """The given pixels that are fitted, segment after segment."""
         return np.concatenate(self.masks)
 
-    def _lsf_group(self, lsf, obs, name):
+    def _lsf_group(self, lsf, obs):
         """A segment's line-spread function as the decoder takes it: the label R at a reference value (the median R
         over the segment's pixels) and, where R varies, the factors of the stage's nodes."""
         lo, hi = self.decoder.label_ranges[self.decoder.label_names[self.r_column]]
@@ -137,7 +140,7 @@ class Likelihood(Parameters):
         for what, bad in (("above the model's highest", r_pixels > hi * (1 + 1e-9)),
                           ("below the model's lowest", r_pixels < lo * (1 - 1e-9))):
             if bad.any():
-                raise ValueError(f"{name}: its line-spread function has R = {r_pixels[bad][0]:.6g} at "
+                raise ValueError(f"its line-spread function has R = {r_pixels[bad][0]:.6g} at "
                                  f"{obs.wl[bad][0]:.3f} Å, {what} R ({hi if 'highest' in what else lo:g}): "
                                  f"{'narrower' if 'highest' in what else 'broader'} than the model can represent")
         r_ref = float(np.median(r_pixels))
