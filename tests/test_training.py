@@ -585,3 +585,18 @@ def test_a_data_file_label_box_normalises_training_and_goes_into_the_model(tmp_p
         f.attrs["label_box"] = json.dumps({**box, "teff": [5000.0, 12000.0]})
     with pytest.raises(ValueError, match="teff = .* outside the file's label_box"):
         SpectraFile(a)
+
+
+def test_sha256_file_is_cached_per_size_and_mtime(tmp_path):
+    """The hash is computed once per file version: the same file again is not re-read, a rewritten one is."""
+    import hashlib
+    import os
+
+    from fastspec_train.data import sha256_file
+
+    path = tmp_path / "grid.h5"
+    path.write_bytes(b"a" * 1000)
+    assert sha256_file(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    path.write_bytes(b"b" * 1000)  # same size; a new modification time
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert sha256_file(path) == hashlib.sha256(b"b" * 1000).hexdigest()

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -214,6 +215,14 @@ def open_spectra(paths) -> SpectraFile | JoinedSpectra:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The file's SHA-256, computed once per process for a file of one size and modification time (accuracy's
+    unseen-split check and its report hashed a several-GB grid twice)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
