@@ -531,12 +531,27 @@ def cmd_fit(args) -> int:
     _check_output(args.output, (".json",), "result")
     _check_plot(args.plot)
     specs = [spec for path in args.spectrum for spec in read_segments(path)]
-    for spec in specs:
-        for note in spec.notes if args.error is None else spec.notes[:0]:
-            print(f"note: {spec.source}: {note}" if len(specs) > 1 else f"note: {note}", file=sys.stderr)
-    lsfs = [None if args.resolution == "fit" else args.resolution if args.resolution is not None else spec.lsf()
-            for spec in specs]
+    if len(specs) > 1 and args.error is None:
+        for spec in specs:
+            if spec.error is None:
+                raise ValueError(f"{spec.source}: no errors, and the segments of a star need them: give --error (one "
+                                 "error for every pixel) or files with an error column")
     decoder = Decoder.load(args.model, threads=args.threads or 1)
+    if isinstance(args.resolution, float):
+        lo, hi = decoder.label_ranges[decoder.info["broadening"]["resolution_label"]] if decoder.info.get(
+            "broadening") else (math.nan, math.nan)
+        if not lo <= args.resolution <= hi:
+            raise ValueError(f"--resolution {args.resolution:g} is outside the model's R range ({lo:g}-{hi:g})")
+    for spec in specs:
+        for note in spec.notes if args.error is None else ():
+            print(f"note: {spec.source}: {note}" if len(specs) > 1 else f"note: {note}", file=sys.stderr)
+
+    def lsf_of(spec):  # --resolution R (held) or fit (fitted), else the file's where it has one
+        if args.resolution is None:
+            return spec.lsf()
+        return None if args.resolution == "fit" else args.resolution
+
+    lsfs = [lsf_of(spec) for spec in specs]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitQualityWarning)  # reported below, with the result
         if len(specs) == 1:
@@ -598,7 +613,8 @@ def cmd_fit_batch(args) -> int:
                           ("--resolution", args.resolution is not None)):
         if given:
             raise ValueError("--batch needs --table" if option == "--table" else
-                             "--resolution is not taken with --batch (yet): each star's R is fitted"
+                             "--resolution is not taken with --batch (yet): each file's own line-spread function (a "
+                             "resolution/fwhm column or SPEC_RES) is used where it has one, else R is fitted"
                              if option == "--resolution" else
                              f"{option} is for one spectrum; with --batch the results go to --table"
                              + (" and each worker uses one thread" if option == "--threads" else ""))

@@ -36,17 +36,26 @@ class Spectrum:
     source: str
     notes: list = field(default_factory=list)  # what the reader decided that the user should hear about
     resolution: np.ndarray | float | None = None  # R per pixel (or one R), where the file gives it
+    resolution_column: str | None = None  # where it came from: a column's name, or "SPEC_RES"
     name: str | None = None  # the segment's name in a file of several (its FITS extension)
 
     def lsf(self):
-        """The file's line-spread function as a fastspec.LSF, or None."""
+        """The file's line-spread function as a fastspec.LSF, or None. A column's entries that are not finite and > 0
+        (masked pixels, most often) are left out of the table, and so are repeated wavelengths; errors name the
+        file."""
         from .fitting.lsf import LSF
 
-        if self.resolution is None or np.ndim(self.resolution) == 0:
-            return LSF.of(self.resolution)
-        order = np.argsort(self.wavelength)
-        good = np.isfinite(self.wavelength[order])
-        return LSF(self.resolution[order][good], wavelength=self.wavelength[order][good])
+        try:
+            if self.resolution is None or np.ndim(self.resolution) == 0:
+                return LSF.of(self.resolution)
+            wl, r = self.wavelength, np.asarray(self.resolution, dtype=np.float64)
+            good = np.isfinite(wl) & np.isfinite(r) & (r > 0)
+            wl, first = np.unique(wl[good], return_index=True)  # sorted, each wavelength once
+            if wl.size < 2:
+                raise ValueError(f"fewer than 2 usable values in the {self.resolution_column} column")
+            return LSF(r[good][first], wavelength=wl)
+        except ValueError as e:
+            raise ValueError(f"{self.source}: {e}") from None
 
 
 def sigma_from_ivar(ivar) -> np.ndarray:
@@ -94,7 +103,8 @@ def _from_columns(columns: dict, path) -> Spectrum:
     if resolution is not None and not np.isfinite(resolution).any():
         notes.append(f"the column {rname or wname_fwhm!r} is empty: no line-spread function from the file")
         resolution = None
-    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path), notes, resolution)
+    return Spectrum(wave, np.asarray(columns[fname], dtype=np.float64), error, str(path), notes, resolution,
+                    rname or wname_fwhm if resolution is not None else None)
 
 
 def _read_csv(path: Path) -> Spectrum:
@@ -139,11 +149,15 @@ def _fits_tables(path: Path) -> list:
                 if _pick(names, WAVE_NAMES, "", path, False) and _pick(names, FLUX_NAMES, "", path, False):
                     spec = _from_columns({n: np.ravel(hdu.data[n]) for n in names}, path)
                     spec.name = hdu.name if hdu.name and hdu.name != "PRIMARY" else f"HDU {k}"
-                    spec.source = f"{path}[{spec.name}]"
                     keyword = hdu.header.get("SPEC_RES", hdul[0].header.get("SPEC_RES"))
                     if spec.resolution is None and keyword is not None:
-                        spec.resolution = float(keyword)
+                        spec.resolution, spec.resolution_column = float(keyword), "SPEC_RES"
                     out.append(spec)
+    named = [spec.name for spec in out]
+    for k, spec in enumerate(out):  # extensions of one name (SCI, SCI, ... by EXTVER): told apart by their order
+        if named.count(spec.name) > 1:
+            spec.name = f"{spec.name} {named[:k + 1].count(spec.name)}"
+        spec.source = f"{path}[{spec.name}]"
     return out
 
 
@@ -178,7 +192,8 @@ def _read_fits(path: Path) -> Spectrum:
                             error = sigma_from_ivar(error)
                         break
                 keyword = h.get("SPEC_RES", hdul[0].header.get("SPEC_RES"))
-                return Spectrum(wave, flux, error, str(path), resolution=None if keyword is None else float(keyword))
+                return Spectrum(wave, flux, error, str(path), resolution=None if keyword is None else float(keyword),
+                                resolution_column=None if keyword is None else "SPEC_RES")
     raise ValueError(f"{path}: no table with wavelength and flux columns and no 1-D image")
 
 

@@ -3,9 +3,11 @@
     rows = fastspec.fit_batch("spectra/", "stars.csv", workers=2).rows      # or a list file, or [paths]
     fastspec fit --batch spectra/ --table stars.fits --workers 2            # the same from the shell
 
-Each star is one spectrum file, read by `fastspec.observations.read_spectrum` (what `fastspec fit FILE` reads)
-and fitted by `fastspec.fit` with the same options for every star; a star whose file cannot be read or whose fit
-raises gets a row with status "failed" and the reason, and the batch goes on.
+Each star is one spectrum file, read as `fastspec fit FILE` reads it (`fastspec.observations.read_segments`: a
+FITS file of several tables is the star's segments; a resolution/fwhm column or SPEC_RES is its line-spread
+function, R then held, in the row's `resolution` with no `_err`, and said in `notes`; ``lsf=`` given to fit_batch
+takes precedence) and fitted by `fastspec.fit` with the same options for every star; a star whose file cannot be
+read or whose fit raises gets a row with status "failed" and the reason, and the batch goes on.
 
 Where the fits run: ``workers`` local processes (default 1), each loading the model once and running the core
 with one thread; or a Dask cluster (``scheduler``: "tcp://HOST:8786", a scheduler file, or "local:N" for N
@@ -49,10 +51,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .._files import atomic_output, check_output
 from .._scheduler import parse_scheduler
 from ..decoder import Decoder
-from ..observations import SUFFIXES, read_spectrum
+from ..observations import SUFFIXES, read_segments, read_spectrum
+from .observation import Segment
 from .results import FitQualityWarning
 from .solver import fit
 
@@ -219,11 +224,19 @@ def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
     """Read and fit one spectrum; the table row (without `file`), also when it fails (status "failed", the reason)."""
     start = time.perf_counter()
     try:
-        spec = read_spectrum(path)
+        specs = read_segments(path)
+        options = dict(options)
+        given_lsf = options.pop("lsf", None)
+        lsfs = [given_lsf if given_lsf is not None else spec.lsf() for spec in specs]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = fit(spec.wavelength, spec.flux, spec.error if error is None else error, _decoder(model),
-                         medium=medium, **options)
+            if len(specs) == 1:
+                spec = specs[0]
+                result = fit(spec.wavelength, spec.flux, spec.error if error is None else error, _decoder(model),
+                             medium=medium, lsf=lsfs[0], **options)
+            else:
+                result = fit([Segment(s.wavelength, s.flux, s.error if error is None else error, lsf=lsf, name=s.name)
+                              for s, lsf in zip(specs, lsfs)], decoder=_decoder(model), medium=medium, **options)
     except Exception as exc:  # the row says why; the batch goes on
         text = str(exc)
         if path not in text:  # read_spectrum's messages name the file; the fit's do not
@@ -231,11 +244,18 @@ def fit_one(path: str, medium: str, error, model: str, options: dict) -> dict:
         return {"status": "failed", "success": False, "medium": medium, "reason": short_reason(exc, text),
                 "seconds": time.perf_counter() - start}
     # the quality checks are in `quality`; anything else that was said goes to `notes`
-    notes = list(spec.notes if error is None else ()) + [str(w.message) for w in caught
-                                                          if not issubclass(w.category, FitQualityWarning)]
+    notes = [note for spec in specs for note in (spec.notes if error is None else ())]
+    notes += [f"{len(specs)} segments ({', '.join(spec.name for spec in specs)})"] if len(specs) > 1 else []
+    notes += [f"R held at {seg['resolution']:.6g} by {'the given lsf' if given_lsf is not None else 'the file'}"
+              + (f" ({spec.resolution_column})" if given_lsf is None and spec.resolution_column else "")
+              + (f" for {seg['name']}" if len(specs) > 1 else "") for spec, seg in zip(specs, result.segments) if seg["lsf"]]
+    notes += [str(w.message) for w in caught if not issubclass(w.category, FitQualityWarning)]
     row = {"status": "ok", "success": bool(result.success)}
     for name, value in result.labels.items():
         row[name], row[f"{name}_err"] = float(value), float(result.uncertainties[name])
+    held = [seg["resolution"] for seg in result.segments if seg["lsf"]]
+    if held and "resolution" not in result.labels:  # R not fitted: the LSF's (the median over the segments)
+        row["resolution"] = float(np.median(held))
     for name, limit in result.upper_limits.items():
         row[f"{name}_upper"] = float(limit)
     row.update(rv=result.rv, rv_err=result.rv_uncertainty, reduced_chi2=float(result.reduced_chi2),

@@ -7,9 +7,10 @@ Model of the observation at wavelength λ (Å, in the model's medium, air for th
 
 One segment is one spectrum as fit() takes it; several (`Segment`: echelle orders, a spectrograph's arms) share the
 labels, vmac and v and each has its own continuum polynomial and its own line-spread function: F_k is the decoder's
-spectrum with the segment's R(λ) (`lsf`) or, without one, with the fitted label R. Segments with one and the same
-spectrum F are one "group": a model evaluation is one decoder call per group, the groups' spectra laid end to end
-(each pixel reads its own group's, `offset`).
+spectrum with the segment's R(λ) (`lsf`) or, without one, with the fitted label R. A "group" is one such spectrum:
+the segments without an LSF share one, each segment with an LSF has its own (identical LSFs are not merged). A
+model evaluation is one decoder call per group, the groups' spectra laid end to end (each pixel reads its own
+group's, `offset`).
 
 F is the decoder's spectrum (z = 0; with the macroturbulence vmac, fixed or fitted, in its broadening stage) interpolated linearly from the model grid at the rest wavelength (or, with
 pixel integration, averaged over each observed pixel), P_k are Legendre polynomials. The Jacobian is exact: the
@@ -41,13 +42,18 @@ class Likelihood(Parameters):
     def __init__(self, decoder, segments, fit_rv, bounds, rv_bounds, model_error=False, vmac=0.0):
         self.decoder = decoder
         self.segment_names = [s.name for s in segments]
-        lsfs = [LSF.of(s.lsf) for s in segments]
+        lsfs = []
+        for s in segments:
+            try:
+                lsfs.append(LSF.of(s.lsf))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{s.name}: {e}") from None
         r_name = (decoder.info.get("broadening") or {}).get("resolution_label")
         if any(lsfs) and r_name is None:
             raise ValueError(f"a line-spread function needs a model with a broadening stage; {decoder.info['path']} "
                              "has none")
-        # R is fitted unless every segment gives its line-spread function; then it is held (the value is replaced by
-        # each segment's own reference R below)
+        # R is fitted unless every segment gives its line-spread function; then it is held out of the fit (each
+        # group's decoder call puts its own reference R in that column: the value held here is never used)
         held = {r_name: decoder.label_ranges[r_name][1]} if all(lsfs) and r_name else None
         Parameters.__init__(self, decoder, bounds, fit_rv, [s.continuum_degree for s in segments], rv_bounds, vmac,
                             held=held)
@@ -126,6 +132,13 @@ class Likelihood(Parameters):
         self.n_model_calls = 0
         self.n_jac_calls = 0
 
+    def instrument_resolution(self, labels) -> float:
+        """The R of the instrumental width at these labels (len(names),): the fitted R where segments use it, else
+        the lowest of the segments' LSF reference R (the widest profile)."""
+        if any(g["r_ref"] is None for g in self.groups):
+            return float(labels[self.names.index(self.model_names[self.r_column])])
+        return min(g["r_ref"] for g in self.groups)
+
     @property
     def mask(self):
         """The given pixels that are fitted, segment after segment."""
@@ -133,21 +146,21 @@ class Likelihood(Parameters):
 
     def _lsf_group(self, lsf, obs):
         """A segment's line-spread function as the decoder takes it: the label R at a reference value (the median R
-        over the segment's pixels) and, where R varies, the factors of the stage's nodes."""
+        over the segment's pixels) and, where R varies, the factors of the stage's nodes (R at each node's own
+        wavelength, see lsf.py; outside the segment kept within the model's R range, which the segment's own
+        pixels must respect)."""
         lo, hi = self.decoder.label_ranges[self.decoder.label_names[self.r_column]]
         span = (obs.wl.min(), obs.wl.max())
         r_pixels = lsf.resolution_at(obs.wl, span)
-        for what, bad in (("above the model's highest", r_pixels > hi * (1 + 1e-9)),
-                          ("below the model's lowest", r_pixels < lo * (1 - 1e-9))):
+        for bad, bound, side, width in ((r_pixels > hi * (1 + 1e-9), hi, "highest", "narrower"),
+                                        (r_pixels < lo * (1 - 1e-9), lo, "lowest", "broader")):
             if bad.any():
-                raise ValueError(f"its line-spread function has R = {r_pixels[bad][0]:.6g} at "
-                                 f"{obs.wl[bad][0]:.3f} Å, {what} R ({hi if 'highest' in what else lo:g}): "
-                                 f"{'narrower' if 'highest' in what else 'broader'} than the model can represent")
+                raise ValueError(f"its line-spread function has R = {r_pixels[bad][0]:.6g} at {obs.wl[bad][0]:.3f} Å, "
+                                 f"beyond the model's {side} R ({bound:g}): {width} than the model can represent")
         r_ref = float(np.median(r_pixels))
-        if lsf.is_constant or r_pixels.min() == r_pixels.max():  # one R across the segment (nodes take its ends')
+        if lsf.is_constant:
             return {"r_ref": r_ref, "factors": None}
-        nodes = self.decoder.stage_nodes
-        factors = np.clip(lsf.resolution_at(nodes, span), r_pixels.min(), r_pixels.max()) / r_ref
+        factors = np.clip(lsf.resolution_at(self.decoder.stage_nodes, span), lo, hi) / r_ref
         return {"r_ref": r_ref, "factors": None if np.all(factors == 1.0) else factors}
 
     def _group_call(self, g, lab, vmac, jacobian=False):

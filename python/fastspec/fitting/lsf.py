@@ -4,12 +4,15 @@ table (λ, R), a callable R(λ), or the FWHM itself in Å (a constant, a table o
 The broadening stage builds its kernels at a few nodes across the model grid and blends neighbouring nodes
 (docs/model-format.md); an LSF enters it as the resolving power at those nodes: the label R is set to a reference
 value R_ref (the median over the segment's pixels) and each node's kernel takes R_ref · g_s with g_s = R(λ_s) / R_ref
-(`Decoder(..., resolution_factors=g)`). Nodes beyond the wavelengths the LSF is given for take the value at the
-nearer end (a table is not extrapolated; a callable is called only within the segment's wavelengths).
+(`Decoder(..., resolution_factors=g)`). Nodes outside the segment take R(λ) at their own wavelength: a table
+beyond its ends takes the nearer end's value (it is not extrapolated); a callable is called there too, and where it
+gives no usable value outside the segment the segment's nearer end's is taken. The wavelengths of an LSF are those
+of the fit (the model's medium, air): the 1.4 Å between air and vacuum near 5000 Å does not matter for R(λ).
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 
 import numpy as np
@@ -25,6 +28,8 @@ class LSF:
         self.kind = "resolution" if fwhm is None else "fwhm"
         value = resolution if fwhm is None else fwhm
         self.table = None
+        if isinstance(value, bool):
+            raise TypeError(f"LSF: {self.kind} must be a number, a table or a callable, not a bool")
         if callable(value):
             self.function = value
         elif isinstance(value, numbers.Real):
@@ -55,28 +60,47 @@ class LSF:
         """None, an LSF, a number (R) or a callable R(λ) as an LSF."""
         if value is None or isinstance(value, LSF):
             return value
-        if isinstance(value, numbers.Real) or callable(value):
+        if (isinstance(value, numbers.Real) and not isinstance(value, bool)) or callable(value):
             return cls(value)
         raise TypeError(f"lsf must be an LSF, a number (R) or a callable R(λ), not {type(value).__name__}")
 
     @property
     def is_constant(self) -> bool:
-        return self.function is None and self.table is None
+        """One R for every wavelength (a constant FWHM is not: R = λ / FWHM)."""
+        return self.function is None and self.table is None and self.kind == "resolution"
 
     def resolution_at(self, wavelength, span=None) -> np.ndarray:
-        """R at the wavelengths (Å); span (lo, hi): where a callable may be called (wavelengths outside take the
-        value at the nearer end)."""
+        """R at the wavelengths (Å). span (lo, hi): the segment's wavelengths; a callable's values outside it that are
+        not finite and > 0 are replaced by its value at the nearer end of span (inside, they raise)."""
         wl = np.asarray(wavelength, dtype=np.float64)
-        if self.is_constant:
+        if self.function is None and self.table is None:
             values = np.full(wl.shape, self.constant)
         elif self.table is not None:
             values = np.interp(wl, *self.table)  # the ends' values beyond the table
         else:
-            at = np.clip(wl, *span) if span is not None else wl
-            values = np.asarray(self.function(at), dtype=np.float64) * np.ones(wl.shape)
-            self._check(values, at)
+            values = self._call(wl)
+            if span is not None:
+                outside = (wl < span[0]) | (wl > span[1])
+                bad = outside & ~(np.isfinite(values) & (values > 0))
+                if bad.any():
+                    values = np.where(bad, self._call(np.clip(wl, *span)), values)
+            self._check(values, wl)
         return wl / values if self.kind == "fwhm" else values
 
+    def _call(self, wl):
+        values = np.asarray(self.function(wl), dtype=np.float64)
+        if values.shape not in (wl.shape, ()):
+            raise ValueError(f"LSF: the callable returned shape {values.shape} for wavelengths of shape {wl.shape}")
+        return np.broadcast_to(values, wl.shape).copy()
+
     def __repr__(self) -> str:
-        what = "constant" if self.is_constant else "table" if self.table is not None else "callable"
-        return f"LSF({self.kind}, {what})"
+        """Says what it is, values included: a batch's journal compares fit options by this text."""
+        if self.table is not None:
+            wl, values = self.table
+            digest = hashlib.sha1(np.concatenate([wl, values]).tobytes()).hexdigest()[:12]
+            return (f"LSF({self.kind}: a table of {wl.size} from {wl[0]:g} to {wl[-1]:g} Å, "
+                    f"{values.min():g}-{values.max():g}, sha1 {digest})")
+        if self.function is not None:
+            name = f"{getattr(self.function, '__module__', '?')}.{getattr(self.function, '__qualname__', '?')}"
+            return f"LSF({self.kind}: the callable {name})"
+        return f"LSF({self.kind}={self.constant:g})"

@@ -88,6 +88,11 @@ class FitResult:
                          + (f"  (< {self.upper_limits[name]:.3g}, 95 % upper limit)" if name in self.upper_limits else ""))
         if not self.vmac_fitted:
             lines.append(f"  {VMAC:>10} = {self.vmac:.6g}  (fixed)")
+        for seg in self.segments:  # a resolving power not fitted: the line-spread function's
+            if seg["lsf"]:
+                where = f" of {seg['name']}" if len(self.segments) > 1 else ""
+                lines.append(f"  {'R':>10} = {seg['resolution']:.6g}  (held{where}: its line-spread function, the "
+                             "median over its pixels)")
         if self.rv is not None:
             lines.append(f"  {'rv':>10} = {self.rv:.4f} ± {self.rv_uncertainty:.3g} km/s")
         return "\n".join(lines)

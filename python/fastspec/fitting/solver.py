@@ -202,9 +202,9 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     jv = prob.names.index(AT_REST) if AT_REST in prob.names and prob.lo[prob.names.index(AT_REST)] == 0.0 else None
     def slow(x):  # v sin i within the instrumental FWHM
         lab = prob.labels_of(prob.split(x)[0])
-        return lab[jv] < max(10.0, C_KMS / lab[prob.names.index("resolution")])
+        return lab[jv] < max(10.0, C_KMS / prob.instrument_resolution(lab))
 
-    if jv is not None and "resolution" in prob.names:
+    if jv is not None and prob.r_column is not None:
         if 0.0 < prob.labels_of(prob.split(best.x)[0])[jv] and slow(best.x):
             at_rest = solve(solve(best.x, 1e-8, hold={jv: -1.0}).x, 1e-8)
             runs.append(at_rest)
@@ -246,7 +246,7 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
     # whether 0 is allowed, the upper limit and σ(v sin i) come from that profile, and the other labels'
     # covariance is the one at the fitted v sin i (see _profile).
     profile = None
-    if jv is not None and prob.is_squared[jv] and "resolution" in prob.names and slow(best.x):
+    if jv is not None and prob.is_squared[jv] and prob.r_column is not None and slow(best.x):
         profile = _profile(prob, solve, best, jv, lb, ub)
         if profile is not None and profile["best"] is not best:  # a refit along the profile went lower
             best = profile["best"]
@@ -360,7 +360,9 @@ def fit(wavelength, flux=None, error=None, decoder: Decoder | str | Path | None 
 def _segments(wavelength, flux, error, mask, continuum_degree, medium, integrate) -> list | None:
     """fit()'s first argument as a list of Segments with fit()'s options where they say "default", or None when it
     is one spectrum."""
-    if not isinstance(wavelength, (list, tuple)) or not wavelength or not all(isinstance(s, Segment) for s in wavelength):
+    if isinstance(wavelength, (list, tuple)) and not wavelength:
+        raise ValueError("fit([]): no segments given")
+    if not isinstance(wavelength, (list, tuple)) or not all(isinstance(s, Segment) for s in wavelength):
         if isinstance(wavelength, (list, tuple)) and any(isinstance(s, Segment) for s in wavelength):
             raise TypeError("fit(segments): every item must be a fastspec.Segment")
         return None
@@ -376,8 +378,10 @@ def _segments(wavelength, flux, error, mask, continuum_degree, medium, integrate
         segments.append(Segment(seg.wavelength, seg.flux, seg.error, seg.mask, seg.lsf,
                                 pick(seg.continuum_degree, continuum_degree), pick(seg.medium, medium),
                                 pick(seg.integrate, integrate), name))
-    if len({s.name for s in segments}) < len(segments):
-        raise ValueError("fit(segments): two segments have the same name")
+    names = [s.name for s in segments]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"fit(segments): {names.count(name)} segments are named {name!r} (give each its own name)")
     return segments
 
 
@@ -423,7 +427,7 @@ def _profile(prob, solve, best, jv, lb, ub, n_bisect: int = 3) -> dict | None:
     that does not rotate at R 20000, has 0.8 km/s up and 4.9 km/s down), "valley", "points": {v sin i: Δχ²}}. Bracketing by doubling steps from a tenth of the
     instrumental FWHM, then n_bisect bisections and linear interpolation: ~6-8 refits from warm starts."""
     lab = prob.labels_of(prob.split(best.x)[0])
-    fwhm = C_KMS / float(lab[prob.names.index("resolution")])
+    fwhm = C_KMS / prob.instrument_resolution(lab)
     # One variance for the whole profile, the best fit's: the emulator error changes with v sin i (and R) by
     # enough to move χ² by several units over a few km/s, which would swamp the profile's rise.
     prob.reweight(best.x)
