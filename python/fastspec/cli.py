@@ -173,30 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _vmac_value(text: str):
-    """--vmac: 'fit' or a finite number >= 0 (the core and fit() check the upper bound and the model)."""
-    if text.strip().lower() == "fit":
-        return "fit"
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (km/s) or 'fit', got {text!r}")
-    return value
+def _number_or_fit(lowest: float, strict: bool, unit: str):
+    """An argparse type: 'fit', or a finite number >= lowest (> lowest when strict); fit() and the core check the
+    rest (the upper bound, the model)."""
+    def parse(text: str):
+        if text.strip().lower() == "fit":
+            return "fit"
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > lowest if strict else value >= lowest)):
+            raise argparse.ArgumentTypeError(f"must be a number {'>' if strict else '>='} {lowest:g} ({unit}) or 'fit', "
+                                             f"got {text!r}")
+        return value
+
+    return parse
 
 
-def _resolution_value(text: str):
-    """--resolution: 'fit' or a finite number > 0 (fit() checks it against the model's range)."""
-    if text.strip().lower() == "fit":
-        return "fit"
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0 (R) or 'fit', got {text!r}")
-    return value
+_vmac_value = _number_or_fit(0.0, False, "km/s")  # --vmac
+_resolution_value = _number_or_fit(0.0, True, "R")  # --resolution
 
 
 def _positive_float(text: str) -> float:
