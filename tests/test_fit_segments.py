@@ -364,3 +364,18 @@ def test_batch_reads_a_star_as_fastspec_fit_does(shipped, rng, tmp_path):
     assert row["status"] == "ok" and row["n_pixels"] == sum(s.wavelength.size for s in segs), row
     assert row["resolution"] == 15000.0 and "R held at 15000 by the file (SPEC_RES)" in row["notes"], row
     assert "2 segments (ARM0, ARM1)" in row["notes"]
+
+
+def test_segments_with_one_lsf_share_a_decoder_call(shipped, rng):
+    """Orders of one instrument (the same R) are one group, one decoder call per evaluation; a segment without an
+    LSF, or with another R, has its own; each segment still reads its own group's spectrum."""
+    blue, red = two_arms(shipped, rng, lsf=False)
+    mid = Segment(*arm(shipped, 4950.0, 4990.0, 12000.0, [1.0], 0.0, 150.0, rng), name="mid")
+    resolved = lambda seg, lsf: Segment(seg.wavelength, seg.flux, seg.error, None, lsf, 2, "air", "auto", seg.name)  # noqa: E731
+    same = Likelihood(shipped, [resolved(blue, 12000.0), resolved(mid, LSF([12000.0, 12000.0], wavelength=[4400, 5400])),
+                                resolved(red, 12000.0)], True, None, (-300, 300))
+    assert len(same.groups) == 1 and not same.offset.any()
+    mixed = Likelihood(shipped, [resolved(blue, 12000.0), resolved(mid, None), resolved(red, 22000.0)], True, None,
+                       (-300, 300))
+    assert len(mixed.groups) == 3
+    assert [np.unique(mixed.offset[mixed.segment == k]).tolist() for k in range(3)] == [[0], [19000], [38000]]

@@ -8,9 +8,9 @@ Model of the observation at wavelength λ (Å, in the model's medium, air for th
 One segment is one spectrum as fit() takes it; several (`Segment`: echelle orders, a spectrograph's arms) share the
 labels, vmac and v and each has its own continuum polynomial and its own line-spread function: F_k is the decoder's
 spectrum with the segment's R(λ) (`lsf`) or, without one, with the fitted label R. A "group" is one such spectrum:
-the segments without an LSF share one, each segment with an LSF has its own (identical LSFs are not merged). A
-model evaluation is one decoder call per group, the groups' spectra laid end to end (each pixel reads its own
-group's, `offset`).
+the segments without an LSF share one, and so do segments whose LSFs give the stage's nodes the same R. A model
+evaluation is one decoder call per group, the groups' spectra laid end to end (each pixel reads its own group's,
+`offset`).
 
 F is the decoder's spectrum (z = 0; with the macroturbulence vmac, fixed or fitted, in its broadening stage) interpolated linearly from the model grid at the rest wavelength (or, with
 pixel integration, averaged over each observed pixel), P_k are Legendre polynomials. The Jacobian is exact: the
@@ -79,19 +79,21 @@ class Likelihood(Parameters):
         self.w0, self.dw, self.n_model = obs[0].w0, obs[0].dw, obs[0].n_model
         self.medium_of_model = decoder.info["medium"]
 
-        # the groups: segments without an lsf share the label R's spectrum; each lsf its own
+        # the groups: segments without an lsf share the label R's spectrum; segments whose LSFs give every node of
+        # the stage the same R share theirs (20 echelle orders of one --resolution are one decoder call, not 20)
         self.groups, group_of = [], []
         for s, lsf, o in zip(segments, lsfs, obs):
             if lsf is None:
-                if not any(g["r_ref"] is None for g in self.groups):
-                    self.groups.append({"r_ref": None, "factors": None})
-                group_of.append(next(i for i, g in enumerate(self.groups) if g["r_ref"] is None))
+                group = {"r_ref": None, "factors": None}
             else:
                 try:
-                    self.groups.append(self._lsf_group(lsf, o))
+                    group = self._lsf_group(lsf, o)
                 except ValueError as e:
                     raise ValueError(f"{s.name}: {e}") from None
-                group_of.append(len(self.groups) - 1)
+            same = [i for i, g in enumerate(self.groups) if _node_resolution(g) == _node_resolution(group)]
+            if not same:
+                self.groups.append(group)
+            group_of.append(same[0] if same else len(self.groups) - 1)
 
         # every fitted pixel, segment after segment
         cat = lambda name: np.concatenate([getattr(o, name) for o in obs])  # noqa: E731
@@ -328,6 +330,16 @@ class Likelihood(Parameters):
             c, chi2 = self.continuum_for(f)
             return chi2, c
         return (((f - self.flux) * self.ivar_sqrt) ** 2).sum(axis=1), np.zeros((len(f), 0))
+
+
+def _node_resolution(group):
+    """What a group's spectrum depends on: None (the fitted label R), or the R of each stage node (a tuple; one
+    value when it is constant), so that groups with equal ones can share a decoder call."""
+    if group["r_ref"] is None:
+        return None
+    if group["factors"] is None:
+        return (group["r_ref"],)
+    return tuple(np.round(group["r_ref"] * group["factors"], 6))
 
 
 def _check_order(obs, names):
