@@ -379,3 +379,27 @@ def test_segments_with_one_lsf_share_a_decoder_call(shipped, rng):
                        (-300, 300))
     assert len(mixed.groups) == 3
     assert [np.unique(mixed.offset[mixed.segment == k]).tolist() for k in range(3)] == [[0], [19000], [38000]]
+
+
+def test_a_pixel_mean_stage_is_read_band_limited(shipped, rng):
+    """Between its pixels the shipped (pixel-mean) stage's output is read as the band-limited function it is: at the
+    model's own wavelengths that is the model itself, and the RV column of the Jacobian is the derivative of that
+    reading (central differences)."""
+    model = shipped(**STAR, resolution=50000.0).astype(np.float64)
+    own = shipped.wavelength[1000:3000]
+    prob = Likelihood(shipped, [Segment(own, model[1000:3000], 0.01, None, None, -1, "air", False, "s")], False, None,
+                      (0, 0))
+    assert prob.band_limited
+    np.testing.assert_allclose(prob.sample(model, 0.0), model[1000:3000], rtol=0, atol=1e-9)  # t off integers by ~1e-12
+    wl = np.arange(5000.0, 5100.0, 0.015)
+    flux = np.interp(wl, shipped.wavelength, model) + rng.normal(size=wl.size) * 0.01
+    prob = Likelihood(shipped, [Segment(wl, flux, 0.01, None, None, 2, "air", False, "s")], True, None, (-300, 300))
+    labels = np.array([{**STAR, "resolution": 50000.0}[n] for n in prob.names])
+    theta = np.concatenate([prob.u_of(labels), [7.3], [1.0, 0.0, 0.0]])
+    j_rv = prob.jacobian(theta)[:, len(prob.names)]
+    h = 1e-3
+    up, down = theta.copy(), theta.copy()
+    up[len(prob.names)] += h
+    down[len(prob.names)] -= h
+    fd = (prob.residuals(up) - prob.residuals(down)) / (2 * h)
+    assert np.linalg.norm(j_rv - fd) < 1e-4 * np.linalg.norm(fd)
